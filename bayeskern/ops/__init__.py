@@ -1,0 +1,21 @@
+"""The kernel boundary: bayeskern's hot paths as differentiable, compile-friendly custom ops.
+
+Each op has a PyTorch reference (the specification) and Triton / C++ (CPU SIMD, CUDA) kernels;
+``backend.resolve`` picks one per call (see ``use_backend``).  Noise is counter-based Philox keyed
+by (seed, offset + element index, stream), identical on every backend (``philox.py``).
+"""
+from . import philox
+from .backend import BACKENDS, available_backends, use_backend
+from .dropout import reference_weight_dropout, weight_dropout
+from .sample import gaussian_sample, reference_gaussian_sample
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "gaussian_sample",
+    "philox",
+    "reference_gaussian_sample",
+    "reference_weight_dropout",
+    "use_backend",
+    "weight_dropout",
+]

@@ -1,0 +1,13 @@
+// The one operator library of the extension.  Schemas live here; the CPU kernels register in
+// cpu/noise_kernels.cpp and the CUDA kernels in cuda/noise_kernels.cu.  The Python front end
+// (bayeskern.ops) wraps these in torch.library custom ops with autograd and fake tensors.
+#include <torch/library.h>
+
+TORCH_LIBRARY(bayeskern_cpp, m) {
+  m.def("gaussian_sample(Tensor mu, Tensor rho, int seed, int offset, int stream) -> Tensor");
+  m.def("gaussian_sample_backward(Tensor grad, Tensor rho, int seed, int offset, int stream) -> Tensor");
+  m.def("weight_dropout(Tensor w, float p, int seed, int offset, int stream, Tensor? fill) -> Tensor");
+  m.def("weight_dropout_backward(Tensor grad, float p, int seed, int offset, int stream, float scale) -> Tensor");
+  m.def("fill_normal_(Tensor(a!) out, int seed, int offset, int stream) -> Tensor(a!)");
+  m.def("fill_uniform_(Tensor(a!) out, int seed, int offset, int stream) -> Tensor(a!)");
+}

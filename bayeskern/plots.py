@@ -1,0 +1,113 @@
+"""Reliability diagrams.
+
+Headless: figures are ``matplotlib.figure.Figure`` objects on an explicit Agg canvas, so nothing
+touches pyplot's global state or needs a display. The bins and the ECE/MCE come from
+``bayeskern.metrics.calibration_bins``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .metrics import ArrayLike, Binning, CalibrationBins, calibration_bins
+
+__all__ = ["compare_reliability", "reliability_diagram", "reliability_figure"]
+
+PANEL_INCHES = (4.0, 5.0)
+"""Width and height of one method's panel (diagram above, histogram below)."""
+DPI = 100
+
+
+def _draw(ax_diagram: Axes, ax_histogram: Axes, bins: CalibrationBins, title: str) -> None:
+    """Per-bin accuracy bars with the gap to the mean confidence shaded; the density of the
+    confidences underneath."""
+    left, width = bins.edges[:-1].numpy(), bins.edges.diff().numpy()
+    filled = bins.count.numpy() > 0
+    accuracy, confidence = bins.accuracy.numpy()[filled], bins.confidence.numpy()[filled]
+
+    ax_diagram.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax_diagram.bar(left[filled], accuracy, width[filled], align="edge",
+                   color="tab:blue", edgecolor="black", label="accuracy")
+    ax_diagram.bar(left[filled], confidence - accuracy, width[filled], bottom=accuracy,
+                   align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
+                   label="gap to confidence")
+    for name, norm in (("ECE", "l1"), ("MCE", "max")):
+        ax_diagram.plot([], [], " ", label=f"{name} = {bins.error(norm):.4f}")
+    ax_diagram.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    ax_diagram.legend(loc="upper left", fontsize="small")
+    if title:
+        ax_diagram.set_title(title)
+
+    share = (bins.count / bins.count.sum()).numpy()
+    density = np.divide(share, width, out=np.zeros_like(share), where=width > 0)
+    ax_histogram.bar(left, density, width, align="edge", color="tab:gray", edgecolor="black")
+    ax_histogram.set(xlabel="confidence", ylabel="density")
+
+
+def reliability_figure(
+    probs_by_name: Mapping[str, ArrayLike],
+    targets: ArrayLike,
+    n_bins: int = 15,
+    *,
+    binning: Binning = "uniform",
+    from_logits: bool = False,
+) -> Figure:
+    """A figure with one reliability panel per method, side by side, titled by its name.
+
+    Every input is validated (and binned) before anything is drawn.
+    """
+    if not probs_by_name:
+        raise ValueError("probs_by_name is empty")
+    all_bins = [calibration_bins(probs, targets, n_bins, binning=binning, from_logits=from_logits)
+                for probs in probs_by_name.values()]
+    width, height = PANEL_INCHES
+    figure = Figure(figsize=(width * len(all_bins), height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, len(all_bins), squeeze=False, sharex=True, sharey="row",
+                           gridspec_kw={"height_ratios": [3, 1]})
+    for title, bins, ax_diagram, ax_histogram in zip(probs_by_name, all_bins, *axes):
+        _draw(ax_diagram, ax_histogram, bins, title)
+    return figure
+
+
+def _save(figure: Figure, path: str | PathLike) -> Path:
+    figure.savefig(path, dpi=DPI)
+    return Path(path)
+
+
+def reliability_diagram(
+    probs: ArrayLike,
+    targets: ArrayLike,
+    path: str | PathLike,
+    n_bins: int = 15,
+    title: str | None = None,
+    *,
+    binning: Binning = "uniform",
+    from_logits: bool = False,
+) -> Path:
+    """Write a reliability diagram to ``path`` (format from its suffix, e.g. .png; a PNG is
+    ``PANEL_INCHES * DPI`` = 400 x 500 pixels) and return the path."""
+    figure = reliability_figure({title or "": probs}, targets, n_bins,
+                                binning=binning, from_logits=from_logits)
+    return _save(figure, path)
+
+
+def compare_reliability(
+    probs_by_name: Mapping[str, ArrayLike],
+    targets: ArrayLike,
+    path: str | PathLike,
+    n_bins: int = 15,
+    *,
+    binning: Binning = "uniform",
+    from_logits: bool = False,
+) -> Path:
+    """Write the reliability diagrams of several methods side by side (400 pixels wide each)."""
+    figure = reliability_figure(probs_by_name, targets, n_bins,
+                                binning=binning, from_logits=from_logits)
+    return _save(figure, path)

@@ -1,6 +1,7 @@
 """bayeskern: fast approximate Bayesian posteriors over the weights of any PyTorch nn.Module."""
-from . import ops
+from . import metrics, ops, plots
+from .posteriors import Posterior
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["Posterior", "metrics", "ops", "plots", "__version__"]

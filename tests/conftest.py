@@ -17,3 +17,22 @@ if os.environ.get("BAYESKERN_TEST_DEVICE", "cpu") == "cpu":
 def device() -> torch.device:
     """The device the op tests run on."""
     return torch.device(os.environ.get("BAYESKERN_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(params=["reference", "triton", "cpp"])
+def backend(request, device) -> str:
+    """Each op backend that can run on the test device.
+
+    A backend that cannot run is skipped, unless BAYESKERN_REQUIRE_BACKENDS (comma-separated,
+    set by .ci/run) names it: then its absence is a failure, so CI cannot go green on a silently
+    missing extension or Triton.
+    """
+    from bayeskern.ops import available_backends
+
+    name = request.param
+    if name not in available_backends(device):
+        required = os.environ.get("BAYESKERN_REQUIRE_BACKENDS", "").split(",")
+        if name in required:
+            pytest.fail(f"backend {name!r} is required but unavailable on {device}")
+        pytest.skip(f"backend {name!r} unavailable on {device}")
+    return name

@@ -81,6 +81,7 @@ void fused_elementwise(std::array<const scalar_t*, K> inputs, scalar_t* out, int
     alignas(64) float noise_buf[kBlockElements];
     alignas(64) float in_buf[K > 0 ? K : 1][kBlockElements];
     alignas(64) float out_buf[kBlockElements];
+    std::fill(&in_buf[0][0], &in_buf[0][0] + sizeof(in_buf) / sizeof(float), 0.0f);  // absent inputs read 0
     for (int64_t step = step_begin; step < step_end; ++step) {
       const uint64_t q0 = q_first + static_cast<uint64_t>(step) * kLanes;
       const int64_t base = static_cast<int64_t>(4 * q0) - static_cast<int64_t>(offset);

@@ -1,0 +1,166 @@
+"""The Gaussian prior every posterior shares: ``p(theta) = N(theta0, sp^2)`` per parameter.
+
+``theta0`` (the prior mean) is one of
+
+* ``"zero"``;
+* ``"pretrained"`` -- a frozen snapshot of the module's parameters taken once, at construction;
+  parameters named in ``new_params`` (names or globs, e.g. ``"head.*"`` for a freshly initialised
+  classifier) get mean zero instead;
+* a mapping (e.g. a ``state_dict``) from parameter name to tensor; it must hold every selected
+  parameter not in ``new_params``, with the parameter's shape (extra keys such as buffers are
+  ignored).
+
+``sp`` (the prior std) is a positive float, or a mapping from names/globs to a positive float or a
+tensor broadcastable to the parameter (the first matching key wins; every selected parameter
+must be covered).  A zero mean is stored as one 0-d zero and handed out as a broadcast view, so it
+costs no memory.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .selection import ParamSelection, select_parameters
+
+PriorMean = Union[str, Mapping[str, Tensor]]
+PriorStd = Union[float, Mapping[str, Union[float, Tensor]]]
+
+
+def mangle(name: str) -> str:
+    """A parameter name usable as an attribute/buffer name (``.`` is not allowed there)."""
+    return name.replace(".", "/")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _as_patterns(value: str | Sequence[str] | None, arg: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{arg} must be a name, a glob or a sequence of them, got {value!r}")
+    return patterns
+
+
+def _check_std_value(name: str, value: float | Tensor, param: Tensor) -> float | Tensor:
+    if isinstance(value, Tensor):
+        if not value.dtype.is_floating_point or not bool((value > 0).all()):
+            raise ValueError(f"prior_std for {name!r} must be a positive floating-point tensor")
+        try:
+            torch.broadcast_shapes(value.shape, param.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"prior_std for {name!r} has shape {tuple(value.shape)}, not broadcastable to "
+                f"the parameter's {tuple(param.shape)}"
+            ) from None
+        return value.detach().to(device=param.device, dtype=param.dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"prior_std must be positive, got {value!r} for {name!r}")
+    return float(value)
+
+
+class GaussianPrior(nn.Module):
+    """Independent Gaussian prior ``N(theta0, sp^2)`` over the selected parameters of ``model``.
+
+    An ``nn.Module`` so that its snapshot moves with ``.to()`` and is saved in ``state_dict``;
+    the model itself is not registered and never modified.  ``names`` lists the parameters the
+    prior covers (``params``/``include_bias``/``include_norm`` as in ``select_parameters``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: PriorMean = "pretrained",
+        std: PriorStd = 1.0,
+        *,
+        params: ParamSelection = None,
+        new_params: str | Sequence[str] | None = None,
+        include_bias: bool = True,
+        include_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.names: list[str] = select_parameters(
+            model, params, include_bias=include_bias, include_norm=include_norm
+        )
+        fresh = _as_patterns(new_params, "new_params")
+        model_params = dict(model.named_parameters())
+        self._zero: dict[str, torch.Size] = {}
+        self._std: dict[str, float | Tensor] = {}
+        std_patterns = self._std_patterns(std)
+        for name in self.names:
+            param = model_params[name]
+            self._register_mean(name, param, mean, _matches(name, fresh))
+            self._register_std(name, param, std, std_patterns)
+
+    @staticmethod
+    def _std_patterns(std: PriorStd) -> tuple[str, ...] | None:
+        if isinstance(std, Mapping):
+            return _as_patterns(list(std), "prior_std keys")
+        return None
+
+    def _register_mean(self, name: str, param: Tensor, mean: PriorMean, fresh: bool) -> None:
+        if fresh or (isinstance(mean, str) and mean == "zero"):
+            self._zero[name] = param.shape
+            self.register_buffer(mangle(name), param.new_zeros(()))
+            return
+        if isinstance(mean, str) and mean == "pretrained":
+            value = param.detach().clone()
+        elif isinstance(mean, Mapping):
+            if name not in mean:
+                raise ValueError(f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)")
+            value = mean[name]
+            if not isinstance(value, Tensor) or value.shape != param.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"prior_mean for {name!r} has shape {shape}, the parameter has {tuple(param.shape)}")
+            value = value.detach().to(device=param.device, dtype=param.dtype).clone()
+        else:
+            raise ValueError(f"prior_mean must be 'zero', 'pretrained' or a mapping of tensors, got {mean!r}")
+        self.register_buffer(mangle(name), value.contiguous())
+
+    def _register_std(self, name: str, param: Tensor, std: PriorStd, patterns: tuple[str, ...] | None) -> None:
+        if patterns is None:
+            self._std[name] = _check_std_value(name, std, param)
+            return
+        key = next((p for p in patterns if _matches(name, (p,))), None)
+        if key is None:
+            raise ValueError(f"prior_std has no entry (name or glob) for parameter {name!r}")
+        value = _check_std_value(name, std[key], param)
+        if isinstance(value, Tensor):
+            self.register_buffer(mangle(name) + ":std", value)
+        else:
+            self._std[name] = value
+
+    def mean(self, name: str) -> Tensor:
+        """``theta0`` of parameter ``name`` with the parameter's shape (zero means are broadcast views)."""
+        value = self.get_buffer(mangle(name))
+        return value.expand(self._zero[name]) if name in self._zero else value
+
+    def std(self, name: str) -> float | Tensor:
+        """``sp`` of parameter ``name``: a float, or a tensor broadcastable to the parameter."""
+        if name in self._std:
+            return self._std[name]
+        return self.get_buffer(mangle(name) + ":std")
+
+    def is_zero_mean(self, name: str) -> bool:
+        return name in self._zero
+
+    def items(self) -> Iterator[tuple[str, Tensor, float | Tensor]]:
+        """``(name, theta0, sp)`` for every parameter the prior covers."""
+        for name in self.names:
+            yield name, self.mean(name), self.std(name)
+
+    def neg_log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        """``sum ||theta - theta0||^2 / (2 sp^2)`` over the covered parameters (``-log p`` up to a
+        constant); ``params`` maps names to tensors (e.g. ``dict(model.named_parameters())``)."""
+        total = None
+        for name, theta0, sp in self.items():
+            term = ((params[name] - theta0).square() / (2 * sp**2)).sum()
+            total = term if total is None else total + term
+        return total

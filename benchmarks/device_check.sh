@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Device check: on a CUDA machine, the op tests on CUDA tensors (compiled Triton kernels, and the
+# CUDA extension where nvcc is found) and the op benchmarks at 16M and 256M elements, with each
+# kernel's bandwidth as a fraction of a device-to-device copy; the JSON and the markdown table
+# land in the results folder.  On a machine without CUDA it skips those parts and runs the same
+# benchmark + report pipeline on tiny CPU sizes, so CI exercises the script.
+#
+#   bash benchmarks/device_check.sh [RESULTS_DIR]      (default: benchmarks/results, or $OUT if set)
+#
+# Budget: under 8 minutes on one H100.  Wheels missing on the device machine (pytest-benchmark,
+# py-cpuinfo) can travel in .whl/ (see README, "GPU checks"); they are installed when present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$RESULTS"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/bk-site .whl/*.whl
+  export PYTHONPATH=/tmp/bk-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -c "import bayeskern.kernels" 2>/dev/null || $PY -m pip install -q --no-build-isolation --no-deps -e .
+
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  DEVICE=cuda
+  nvidia-smi -L || true
+  if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+    CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+    export CUDA_HOME
+  fi
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  SIZES=${BAYESKERN_BENCH_SIZES:-16777216,268435456}
+  BENCH_ARGS=()
+  echo "== op tests on CUDA tensors"
+  BAYESKERN_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
+    tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_compile.py \
+    2>&1 | tee "$RESULTS/ops-tests-cuda-$STAMP.log"
+else
+  DEVICE=cpu
+  echo "== no CUDA device: CUDA tests and GPU sizes skipped; tiny CPU run of the benchmark pipeline"
+  SIZES=${BAYESKERN_BENCH_SIZES:-65536}
+  BENCH_ARGS=(--benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-warmup=off)
+fi
+
+JSON="$RESULTS/ops-$DEVICE-$STAMP.json"
+echo "== op benchmarks on $DEVICE, sizes $SIZES"
+BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_SIZES=$SIZES $PY -m pytest -q -p no:cacheprovider \
+  benchmarks/test_bench_ops.py --benchmark-json="$JSON" "${BENCH_ARGS[@]}" >"$RESULTS/ops-bench-$DEVICE-$STAMP.log" 2>&1 \
+  || { tail -50 "$RESULTS/ops-bench-$DEVICE-$STAMP.log"; exit 1; }
+$PY benchmarks/report.py "$JSON" | tee "$RESULTS/ops-$DEVICE-$STAMP.md"

@@ -1,0 +1,170 @@
+"""The fused stochastic-gradient Langevin update, in place over every tensor of a parameter group.
+
+For each element of a parameter theta with gradient g (of the mean minibatch loss) and prior mean
+theta0 (zero when ``prior_means`` is empty), in float32 for fp32/fp16/bf16 tensors (float64 for
+float64), with lam = 1 / (N sp^2) and s = sqrt(2 lr T / N):
+
+    g_tot = g + lam * (theta - theta0)
+    SGLD:   theta <- (theta - lr * g_tot) + s * xi
+    pSGLD:  v <- alpha * v + (1 - alpha) * g_tot^2,   G = 1 / (eps + sqrt(v))        (square_avgs given)
+            theta <- (theta - lr * (G * g_tot)) + (s * sqrt(G)) * xi
+
+xi is the Philox normal of (seed, offsets[i] + element index, stream = step) (``philox.py``), so a
+run resumed from a checkpoint draws exactly the noise of the uninterrupted run.  The pSGLD form is Li
+et al. (2016) without the Gamma (divergence of G) correction term.  When s = 0 (temperature 0) no
+noise is drawn: the update is gradient descent on the MAP objective.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import philox
+from .backend import kernels, resolve
+from .checks import check_index, check_same_layout
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def reference_sgld_step_(
+    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor],
+    lr: float, prior_precision: float, noise_scale: float, alpha: float, eps: float,
+    seed: int, step: int, offsets: list[int],
+) -> None:
+    """The specification: one tensor at a time, in plain PyTorch (``prior_precision`` = lam, ``noise_scale`` = s)."""
+    for i, theta in enumerate(params):
+        dtype = _compute_dtype(theta)
+        t = theta.to(dtype)
+        diff = t - prior_means[i].to(dtype) if prior_means else t
+        g_tot = grads[i].to(dtype) + prior_precision * diff
+        if square_avgs:
+            v = alpha * square_avgs[i].to(dtype) + (1.0 - alpha) * (g_tot * g_tot)
+            precond = 1.0 / (eps + torch.sqrt(v))
+            t = t - lr * (precond * g_tot)
+            square_avgs[i].copy_(v)
+        else:
+            t = t - lr * g_tot
+        if noise_scale != 0.0:
+            xi = philox.normal(seed, offsets[i], theta.numel(), step, device=theta.device).view(theta.shape).to(dtype)
+            scale = noise_scale * torch.sqrt(precond) if square_avgs else noise_scale
+            t = t + scale * xi
+        theta.copy_(t)
+
+
+def _kernel_module(backend: str):
+    if backend == "triton":
+        from bayeskern.kernels import sgld
+
+        return sgld
+    return kernels(backend)
+
+
+@torch.library.custom_op("bayeskern::sgld_step_", mutates_args=("params", "square_avgs"))
+def _sgld_step_(
+    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor],
+    lr: float, prior_precision: float, noise_scale: float, alpha: float, eps: float,
+    seed: Tensor, step: int, offsets: list[int],
+) -> None:
+    key = int(seed)
+    hyper = (lr, prior_precision, noise_scale, alpha, eps)
+    backend = resolve(params[0])
+    if backend == "reference":
+        reference_sgld_step_(params, grads, prior_means, square_avgs, *hyper, key, step, offsets)
+        return
+    # the kernels expect dense tensors; strided parameters are updated through a copy
+    work = [p.contiguous() for p in params]
+    work_avgs = [v.contiguous() for v in square_avgs]
+    _kernel_module(backend).sgld_step_(
+        work, [g.contiguous() for g in grads], [m.contiguous() for m in prior_means], work_avgs,
+        *hyper, key, step, offsets,
+    )
+    for dst, src in zip([*params, *square_avgs], [*work, *work_avgs]):
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
+
+
+@_sgld_step_.register_fake
+def _(params, grads, prior_means, square_avgs, lr, prior_precision, noise_scale, alpha, eps, seed, step, offsets):
+    return None
+
+
+def _check_lists(params, grads, prior_means, square_avgs, offsets) -> None:
+    if not params:
+        return
+    first = params[0]
+    if not first.dtype.is_floating_point:
+        raise ValueError(f"params must be floating-point tensors, got {first.dtype}")
+    for name, values in (("grads", grads), ("offsets", offsets), ("prior_means", prior_means), ("square_avgs", square_avgs)):
+        if name in ("prior_means", "square_avgs") and not values:
+            continue
+        if len(values) != len(params):
+            raise ValueError(f"{name} has {len(values)} entries but params has {len(params)}")
+    for i, theta in enumerate(params):
+        if theta.dtype != first.dtype or theta.device != first.device:
+            raise ValueError(f"params[{i}] is {theta.dtype} on {theta.device} but params[0] is {first.dtype} on {first.device}")
+        check_same_layout(theta, grads[i], f"params[{i}]", f"grads[{i}]")
+        if prior_means:
+            check_same_layout(theta, prior_means[i], f"params[{i}]", f"prior_means[{i}]")
+        if square_avgs:
+            check_same_layout(theta, square_avgs[i], f"params[{i}]", f"square_avgs[{i}]")
+        check_index(offsets[i], f"offsets[{i}]")
+        philox.check_key(0, offsets[i] + theta.numel(), 0)
+
+
+def check_hyperparameters(lr: float, num_data: float, prior_std: float, temperature: float, alpha: float, eps: float) -> None:
+    """Raise ValueError naming the first invalid SGLD hyperparameter."""
+    rules = (
+        ("lr", lr, lr >= 0, ">= 0"),
+        ("num_data", num_data, num_data > 0, "> 0"),
+        ("prior_std", prior_std, prior_std > 0, "> 0"),
+        ("temperature", temperature, temperature >= 0, ">= 0"),
+        ("alpha", alpha, 0 <= alpha < 1, "in [0, 1)"),
+        ("eps", eps, eps >= 0, ">= 0"),
+    )
+    for name, value, ok, what in rules:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+            raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {what})")
+
+
+def sgld_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    prior_means: Sequence[Tensor] | None = None,
+    square_avgs: Sequence[Tensor] | None = None,
+    *,
+    lr: float,
+    num_data: float,
+    prior_std: float = 1.0,
+    temperature: float = 1.0,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    seed: int | Tensor,
+    step: int,
+    offsets: Sequence[int],
+) -> None:
+    """One SGLD (or, with ``square_avgs``, pSGLD) update of every tensor in ``params``, in place.
+
+    All tensors share one dtype and device; ``grads``, ``prior_means`` (None: zero prior mean) and
+    ``square_avgs`` (None: no preconditioner; updated in place) match ``params`` one to one.
+    ``offsets[i]`` places tensor i in the Philox counter space (give tensors disjoint ranges) and
+    ``step`` is the noise stream.  See the module docstring for the exact update.
+    """
+    params, grads, offsets = list(params), list(grads), [int(o) for o in offsets]
+    prior_means, square_avgs = list(prior_means or []), list(square_avgs or [])
+    check_hyperparameters(lr, num_data, prior_std, temperature, alpha, eps)
+    check_index(step, "step")
+    _check_lists(params, grads, prior_means, square_avgs, offsets)
+    if not params:
+        return
+    prior_precision = 1.0 / (num_data * prior_std**2)
+    noise_scale = math.sqrt(2.0 * lr * temperature / num_data)
+    with torch.no_grad():
+        _sgld_step_(
+            params, grads, prior_means, square_avgs, float(lr), prior_precision, noise_scale, float(alpha), float(eps),
+            philox.seed_tensor(seed), step, offsets,
+        )

@@ -1,0 +1,1 @@
+"""The fine-tuning application behind ``bayeskern-finetune``: data, models, methods, the CLI."""

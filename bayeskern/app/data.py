@@ -1,0 +1,172 @@
+"""Datasets for fine-tuning, by name: ``digits`` (offline default), ``cifar10``, ``flowers102``,
+``oxford_pets`` (torchvision; downloaded only when asked) and ``imagefolder:PATH``.
+
+Every loader returns fixed, seeded train/val/test splits.  ``digits`` is scikit-learn's 1,797
+8x8 handwritten digits (they ship inside scikit-learn), split 60/20/20 stratified, upsampled to
+``image_size`` and repeated to three channels so image backbones take it unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .errors import UsageError
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+
+
+@dataclass
+class DataOptions:
+    data_dir: Path = Path("data")
+    download: bool = False
+    image_size: int = 16
+    seed: int = 0
+    train_transform: Callable | None = None
+    eval_transform: Callable | None = None
+
+
+def _seeded_split(n: int, fractions: tuple[float, ...], seed: int) -> list[list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    sizes = [int(round(f * n)) for f in fractions[:-1]]
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    bounds.append(n)
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def digits(options: DataOptions) -> Splits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    index = torch.arange(len(labels))
+    train, rest = train_test_split(index, test_size=0.4, random_state=options.seed, stratify=labels)
+    val, test = train_test_split(rest, test_size=0.5, random_state=options.seed, stratify=labels[rest])
+    size = options.image_size
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    mean, std = images[train].mean(), images[train].std()
+    images = (images - mean) / std
+    return Splits(*(TensorDataset(images[i], labels[i]) for i in (train, val, test)), num_classes=10)
+
+
+def _open_torchvision(name: str, factory: Callable[[], Dataset], options: DataOptions) -> Dataset:
+    try:
+        return factory()
+    except RuntimeError as error:
+        hint = "" if options.download else "; pass --download to fetch it"
+        raise UsageError(f"dataset {name!r} not found under {options.data_dir}{hint} ({error})") from None
+
+
+def cifar10(options: DataOptions) -> Splits:
+    from torchvision.datasets import CIFAR10
+
+    def open_split(train: bool, transform):
+        return _open_torchvision(
+            "cifar10", lambda: CIFAR10(options.data_dir, train=train, transform=transform, download=options.download),
+            options,
+        )
+
+    train_full, val_full = open_split(True, options.train_transform), open_split(True, options.eval_transform)
+    train_idx, val_idx = _seeded_split(len(train_full), (0.9, 0.1), options.seed)
+    return Splits(Subset(train_full, train_idx), Subset(val_full, val_idx), open_split(False, options.eval_transform), 10)
+
+
+def flowers102(options: DataOptions) -> Splits:
+    from torchvision.datasets import Flowers102
+
+    def open_split(split: str, transform):
+        return _open_torchvision(
+            "flowers102",
+            lambda: Flowers102(options.data_dir, split=split, transform=transform, download=options.download),
+            options,
+        )
+
+    return Splits(
+        open_split("train", options.train_transform),
+        open_split("val", options.eval_transform),
+        open_split("test", options.eval_transform),
+        102,
+    )
+
+
+def oxford_pets(options: DataOptions) -> Splits:
+    from torchvision.datasets import OxfordIIITPet
+
+    def open_split(split: str, transform):
+        return _open_torchvision(
+            "oxford_pets",
+            lambda: OxfordIIITPet(options.data_dir, split=split, transform=transform, download=options.download),
+            options,
+        )
+
+    trainval_train = open_split("trainval", options.train_transform)
+    trainval_eval = open_split("trainval", options.eval_transform)
+    train_idx, val_idx = _seeded_split(len(trainval_train), (0.9, 0.1), options.seed)
+    return Splits(
+        Subset(trainval_train, train_idx), Subset(trainval_eval, val_idx), open_split("test", options.eval_transform), 37
+    )
+
+
+def imagefolder(path: str, options: DataOptions) -> Splits:
+    """``PATH/{train,val,test}/<class>/*`` when those folders exist; otherwise ``PATH/<class>/*``
+    split 70/15/15 with the seed.  A missing val/test folder is split off train."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"imagefolder: {root} is not a directory")
+
+    def open_folder(folder: Path, transform) -> ImageFolder:
+        try:
+            return ImageFolder(folder, transform=transform)
+        except (FileNotFoundError, RuntimeError) as error:
+            raise UsageError(f"imagefolder: {error}") from None
+
+    base = root / "train" if (root / "train").is_dir() else root
+    train_full = open_folder(base, options.train_transform)
+    eval_full = open_folder(base, options.eval_transform)
+    missing = [name for name in ("val", "test") if not (root / name).is_dir() or base is root]
+    fractions = {0: (1.0,), 1: (0.85, 0.15), 2: (0.7, 0.15, 0.15)}[len(missing)]
+    parts = _seeded_split(len(train_full), fractions, options.seed)
+    splits = {"train": Subset(train_full, parts[0])}
+    for name, indices in zip(missing, parts[1:]):
+        splits[name] = Subset(eval_full, indices)
+    for name in ("val", "test"):
+        if name not in splits:
+            folder = open_folder(root / name, options.eval_transform)
+            if folder.classes != train_full.classes:
+                raise UsageError(f"imagefolder: {root / name} has classes {folder.classes}, train has {train_full.classes}")
+            splits[name] = folder
+    return Splits(splits["train"], splits["val"], splits["test"], len(train_full.classes))
+
+
+DATASETS: dict[str, Callable[[DataOptions], Splits]] = {
+    "digits": digits,
+    "cifar10": cifar10,
+    "flowers102": flowers102,
+    "oxford_pets": oxford_pets,
+}
+
+
+def load_dataset(spec: str, options: DataOptions) -> Splits:
+    """Resolve ``spec`` (a name in DATASETS or ``imagefolder:PATH``) to its splits."""
+    if spec.startswith("imagefolder:"):
+        return imagefolder(spec.split(":", 1)[1], options)
+    if spec not in DATASETS:
+        known = ", ".join([*DATASETS, "imagefolder:PATH"])
+        raise UsageError(f"unknown dataset {spec!r} (known: {known})")
+    return DATASETS[spec](options)

@@ -1,0 +1,68 @@
+"""Datasets of the fine-tuning application: digits, ImageFolder trees, missing data."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bayeskern.app.data import DataOptions, load_dataset
+from bayeskern.app.errors import UsageError
+
+
+def test_digits_splits_are_fixed_disjoint_and_stratified():
+    splits = load_dataset("digits", DataOptions(image_size=12, seed=3))
+    sizes = [len(s) for s in (splits.train, splits.val, splits.test)]
+    assert sum(sizes) == 1797 and sizes[0] == 1078 and abs(sizes[1] - sizes[2]) <= 1
+    x, y = splits.train[0]
+    assert x.shape == (3, 12, 12) and splits.num_classes == 10
+    again = load_dataset("digits", DataOptions(image_size=12, seed=3))
+    assert torch.equal(splits.test.tensors[0], again.test.tensors[0])
+    train_rows = {tuple(row.flatten()[:20].tolist()) for row in splits.train.tensors[0]}
+    assert not any(tuple(row.flatten()[:20].tolist()) in train_rows for row in splits.test.tensors[0][:50])
+    counts = torch.bincount(splits.test.tensors[1], minlength=10)
+    assert counts.min() >= 33 and counts.max() <= 38  # stratified: ~36 per class
+
+
+def _write_images(root, classes=("cat", "dog"), per_class=10, size=20):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def _to_tensor():
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
+
+
+def test_imagefolder_single_tree_is_split_70_15_15(tmp_path):
+    _write_images(tmp_path / "imgs")
+    options = DataOptions(train_transform=_to_tensor(), eval_transform=_to_tensor(), seed=1)
+    splits = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", options)
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [14, 3, 3]
+    assert splits.num_classes == 2
+    x, y = splits.val[0]
+    assert x.shape == (3, 16, 16) and y in (0, 1)
+    seen = set(splits.train.indices) | set(splits.val.indices) | set(splits.test.indices)
+    assert len(seen) == 20
+
+
+def test_imagefolder_uses_given_train_val_test_folders(tmp_path):
+    for split, n in (("train", 8), ("val", 2), ("test", 3)):
+        _write_images(tmp_path / split, per_class=n)
+    options = DataOptions(train_transform=_to_tensor(), eval_transform=_to_tensor())
+    splits = load_dataset(f"imagefolder:{tmp_path}", options)
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [16, 4, 6]
+
+
+@pytest.mark.parametrize("spec, match", [("mnist", "unknown dataset"), ("imagefolder:/no/such/dir", "not a directory")])
+def test_bad_dataset_raises_usage_error(spec, match):
+    with pytest.raises(UsageError, match=match):
+        load_dataset(spec, DataOptions())
+
+
+def test_missing_torchvision_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(UsageError, match="not found under .*--download"):
+        load_dataset("cifar10", DataOptions(data_dir=tmp_path))

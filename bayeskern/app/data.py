@@ -63,61 +63,53 @@ def digits(options: DataOptions) -> Splits:
     return Splits(*(TensorDataset(images[i], labels[i]) for i in (train, val, test)), num_classes=10)
 
 
-def _open_torchvision(name: str, factory: Callable[[], Dataset], options: DataOptions) -> Dataset:
-    try:
-        return factory()
-    except RuntimeError as error:
-        hint = "" if options.download else "; pass --download to fetch it"
-        raise UsageError(f"dataset {name!r} not found under {options.data_dir}{hint} ({error})") from None
+def _torchvision_opener(name: str, dataset_cls, options: DataOptions) -> Callable[..., Dataset]:
+    """``open(transform, **split_kwargs)`` for one torchvision dataset class, with a clear error
+    when the files are missing."""
+
+    def open_split(transform, **split):
+        try:
+            return dataset_cls(options.data_dir, transform=transform, download=options.download, **split)
+        except RuntimeError as error:
+            hint = "" if options.download else "; pass --download to fetch it"
+            raise UsageError(f"dataset {name!r} not found under {options.data_dir}{hint} ({error})") from None
+
+    return open_split
+
+
+def _split_off_val(train: Dataset, val: Dataset, test: Dataset, num_classes: int, seed: int) -> Splits:
+    """Hold out 10% of the training set (a copy with the eval transform) as validation."""
+    train_idx, val_idx = _seeded_split(len(train), (0.9, 0.1), seed)
+    return Splits(Subset(train, train_idx), Subset(val, val_idx), test, num_classes)
 
 
 def cifar10(options: DataOptions) -> Splits:
     from torchvision.datasets import CIFAR10
 
-    def open_split(train: bool, transform):
-        return _open_torchvision(
-            "cifar10", lambda: CIFAR10(options.data_dir, train=train, transform=transform, download=options.download),
-            options,
-        )
-
-    train_full, val_full = open_split(True, options.train_transform), open_split(True, options.eval_transform)
-    train_idx, val_idx = _seeded_split(len(train_full), (0.9, 0.1), options.seed)
-    return Splits(Subset(train_full, train_idx), Subset(val_full, val_idx), open_split(False, options.eval_transform), 10)
+    open_split = _torchvision_opener("cifar10", CIFAR10, options)
+    return _split_off_val(
+        open_split(options.train_transform, train=True), open_split(options.eval_transform, train=True),
+        open_split(options.eval_transform, train=False), 10, options.seed,
+    )
 
 
 def flowers102(options: DataOptions) -> Splits:
     from torchvision.datasets import Flowers102
 
-    def open_split(split: str, transform):
-        return _open_torchvision(
-            "flowers102",
-            lambda: Flowers102(options.data_dir, split=split, transform=transform, download=options.download),
-            options,
-        )
-
+    open_split = _torchvision_opener("flowers102", Flowers102, options)
     return Splits(
-        open_split("train", options.train_transform),
-        open_split("val", options.eval_transform),
-        open_split("test", options.eval_transform),
-        102,
+        open_split(options.train_transform, split="train"), open_split(options.eval_transform, split="val"),
+        open_split(options.eval_transform, split="test"), 102,
     )
 
 
 def oxford_pets(options: DataOptions) -> Splits:
     from torchvision.datasets import OxfordIIITPet
 
-    def open_split(split: str, transform):
-        return _open_torchvision(
-            "oxford_pets",
-            lambda: OxfordIIITPet(options.data_dir, split=split, transform=transform, download=options.download),
-            options,
-        )
-
-    trainval_train = open_split("trainval", options.train_transform)
-    trainval_eval = open_split("trainval", options.eval_transform)
-    train_idx, val_idx = _seeded_split(len(trainval_train), (0.9, 0.1), options.seed)
-    return Splits(
-        Subset(trainval_train, train_idx), Subset(trainval_eval, val_idx), open_split("test", options.eval_transform), 37
+    open_split = _torchvision_opener("oxford_pets", OxfordIIITPet, options)
+    return _split_off_val(
+        open_split(options.train_transform, split="trainval"), open_split(options.eval_transform, split="trainval"),
+        open_split(options.eval_transform, split="test"), 37, options.seed,
     )
 
 

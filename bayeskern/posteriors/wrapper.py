@@ -1,0 +1,208 @@
+"""Shared machinery of the posteriors trained by gradient descent (VI, MC-dropout).
+
+``WeightPosterior`` is an ``nn.Module`` wrapping an unmodified network.  The network is *held, not
+registered*: its code and its parameter objects are never touched.  The wrapper registers
+
+* the variational parameters of the Bayesian weights (defined by the subclass: mu, rho, ...),
+* trainable copies of every other parameter (``point``: ordinary point estimates) and copies of
+  the buffers (``buffers``: BatchNorm running statistics update in place as usual),
+* the prior snapshot (``prior``) and the noise state ``rng_state = (base seed, steps taken)``,
+
+so ``post.parameters()`` is everything an optimizer trains and ``state_dict`` captures a run,
+including where the noise stream is.  A forward pass draws weights and runs the network through
+``torch.func.functional_call``.
+
+Noise (design.md section 3): parameter ``k`` owns Philox elements ``[offset_k, offset_k + numel_k)``,
+offsets being cumulative numels rounded up to 4 (one Philox block never straddles two tensors).
+Training call ``t`` uses seed ``(base + (t + 1) * 0x9E3779B97F4A7C15) mod 2**63`` and sample ``s`` of
+the call uses ``stream = s``; ``sample(index)`` uses seed ``base`` and ``stream = index``, so it is
+deterministic in ``index``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..ops import philox
+from .prior import GaussianPrior, PriorMean, PriorStd, mangle
+from .selection import ParamSelection
+
+_WEYL = 0x9E3779B97F4A7C15
+LIKELIHOODS = ("classification", "regression")
+Inputs = Tensor | tuple[Any, ...]
+
+
+def philox_offsets(shapes: Sequence[torch.Size]) -> list[int]:
+    """Start of each tensor in the Philox element space: cumulative numels rounded up to 4."""
+    offsets, start = [], 0
+    for shape in shapes:
+        offsets.append(start)
+        start += -(-math.prod(shape) // 4) * 4
+    return offsets
+
+
+def step_seed(base: int, step: int) -> int:
+    """The Philox seed of training call ``step`` (0-based) of a posterior with base seed ``base``."""
+    return (base + (step + 1) * _WEYL) % 2**63
+
+
+def check_positive(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_count(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class _Store(nn.Module):
+    """A flat container of parameters or buffers keyed by (mangled) parameter names."""
+
+
+class WeightPosterior(nn.Module):
+    """Base of ``VI`` and ``MCDropout``: see the module docstring.
+
+    Subclasses name their variational stores in ``variational`` (each holds one parameter per
+    Bayesian weight, under the mangled weight name), initialise them in ``_init_bayesian`` and implement
+    ``_draw`` (Bayesian weights for one seed and stream), ``kl``, ``mean`` and ``std``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        prior_mean: PriorMean,
+        prior_std: PriorStd,
+        num_data: int,
+        kl_weight: float,
+        num_samples: int,
+        params: ParamSelection,
+        new_params: str | Sequence[str] | None,
+        include_bias: bool,
+        include_norm: bool,
+        likelihood: str,
+        seed: int | None,
+    ) -> None:
+        super().__init__()
+        self.num_data = _check_count(num_data, "num_data", 1)
+        self.num_samples = _check_count(num_samples, "num_samples", 1)
+        if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not kl_weight >= 0:
+            raise ValueError(f"kl_weight must be a non-negative number, got {kl_weight!r}")
+        self.kl_weight = float(kl_weight)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.likelihood = likelihood
+        self.__dict__["model"] = model  # held, not registered: the wrapper trains its own copies
+        self.prior = GaussianPrior(
+            model, prior_mean, prior_std, params=params, new_params=new_params,
+            include_bias=include_bias, include_norm=include_norm,
+        )
+        self.names: list[str] = list(self.prior.names)
+        model_params = dict(model.named_parameters())
+        self.offsets = dict(zip(self.names, philox_offsets([model_params[n].shape for n in self.names])))
+        self._point_names = [name for name in model_params if name not in self.offsets]
+        self.point = _Store()
+        for name in self._point_names:
+            param = model_params[name]
+            self.point.register_parameter(mangle(name), nn.Parameter(param.detach().clone(), param.requires_grad))
+        self._buffer_names = [name for name, _ in model.named_buffers()]
+        self.buffers_ = _Store()
+        for name, buffer in model.named_buffers():
+            self.buffers_.register_buffer(mangle(name), buffer.detach().clone())
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        philox.check_key(seed, 0)
+        self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
+        for store in self.variational:
+            self.add_module(store, _Store())
+        with torch.no_grad():
+            for name in self.names:
+                for store, value in self._init_bayesian(model_params[name]).items():
+                    self.get_submodule(store).register_parameter(mangle(name), nn.Parameter(value))
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    variational: tuple[str, ...] = ()  # names of the stores holding the variational parameters
+
+    def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
+        """Initial value of each variational store for one Bayesian parameter."""
+        raise NotImplementedError
+
+    def _draw(self, seed: Tensor, stream: int) -> dict[str, Tensor]:
+        """The Bayesian weights of one draw (differentiable in the variational parameters)."""
+        raise NotImplementedError
+
+    def kl(self) -> Tensor:
+        """The regulariser added to the loss as ``kl_weight * kl() / num_data``."""
+        raise NotImplementedError
+
+    def mean(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def std(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # -- shared machinery ----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "WeightPosterior":
+        """Set the wrapper's and the wrapped model's training mode (BatchNorm, dropout layers)."""
+        self.model.train(mode)
+        return super().train(mode)
+
+    def _next_seed(self) -> Tensor:
+        base, step = self.rng_state.tolist()
+        self.rng_state[1] += 1
+        return philox.seed_tensor(step_seed(base, step))
+
+    def _eval_seed(self) -> Tensor:
+        return philox.seed_tensor(int(self.rng_state[0]))
+
+    def _others(self) -> dict[str, Tensor]:
+        """Point-estimate parameters and buffers, keyed by the model's names."""
+        out = {name: self.buffers_._buffers[mangle(name)] for name in self._buffer_names}
+        out.update((name, self.point._parameters[mangle(name)]) for name in self._point_names)
+        return out
+
+    def _full(self, bayesian: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``bayesian`` plus detached point estimates and buffers: all that differs from the model."""
+        return {**{k: v.detach() for k, v in self._others().items()}, **bayesian}
+
+    def functional_forward(self, weights: dict[str, Tensor], inputs: Inputs) -> Any:
+        """Run the wrapped model with ``weights`` for the Bayesian parameters."""
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        return functional_call(self.model, {**self._others(), **weights}, args)
+
+    def forward(self, inputs: Inputs) -> Any:
+        """One stochastic forward pass with freshly drawn weights."""
+        return self.functional_forward(self._draw(self._next_seed(), 0), inputs)
+
+    def loss(
+        self,
+        inputs: Inputs,
+        targets: Tensor,
+        criterion: Callable[[Any, Tensor], Tensor] = F.cross_entropy,
+    ) -> Tensor:
+        """``(1/S) sum_s criterion(model_{w_s}(inputs), targets) + kl_weight * kl() / num_data``.
+
+        ``criterion`` returns the mean negative log-likelihood of the minibatch; the S weight
+        draws share one fresh seed and use streams ``0..S-1``.
+        """
+        seed = self._next_seed()
+        nll = sum(
+            criterion(self.functional_forward(self._draw(seed, s), inputs), targets)
+            for s in range(self.num_samples)
+        ) / self.num_samples
+        return nll + (self.kl_weight / self.num_data) * self.kl()
+
+    @torch.no_grad()
+    def sample(self, index: int) -> dict[str, Tensor]:
+        """The index-th posterior sample: Bayesian weights drawn with seed ``base`` and stream
+        ``index``, plus the trained point estimates and buffers (all that differs from the model)."""
+        return self._full(self._draw(self._eval_seed(), int(index)))

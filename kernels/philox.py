@@ -8,7 +8,7 @@ reduction as the C++/CUDA kernels (csrc/philox.h).
 import triton
 import triton.language as tl
 
-TWO_POW_M24: tl.constexpr = 5.9604644775390625e-08
+TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)
 
 
 @triton.jit

@@ -19,20 +19,28 @@ def device() -> torch.device:
     return torch.device(os.environ.get("BAYESKERN_TEST_DEVICE", "cpu"))
 
 
-@pytest.fixture(params=["reference", "triton", "cpp"])
-def backend(request, device) -> str:
-    """Each op backend that can run on the test device.
-
-    A backend that cannot run is skipped, unless BAYESKERN_REQUIRE_BACKENDS (comma-separated,
+def _available_or_skip(name: str, device: torch.device) -> str:
+    """A backend that cannot run is skipped, unless BAYESKERN_REQUIRE_BACKENDS (comma-separated,
     set by .ci/run) names it: then its absence is a failure, so CI cannot go green on a silently
     missing extension or Triton.
     """
     from bayeskern.ops import available_backends
 
-    name = request.param
     if name not in available_backends(device):
         required = os.environ.get("BAYESKERN_REQUIRE_BACKENDS", "").split(",")
         if name in required:
             pytest.fail(f"backend {name!r} is required but unavailable on {device}")
         pytest.skip(f"backend {name!r} unavailable on {device}")
     return name
+
+
+@pytest.fixture(params=["reference", "triton", "cpp"])
+def backend(request, device) -> str:
+    """Each op backend that can run on the test device."""
+    return _available_or_skip(request.param, device)
+
+
+@pytest.fixture(params=["triton", "cpp"])
+def kernel_backend(request, device) -> str:
+    """Each compiled (non-reference) backend that can run on the test device."""
+    return _available_or_skip(request.param, device)

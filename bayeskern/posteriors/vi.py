@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from ..ops import gaussian_sample
 from .prior import PriorMean, PriorStd, mangle
-from .selection import ParamSelection
 from .wrapper import WeightPosterior, check_positive
 
 
@@ -31,17 +30,11 @@ def gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor, prior_std: float | 
 class VI(WeightPosterior):
     """Mean-field Gaussian VI over the parameters selected by ``params`` (all by default).
 
-    Args:
-        model: any ``nn.Module``; never modified (the wrapper trains copies, see ``WeightPosterior``).
-        prior_mean, prior_std, new_params, include_bias, include_norm: the ``GaussianPrior``.
-        init_std: initial posterior std ``softplus(rho)``.
-        num_data: N, the training-set size (the KL is divided by it).
-        kl_weight: multiplies ``KL / N`` (1 for the ELBO; < 1 tempers the prior).
-        num_samples: S, weight draws averaged per ``loss`` call.
-        params: which parameters are Bayesian (``select_parameters``); the rest are point estimates.
-        likelihood: "classification" or "regression" (read by ``bayeskern.predict``).
-        seed: base Philox seed (default: drawn from torch's global generator).
+    ``init_std`` is the initial posterior std ``softplus(rho)``; the other arguments are those of
+    ``WeightPosterior`` (``num_data`` is required).
     """
+
+    variational = ("mu", "rho")
 
     def __init__(
         self,
@@ -49,25 +42,10 @@ class VI(WeightPosterior):
         prior_mean: PriorMean = "pretrained",
         prior_std: PriorStd = 1.0,
         init_std: float = 1e-3,
-        *,
-        num_data: int,
-        kl_weight: float = 1.0,
-        num_samples: int = 1,
-        params: ParamSelection = None,
-        new_params: str | Sequence[str] | None = None,
-        include_bias: bool = True,
-        include_norm: bool = True,
-        likelihood: str = "classification",
-        seed: int | None = None,
+        **options: Any,
     ) -> None:
         self.init_rho = math.log(math.expm1(check_positive(init_std, "init_std")))
-        super().__init__(
-            model, prior_mean=prior_mean, prior_std=prior_std, num_data=num_data, kl_weight=kl_weight,
-            num_samples=num_samples, params=params, new_params=new_params, include_bias=include_bias,
-            include_norm=include_norm, likelihood=likelihood, seed=seed,
-        )
-
-    variational = ("mu", "rho")
+        super().__init__(model, prior_mean, prior_std, **options)
 
     def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
         return {"mu": param.detach().clone(), "rho": torch.full_like(param, self.init_rho)}

@@ -79,19 +79,30 @@ class WeightPosterior(nn.Module):
     def __init__(
         self,
         model: nn.Module,
+        prior_mean: PriorMean = "pretrained",
+        prior_std: PriorStd = 1.0,
         *,
-        prior_mean: PriorMean,
-        prior_std: PriorStd,
         num_data: int,
-        kl_weight: float,
-        num_samples: int,
-        params: ParamSelection,
-        new_params: str | Sequence[str] | None,
-        include_bias: bool,
-        include_norm: bool,
-        likelihood: str,
-        seed: int | None,
+        kl_weight: float = 1.0,
+        num_samples: int = 1,
+        params: ParamSelection = None,
+        new_params: str | Sequence[str] | None = None,
+        include_bias: bool = True,
+        include_norm: bool = True,
+        likelihood: str = "classification",
+        seed: int | None = None,
     ) -> None:
+        """Args shared by every subclass:
+
+        model: any ``nn.Module``; never modified.
+        prior_mean, prior_std, new_params, include_bias, include_norm: the ``GaussianPrior``.
+        num_data: N, the training-set size (the regulariser is divided by it).
+        kl_weight: multiplies ``kl() / N`` (1 for the ELBO; < 1 tempers the prior).
+        num_samples: S, weight draws averaged per ``loss`` call.
+        params: which parameters are Bayesian (``select_parameters``); the rest are point estimates.
+        likelihood: "classification" or "regression" (read by ``bayeskern.predict``).
+        seed: base Philox seed (default: drawn from torch's global generator).
+        """
         super().__init__()
         self.num_data = _check_count(num_data, "num_data", 1)
         self.num_samples = _check_count(num_samples, "num_samples", 1)

@@ -1,0 +1,83 @@
+"""Parameter-level MC-dropout over any ``nn.Module`` (design.md section 5).
+
+Each Bayesian weight is kept with probability ``1 - p`` (``bayeskern.ops.weight_dropout``, mask
+regenerated in backward).  ``mode="scale"``: ``w = z * mu / (1 - p)``; ``mode="prior"``:
+``w = z * mu + (1 - z) * theta0`` (dropped weights fall back to the prior mean, as in BayesDLL).
+Regulariser (in place of the KL): ``(1 - p) / (2 sp^2) * ||mu - theta0||^2``, added to the loss as
+``kl_weight * reg / N``.
+
+Moments of one weight: scale mode ``E w = mu``, ``Var w = mu^2 p / (1 - p)``; prior mode
+``E w = (1 - p) mu + p theta0``, ``Var w = p (1 - p) (mu - theta0)^2``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import weight_dropout
+from ..ops.dropout import check_probability
+from .prior import PriorMean, PriorStd, mangle
+from .wrapper import WeightPosterior
+
+MODES = ("scale", "prior")
+
+
+class MCDropout(WeightPosterior):
+    """Parameter-level MC-dropout with drop probability ``p`` over the parameters selected by ``params``.
+
+    ``mode`` is "scale" or "prior" (see the module docstring); the other arguments are those of
+    ``WeightPosterior`` (``num_data`` is required).
+    """
+
+    variational = ("mu",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        p: float = 0.1,
+        prior_mean: PriorMean = "pretrained",
+        prior_std: PriorStd = 1.0,
+        *,
+        mode: str = "scale",
+        **options: Any,
+    ) -> None:
+        check_probability(p)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.p, self.mode = float(p), mode
+        super().__init__(model, prior_mean, prior_std, **options)
+
+    def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
+        return {"mu": param.detach().clone()}
+
+    def _mus(self):
+        for name in self.names:
+            yield name, self.mu._parameters[mangle(name)], self.prior.mean(name)
+
+    def _draw(self, seed: Tensor, stream: int) -> dict[str, Tensor]:
+        prior_fill = self.mode == "prior"
+        return {
+            name: weight_dropout(mu, self.p, seed, self.offsets[name], theta0 if prior_fill else None, stream=stream)
+            for name, mu, theta0 in self._mus()
+        }
+
+    def kl(self) -> Tensor:
+        """``sum (1 - p) / (2 sp^2) * ||mu - theta0||^2`` over the Bayesian parameters."""
+        return sum(
+            ((1 - self.p) * (mu - theta0).square() / (2 * self.prior.std(name) ** 2)).sum()
+            for name, mu, theta0 in self._mus()
+        )
+
+    def mean(self) -> dict[str, Tensor]:
+        """Expected weights (with the point estimates and buffers, ready for functional_call)."""
+        if self.mode == "scale":
+            return self._full({name: mu.detach() for name, mu, _ in self._mus()})
+        return self._full({name: torch.lerp(mu.detach(), theta0, self.p) for name, mu, theta0 in self._mus()})
+
+    def std(self) -> dict[str, Tensor]:
+        """Per-weight std of the dropout distribution (see the module docstring)."""
+        if self.mode == "scale":
+            return {name: mu.detach().abs() * (self.p / (1 - self.p)) ** 0.5 for name, mu, _ in self._mus()}
+        return {name: (mu.detach() - theta0).abs() * (self.p * (1 - self.p)) ** 0.5 for name, mu, theta0 in self._mus()}

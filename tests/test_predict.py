@@ -1,0 +1,157 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+import bayeskern.predict as engine
+from bayeskern.posteriors.base import Posterior
+from bayeskern.posteriors.mc_dropout import MCDropout
+from bayeskern.posteriors.vi import VI
+from bayeskern.predict import predict
+
+
+class TableOfSamples:
+    """A minimal posterior: sample s replaces the weight of a bias-free linear model by W[s]."""
+
+    def __init__(self, weights: torch.Tensor, likelihood: str = "classification") -> None:
+        self.model = nn.Linear(weights.shape[2], weights.shape[1], bias=False)
+        self.weights, self.likelihood = weights, likelihood
+
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
+        return {"weight": self.weights[index]}
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weights.mean(0)}
+
+    def state_dict(self):
+        return {"weights": self.weights}
+
+    def load_state_dict(self, d):
+        self.weights = d["weights"]
+
+
+def table(num_samples=5, classes=4, features=3, likelihood="classification", seed=0):
+    torch.manual_seed(seed)
+    return TableOfSamples(2 * torch.randn(num_samples, classes, features), likelihood)
+
+
+def test_classification_summaries_match_hand_computation():
+    post = table()
+    assert isinstance(post, Posterior)
+    x = torch.randn(7, 3)
+    pred = predict(post, x, num_samples=5, compile=False, return_logits=True)
+    logits = torch.einsum("nf,scf->snc", x, post.weights)
+    p = logits.softmax(-1)
+    probs = p.mean(0)
+    entropy = -(probs * probs.log()).sum(-1)
+    expected = -(p * p.log()).sum(-1).mean(0)
+    torch.testing.assert_close(pred.logits, logits)
+    torch.testing.assert_close(pred.probs, probs)
+    torch.testing.assert_close(pred.entropy, entropy)
+    torch.testing.assert_close(pred.expected_entropy, expected)
+    torch.testing.assert_close(pred.mutual_info, entropy - expected)
+    assert pred.mean is None and pred.variance is None
+
+
+def test_regression_mean_and_variance_match_hand_computation():
+    post = table(num_samples=6, classes=2, likelihood="regression")
+    x = torch.randn(9, 3)
+    pred = predict(post, x, num_samples=6, compile=False, noise_std=0.5)
+    outs = torch.einsum("nf,scf->snc", x, post.weights)
+    torch.testing.assert_close(pred.mean, outs.mean(0))
+    torch.testing.assert_close(pred.variance, outs.var(0, unbiased=False) + 0.25)
+    assert pred.probs is None
+
+
+def test_batches_and_dataloaders_give_the_same_result():
+    post = table()
+    x = torch.randn(10, 3)
+    whole = predict(post, x, num_samples=5, compile=False)
+    split = predict(post, x, num_samples=5, compile=False, batch_size=3)
+    loader = DataLoader(TensorDataset(x, torch.zeros(10)), batch_size=4)
+    from_loader = predict(post, loader, num_samples=5, compile=False)
+    bare_loader = predict(post, [x[:6], x[6:]], num_samples=5, compile=False)
+    for other in (split, from_loader, bare_loader):
+        torch.testing.assert_close(other.probs, whole.probs)
+        torch.testing.assert_close(other.mutual_info, whole.mutual_info)
+
+
+def test_samples_are_redrawn_identically_when_they_do_not_fit_the_cache(monkeypatch):
+    post = table()
+    x = torch.randn(10, 3)
+    cached = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    monkeypatch.setattr(engine, "SAMPLE_CACHE_BYTES", 0)
+    calls = []
+    original = post.sample
+    post.sample = lambda i: calls.append(i) or original(i)
+    redrawn = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    assert calls == list(range(5)) * 3
+    torch.testing.assert_close(redrawn.probs, cached.probs)
+
+
+def test_vi_and_batchnorm_model_predict_in_eval_mode_with_the_posteriors_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    post = VI(model, init_std=0.1, num_data=20, seed=4).train()
+    post.loss(torch.randn(16, 3) * 2 + 1, torch.randint(0, 2, (16,))).backward()  # moves the running stats
+    x = torch.randn(5, 3)
+    pred = predict(post, x, num_samples=4, compile=False)
+    assert post.training and model.training  # modes restored
+    model.eval()
+    expected = torch.stack([functional_call(model, post.sample(s), (x,)).softmax(-1) for s in range(4)]).mean(0)
+    torch.testing.assert_close(pred.probs, expected)
+
+
+def test_mc_dropout_posterior_is_predicted_through_the_protocol():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    post = MCDropout(model, 0.5, num_data=10, seed=1)
+    x = torch.randn(4, 3)
+    pred = predict(post, x, num_samples=3, compile=False, return_logits=True)
+    for s in range(3):
+        torch.testing.assert_close(pred.logits[s], functional_call(model, post.sample(s), (x,)))
+    assert (pred.mutual_info > 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"num_samples": 0}, "num_samples"), ({"batch_size": 0}, "batch_size"), ({"likelihood": "poisson"}, "likelihood")],
+)
+def test_bad_arguments_are_rejected_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        predict(table(), torch.randn(2, 3), **{"compile": False, **kwargs})
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(engine, "_compiled", lambda: broken)
+    post = table()
+    x = torch.randn(6, 3)
+    with pytest.warns(RuntimeWarning, match="predicting eagerly"):
+        pred = predict(post, x, num_samples=5, compile=True)
+    torch.testing.assert_close(pred.probs, predict(post, x, num_samples=5, compile=False).probs)
+
+
+def test_compiled_and_eager_predictions_agree_and_compile_once():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    post = VI(model, init_std=0.2, num_data=10, seed=2)
+    x = torch.randn(12, 4)
+    eager = predict(post, x, num_samples=6, compile=False, return_logits=True)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to eager
+        compiled = predict(post, x, num_samples=6, compile=True, return_logits=True)
+        again = predict(post, x, num_samples=6, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for all samples and both calls
+    for key in ("logits", "probs", "entropy", "expected_entropy", "mutual_info"):
+        torch.testing.assert_close(getattr(compiled, key), getattr(eager, key), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again.probs, eager.probs, rtol=1e-5, atol=1e-6)

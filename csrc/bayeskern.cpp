@@ -10,4 +10,5 @@ TORCH_LIBRARY(bayeskern_cpp, m) {
   m.def("weight_dropout_backward(Tensor grad, float p, int seed, int offset, int stream, float scale) -> Tensor");
   m.def("fill_normal_(Tensor(a!) out, int seed, int offset, int stream) -> Tensor(a!)");
   m.def("fill_uniform_(Tensor(a!) out, int seed, int offset, int stream) -> Tensor(a!)");
+  m.def("sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] prior_means, Tensor(b!)[] square_avgs, float lr, float prior_precision, float noise_scale, float alpha, float eps, int seed, int step, int[] offsets) -> ()");
 }

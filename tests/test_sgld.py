@@ -42,7 +42,7 @@ def test_steps_match_hand_written_update_with_philox_noise(impl, preconditioner)
     params = make_params(SHAPES)
     theta0 = [p.detach().clone() for p in params]
     targets = [torch.full_like(p, 0.5) for p in params]
-    hyper = dict(lr=0.05, num_data=20, prior_std=0.7, temperature=1.5)
+    hyper = dict(lr=0.05, num_data=20, prior_std=0.7, temperature=1.5, eps=0.01)  # eps bounds G: no 1e8 amplification
     opt = BayesSGLD(params, prior_mean="pretrained", preconditioner=preconditioner, seed=11, **hyper, **IMPLS[impl])
     offsets = [0, 16, 24, 44]  # cumulative sizes 15, 7, 18, 1 rounded up to multiples of 4
     avgs = [torch.zeros_like(p, dtype=torch.float64) if preconditioner else None for p in params]
@@ -162,15 +162,16 @@ def test_cosine_warm_restarts_cycle_the_lr():
 
 def test_param_groups_use_their_own_hyperparameters():
     a, b = make_params([(6,), (5,)])
-    b0 = torch.randn(5)
+    b0 = torch.randn(5, generator=torch.Generator().manual_seed(1))
+    group_b = {"params": [b], "lr": 0.3, "prior_std": 0.5, "temperature": 0.2, "prior_mean": [b0], "preconditioner": "rmsprop", "eps": 0.1}
     opt = BayesSGLD(
-        [{"params": [a]}, {"params": [b], "lr": 0.3, "prior_std": 0.5, "temperature": 0.2, "prior_mean": [b0], "preconditioner": "rmsprop"}],
+        [{"params": [a]}, group_b],
         lr=0.01, num_data=8, seed=4,
     )
     opt.zero_grad()
     quadratic_grads([a, b], [torch.ones(6), torch.ones(5)])
     want_a, _ = eager_sgld(a.detach(), a.grad, torch.zeros(6), 0.01, 8, 1.0, 1.0, seed=4, offset=0, step=0)
-    want_b, _ = eager_sgld(b.detach(), b.grad, b0, 0.3, 8, 0.5, 0.2, seed=4, offset=8, step=0, avg=torch.zeros(5))
+    want_b, _ = eager_sgld(b.detach(), b.grad, b0, 0.3, 8, 0.5, 0.2, seed=4, offset=8, step=0, avg=torch.zeros(5), eps=0.1)
     opt.step()
     torch.testing.assert_close(a.detach().double(), want_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.detach().double(), want_b, rtol=1e-5, atol=1e-6)
@@ -278,3 +279,20 @@ def test_non_finite_error_names_named_parameters():
     model.bias.grad = torch.tensor([float("inf"), 0.0])
     with pytest.raises(RuntimeError, match="'bias'"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b == "cpp"])
+def test_kernel_matches_reference_on_unaligned_offsets_across_threads(backend):
+    # tensors large enough to be split over threads, placed at offsets that are not multiples of 4
+    shapes, offsets = [(40000,), (3,), (5, 7000), (1,)], [1, 40006, 40013, 80030]
+    gen = torch.Generator().manual_seed(3)
+    make = lambda: [torch.randn(s, generator=gen) for s in shapes]  # noqa: E731
+    params, grads, means, avgs = make(), make(), make(), [a.abs() for a in make()]
+    results = {}
+    for name in (backend, "reference"):
+        p, v = [t.clone() for t in params], [t.clone() for t in avgs]
+        with use_backend(name):
+            sgld_step_(p, grads, means, v, lr=0.1, num_data=7, prior_std=0.8, temperature=0.6, seed=9, step=4, offsets=offsets)
+        results[name] = p + v
+    for got, want in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

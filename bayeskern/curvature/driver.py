@@ -1,0 +1,167 @@
+"""The driver: one forward and one backward pass per batch accumulate, for every chosen parameter,
+
+    F = sum over examples n of (d l_n / d theta)^2,
+
+``l_n`` the loss of example n alone.  ``loss_fn(output, target)`` must be a sum of per-example
+terms (``reduction="sum"``) or their mean (``reduction="mean"``; the batch loss is multiplied by
+the batch size B before differentiating, so both give the same F).  Rule and broadcast parameters
+(``tracing.py``) cost one backward pass with respect to activations only, the weight-gradient
+GEMMs replaced by the squared ones; fallback parameters add a torch.func pass over the batch.
+
+The model runs in eval mode (dropout off, BatchNorm on its running statistics, so examples are
+independent) and is restored afterwards; it is never edited, and ``.grad`` is never written.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
+from tqdm.auto import tqdm
+
+from .fallback import accumulate_per_example
+from .tracing import Plan, Probe, Tap
+
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class SquaredGradients:
+    """What a pass over the data produced."""
+
+    fisher: dict[str, Tensor]  # name -> sum of squared per-example gradients (float32/float64)
+    loss: float                # sum over examples of loss_fn(output, true target) (per-example convention)
+    num_examples: int
+    plan: Plan
+
+
+def as_call(x: Any) -> tuple[tuple, dict[str, Any]]:
+    """The model's positional and keyword arguments for an input batch (tensor, sequence or dict)."""
+    if isinstance(x, dict):
+        return (), dict(x)
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    return (x,), {}
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, value)
+
+
+def _same_outputs(out: Any, expected: Any) -> bool:
+    outs, wanted = tree_leaves(out), tree_leaves(expected)
+    return len(outs) == len(wanted) and all(
+        not isinstance(o, Tensor) or (o.shape == w.shape and torch.allclose(o.float(), w.float(), rtol=1e-3, atol=1e-5))
+        for o, w in zip(outs, wanted)
+    )
+
+
+class _Pass:
+    """State of one accumulation: the plan (from the first batch) and the accumulators."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: Callable, reduction: str, sample_targets):
+        self.model, self.loss_fn, self.reduction, self.sample_targets = model, loss_fn, reduction, sample_targets
+        self.params = dict(model.named_parameters())
+        self.chosen = {name: self.params[name] for name in names}
+        self.fisher = {
+            name: torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device)
+            for name, p in self.chosen.items()
+        }
+        self.plan: Plan | None = None
+        self.trigger = torch.zeros((), device=next(iter(self.chosen.values())).device, requires_grad=True)
+        self.loss = 0.0
+        self.num_examples = 0
+
+    def _tap_forward(self, args: tuple, kwargs: dict, batch: int) -> Any:
+        tapped = self.plan.rule + self.plan.broadcast
+        if not tapped:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        fisher = {name: self.fisher[name] for name in tapped}
+        with torch.enable_grad(), Tap(self.params, fisher, self.plan.broadcast, self.trigger, batch):
+            return self.model(*args, **kwargs)
+
+    def _first_forward(self, args: tuple, kwargs: dict, batch: int) -> Any:
+        """Plan on the first batch.  Leading-one parameters whose expansion to the batch changes the
+        output (they are reduced over, or meet another axis) fall back."""
+        probe = Probe(self.chosen, batch)
+        with torch.no_grad(), probe:
+            expected = self.model(*args, **kwargs)
+        self.plan = probe.plan()
+        if self.plan.broadcast:
+            try:
+                out = self._tap_forward(args, kwargs, batch)
+                if _same_outputs(out, expected):
+                    return out
+            except RuntimeError:
+                pass
+            self.plan.fallback += self.plan.broadcast
+            self.plan.broadcast = []
+        return self._tap_forward(args, kwargs, batch)
+
+    def step(self, x: Any, y: Tensor) -> None:
+        device = self.trigger.device
+        args, kwargs = _to(as_call(x), device)
+        y = y.to(device)
+        batch = y.shape[0]
+        out = self._first_forward(args, kwargs, batch) if self.plan is None else self._tap_forward(args, kwargs, batch)
+        scale = batch if self.reduction == "mean" else 1
+        target = y if self.sample_targets is None else self.sample_targets(_detach(out))
+        loss = self.loss_fn(out, target) * scale
+        if isinstance(loss, Tensor) and loss.requires_grad:
+            torch.autograd.grad(loss, self.trigger, allow_unused=True)
+        true_loss = loss if self.sample_targets is None else self.loss_fn(_detach(out), y) * scale
+        self.loss += float(true_loss.detach())
+        self.num_examples += batch
+        if self.plan.fallback:
+            fisher = {name: self.fisher[name] for name in self.plan.fallback}
+            accumulate_per_example(self.model, fisher, args, kwargs, target, self.loss_fn)
+
+
+def _detach(out: Any) -> Any:
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+
+
+def squared_gradients(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    names: Sequence[str] | None = None,
+    *,
+    reduction: str = "sum",
+    sample_targets: Callable[[Any], Tensor] | None = None,
+    progress: bool = False,
+) -> SquaredGradients:
+    """Sum over all examples of ``batches`` of the squared per-example gradients of ``loss_fn``.
+
+    ``batches`` yields ``(x, y)``; ``x`` is the model's input (a tensor, a sequence of positional
+    arguments or a dict of keyword arguments) with the examples along the first dimension.
+    ``names`` picks parameters (default: all).  ``sample_targets(output)``, if given, draws the
+    targets the gradients are taken for (the MC Fisher) instead of ``y``; ``loss`` in the result
+    always uses ``y``.  Raises ValueError for an empty ``batches``, an unknown name or reduction.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else list(names)
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"names: {unknown} are not parameters of the model")
+    if not names:
+        raise ValueError("names selects no parameter")
+    state = _Pass(model, names, loss_fn, reduction, sample_targets)
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        for batch in tqdm(batches, disable=not progress, desc="fisher"):
+            x, y = batch
+            state.step(x, y)
+    finally:
+        for module, mode in training.items():
+            module.training = mode
+    if state.plan is None:
+        raise ValueError("batches is empty: nothing to accumulate")
+    return SquaredGradients(state.fisher, state.loss, state.num_examples, state.plan)

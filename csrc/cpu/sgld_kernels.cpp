@@ -1,0 +1,134 @@
+// CPU kernel of the fused SGLD / pSGLD update (bayeskern/ops/sgld.py has the maths), in place over
+// every tensor of a parameter group.  The work is one flat list of SIMD steps (16 Philox blocks = 64
+// consecutive global indices of one tensor) over all tensors, split over threads by at::parallel_for,
+// so many small tensors balance like one large one.  Elements are staged through float buffers so
+// fp16/bf16 tensors share the float32 vector maths.
+#include "cpu/philox_lanes.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace bayeskern {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrainSteps = 256;  // SIMD steps per parallel chunk (16K elements)
+
+struct Hyper {
+  float lr, prior_precision, noise_scale, alpha, eps;
+  uint64_t seed, stream;
+};
+
+// One tensor of the group: its pointers, size, Philox placement and first step in the flat list.
+template <class scalar_t>
+struct Slice {
+  scalar_t* theta;
+  const scalar_t* grad;
+  const scalar_t* mean;  // null: zero prior mean
+  scalar_t* avg;         // null: no preconditioner
+  int64_t n;
+  uint64_t offset, q_first;
+  int64_t first_step;
+};
+
+// One SIMD step of the update on the staged elements (all kBlockElements lanes; the caller stores
+// only the valid ones).
+void update_lanes(const Hyper& h, bool has_mean, bool precondition, bool noise, float* theta, const float* grad,
+                  const float* mean, float* avg, const float* xi) {
+  for (int v = 0; v < kBlockElements; v += kLanes) {
+    f32v t = load(theta + v);
+    const f32v diff = has_mean ? t - load(mean + v) : t;
+    const f32v g_tot = load(grad + v) + h.prior_precision * diff;
+    f32v scale = f32v{} + h.noise_scale;
+    if (precondition) {
+      const f32v s = h.alpha * load(avg + v) + (1.0f - h.alpha) * (g_tot * g_tot);
+      const f32v precond = 1.0f / (h.eps + sqrt_lanes(s));
+      t = t - h.lr * (precond * g_tot);
+      scale = scale * sqrt_lanes(precond);
+      store(avg + v, s);
+    } else {
+      t = t - h.lr * g_tot;
+    }
+    if (noise) t = t + scale * load(xi + v);
+    store(theta + v, t);
+  }
+}
+
+template <class scalar_t>
+void sgld_steps(const std::vector<Slice<scalar_t>>& slices, int64_t total_steps, const Hyper& h) {
+  const bool noise = h.noise_scale != 0.0f;
+  at::parallel_for(0, total_steps, kGrainSteps, [&](int64_t begin, int64_t end) {
+    alignas(64) float theta[kBlockElements], grad[kBlockElements], mean[kBlockElements], avg[kBlockElements],
+        xi[kBlockElements];
+    // the slice holding step `begin`: the last one starting at or before it
+    auto it = std::upper_bound(slices.begin(), slices.end(), begin,
+                               [](int64_t s, const Slice<scalar_t>& x) { return s < x.first_step; }) - 1;
+    for (int64_t flat = begin; flat < end; ++flat) {
+      while (it + 1 != slices.end() && (it + 1)->first_step <= flat) ++it;
+      const Slice<scalar_t>& x = *it;
+      const uint64_t q0 = x.q_first + static_cast<uint64_t>(flat - x.first_step) * kLanes;
+      const int64_t base = static_cast<int64_t>(4 * q0) - static_cast<int64_t>(x.offset);
+      const int64_t lo = std::max<int64_t>(0, -base);
+      const int64_t hi = std::min<int64_t>(kBlockElements, x.n - base);
+      for (int64_t i = lo; i < hi; ++i) {
+        theta[i] = static_cast<float>(x.theta[base + i]);
+        grad[i] = static_cast<float>(x.grad[base + i]);
+      }
+      if (x.mean) for (int64_t i = lo; i < hi; ++i) mean[i] = static_cast<float>(x.mean[base + i]);
+      if (x.avg) for (int64_t i = lo; i < hi; ++i) avg[i] = static_cast<float>(x.avg[base + i]);
+      if (noise) NormalNoise{}(h.seed, h.stream, q0, xi);
+      update_lanes(h, x.mean != nullptr, x.avg != nullptr, noise, theta, grad, mean, avg, xi);
+      for (int64_t i = lo; i < hi; ++i) x.theta[base + i] = static_cast<scalar_t>(theta[i]);
+      if (x.avg) for (int64_t i = lo; i < hi; ++i) x.avg[base + i] = static_cast<scalar_t>(avg[i]);
+    }
+  });
+}
+
+void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList prior_means,
+                   at::TensorList square_avgs, double lr, double prior_precision, double noise_scale, double alpha,
+                   double eps, int64_t seed, int64_t step, at::IntArrayRef offsets) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && offsets.size() == count, "bayeskern_cpp: sgld_step_ needs one grad and offset per param");
+  TORCH_CHECK(prior_means.empty() || prior_means.size() == count, "bayeskern_cpp: prior_means must be empty or match params");
+  TORCH_CHECK(square_avgs.empty() || square_avgs.size() == count, "bayeskern_cpp: square_avgs must be empty or match params");
+  if (count == 0) return;
+  const Hyper h{static_cast<float>(lr), static_cast<float>(prior_precision), static_cast<float>(noise_scale),
+                static_cast<float>(alpha), static_cast<float>(eps), static_cast<uint64_t>(seed),
+                static_cast<uint64_t>(step)};
+  BK_DISPATCH_KERNEL_TYPES(params[0].scalar_type(), "sgld_step_cpu", [&] {
+    std::vector<Slice<scalar_t>> slices;
+    int64_t total_steps = 0;
+    for (size_t i = 0; i < count; ++i) {
+      const at::Tensor& p = params[i];
+      const int64_t n = p.numel();
+      if (n == 0) continue;
+      std::vector<const at::Tensor*> group = {&p, &grads[i]};
+      if (!prior_means.empty()) group.push_back(&prior_means[i]);
+      if (!square_avgs.empty()) group.push_back(&square_avgs[i]);
+      for (const at::Tensor* t : group) {
+        TORCH_CHECK(t->is_contiguous() && t->scalar_type() == p.scalar_type() && t->numel() == n && t->device().is_cpu(),
+                    "bayeskern_cpp: sgld_step_ needs contiguous CPU tensors of one dtype and matching sizes");
+      }
+      const uint64_t offset = static_cast<uint64_t>(offsets[i]);
+      const uint64_t q_first = offset / 4;
+      const uint64_t q_last = (offset + n - 1) / 4;
+      slices.push_back({p.mutable_data_ptr<scalar_t>(), grads[i].const_data_ptr<scalar_t>(),
+                        prior_means.empty() ? nullptr : prior_means[i].const_data_ptr<scalar_t>(),
+                        square_avgs.empty() ? nullptr : square_avgs[i].mutable_data_ptr<scalar_t>(), n, offset,
+                        q_first, total_steps});
+      total_steps += static_cast<int64_t>((q_last - q_first) / kLanes + 1);
+    }
+    if (total_steps > 0) sgld_steps(slices, total_steps, h);
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(bayeskern_cpp, CPU, m) { m.impl("sgld_step_", &cpu::sgld_step_cpu); }
+
+}  // namespace bayeskern

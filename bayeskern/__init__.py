@@ -1,7 +1,21 @@
 """bayeskern: fast approximate Bayesian posteriors over the weights of any PyTorch nn.Module."""
 from . import metrics, ops, plots
-from .posteriors import Posterior
+from .posteriors import VI, BayesSGLD, GaussianPrior, MCDropout, Posterior, select_parameters
+from .predict import Prediction, predict
 
 __version__ = "0.1.0"
 
-__all__ = ["Posterior", "metrics", "ops", "plots", "__version__"]
+__all__ = [
+    "BayesSGLD",
+    "GaussianPrior",
+    "MCDropout",
+    "Posterior",
+    "Prediction",
+    "VI",
+    "__version__",
+    "metrics",
+    "ops",
+    "plots",
+    "predict",
+    "select_parameters",
+]

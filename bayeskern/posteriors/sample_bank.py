@@ -1,0 +1,196 @@
+"""SampleBank: the posterior an SGLD chain leaves behind, as a ``Posterior``.
+
+Call ``update()`` after every optimizer step.  Counting those calls t = 1, 2, ..., the bank keeps the
+iterate after step t when t > burnin and (t - burnin) is a multiple of thin.
+
+* ``mode="samples"``: the kept iterates themselves, copied to ``device`` / ``dtype``, in a ring
+  buffer of the newest ``max_samples``; ``sample(i)`` is stored sample ``i mod len(bank)`` (oldest
+  first) and ``mean()`` their average.
+* ``mode="moments"``: bounded memory whatever the chain length: Welford's running mean m and sum of
+  squared deviations M2 of all kept iterates (k of them),
+
+      k <- k + 1,   d = x - m,   m <- m + d / k,   M2 <- M2 + d * (x - m),   var = M2 / k,
+
+  in float32 (float64 if ``dtype`` is float64); ``sample(i) = m + sqrt(var) * eps_i`` with eps_i the
+  Philox normal of (seed, per-parameter offset, stream i), so sample i is the same draw every time.
+  ``max_samples`` is unused in this mode.
+
+Samples are returned on the model parameters' device and dtype, for ``bayeskern.predict``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayeskern.ops import noise
+
+from .selection import ParamSelection, select_parameters
+from .wrapper import LIKELIHOODS, philox_offsets
+
+MODES = ("samples", "moments")
+
+
+def _check_int(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {minimum})")
+    return value
+
+
+class SampleBank:
+    """Thinned SGLD iterates (or their running moments) of the selected parameters of ``model``.
+
+    Args:
+        model: the network the optimizer updates (never modified by the bank).
+        burnin: number of initial steps discarded.
+        thin: keep one iterate every ``thin`` steps after burn-in.
+        max_samples: ring-buffer capacity in ``"samples"`` mode (the newest are kept).
+        device, dtype: where and how the samples are stored (dtype None: the parameters' own).
+        mode: ``"samples"`` or ``"moments"`` (see the module docstring).
+        params: which parameters are Bayesian (``bayeskern.posteriors.selection``; None: all).
+        likelihood: ``"classification"`` or ``"regression"``, for ``bayeskern.predict``.
+        seed: Philox key of the moments-mode samples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        burnin: int,
+        thin: int,
+        max_samples: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        mode: str = "samples",
+        params: ParamSelection = None,
+        *,
+        likelihood: str = "classification",
+        seed: int = 0,
+    ) -> None:
+        self.burnin = _check_int(burnin, "burnin", 0)
+        self.thin = _check_int(thin, "thin", 1)
+        self.max_samples = _check_int(max_samples, "max_samples", 1)
+        self.seed = _check_int(seed, "seed", 0)
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r} (must be one of {MODES})")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"Invalid likelihood: {likelihood!r} (must be one of {LIKELIHOODS})")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"Invalid dtype: {dtype!r} (must be a floating-point torch.dtype or None)")
+        self.model, self.mode, self.likelihood = model, mode, likelihood
+        self.device, self.dtype = torch.device(device), dtype
+        self.names = select_parameters(model, params)
+        params_by_name = dict(model.named_parameters())
+        self._params = {n: params_by_name[n] for n in self.names}
+        self._offsets = dict(zip(self.names, philox_offsets([p.shape for p in self._params.values()])))
+        self.num_updates = 0
+        self._samples: deque[dict[str, Tensor]] = deque()
+        self._count = 0
+        self._mean: dict[str, Tensor] = {}
+        self._m2: dict[str, Tensor] = {}
+
+    def _storage_dtype(self, param: Tensor) -> torch.dtype:
+        dtype = self.dtype or param.dtype
+        if self.mode == "moments":
+            return torch.float64 if dtype == torch.float64 else torch.float32
+        return dtype
+
+    def __len__(self) -> int:
+        """Number of kept iterates (stored ones in samples mode, all in moments mode)."""
+        return len(self._samples) if self.mode == "samples" else self._count
+
+    @torch.no_grad()
+    def update(self) -> bool:
+        """Record one optimizer step; returns True if this iterate was kept."""
+        self.num_updates += 1
+        t = self.num_updates - self.burnin
+        if t <= 0 or t % self.thin:
+            return False
+        if self.mode == "samples":
+            self._keep_sample()
+        else:
+            self._accumulate()
+        return True
+
+    def _keep_sample(self) -> None:
+        if len(self._samples) < self.max_samples:
+            self._samples.append(
+                {n: p.detach().to(self.device, self._storage_dtype(p), copy=True) for n, p in self._params.items()}
+            )
+            return
+        oldest = self._samples.popleft()  # reuse its memory for the newest
+        for n, p in self._params.items():
+            oldest[n].copy_(p.detach())
+        self._samples.append(oldest)
+
+    def _accumulate(self) -> None:
+        self._count += 1
+        for n, p in self._params.items():
+            x = p.detach().to(self.device, self._storage_dtype(p))
+            if n not in self._mean:
+                self._mean[n], self._m2[n] = torch.zeros_like(x), torch.zeros_like(x)
+            delta = x - self._mean[n]
+            self._mean[n].add_(delta, alpha=1.0 / self._count)
+            self._m2[n].addcmul_(delta, x - self._mean[n])
+
+    def _check_nonempty(self) -> None:
+        if len(self) == 0:
+            raise RuntimeError(
+                f"SampleBank holds no samples yet ({self.num_updates} updates, burnin={self.burnin}, thin={self.thin})"
+            )
+
+    def _to_model(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: t.to(self._params[n].device, self._params[n].dtype) for n, t in tensors.items()}
+
+    def variance(self) -> dict[str, Tensor]:
+        """Per-parameter variance of the kept iterates (population form, M2 / k), on the bank's device."""
+        self._check_nonempty()
+        if self.mode == "moments":
+            return {n: m2 / self._count for n, m2 in self._m2.items()}
+        return {n: torch.stack([s[n].float() for s in self._samples]).var(0, correction=0) for n in self.names}
+
+    @torch.no_grad()
+    def mean(self) -> dict[str, Tensor]:
+        """Average of the kept iterates."""
+        self._check_nonempty()
+        if self.mode == "moments":
+            return self._to_model(self._mean)
+        return self._to_model({n: torch.stack([s[n].float() for s in self._samples]).mean(0) for n in self.names})
+
+    @torch.no_grad()
+    def sample(self, index: int) -> dict[str, Tensor]:
+        """Sample ``index``: stored iterate ``index mod len(self)``, or a Gaussian draw from the moments."""
+        self._check_nonempty()
+        index = _check_int(index, "index", 0)
+        if self.mode == "samples":
+            return self._to_model(self._samples[index % len(self._samples)])
+        draws = {}
+        for n, var in self.variance().items():
+            eps = noise.normal(var.shape, self.seed, self._offsets[n], stream=index, device=var.device).to(var.dtype)
+            draws[n] = self._mean[n] + var.sqrt() * eps
+        return self._to_model(draws)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: settings, step count and the samples or moments."""
+        return {
+            "mode": self.mode, "names": list(self.names), "burnin": self.burnin, "thin": self.thin,
+            "max_samples": self.max_samples, "seed": self.seed, "likelihood": self.likelihood,
+            "num_updates": self.num_updates, "count": self._count,
+            "samples": [{n: t.clone() for n, t in s.items()} for s in self._samples],
+            "mean": {n: t.clone() for n, t in self._mean.items()}, "m2": {n: t.clone() for n, t in self._m2.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` of a bank over the same parameters and mode."""
+        if state_dict["mode"] != self.mode or list(state_dict["names"]) != self.names:
+            raise ValueError("state_dict is from a SampleBank with another mode or other parameters")
+        for key in ("burnin", "thin", "max_samples", "seed", "likelihood", "num_updates"):
+            setattr(self, key, state_dict[key])
+        self._count = state_dict["count"]
+        place = lambda d: {n: t.to(self.device, self._storage_dtype(self._params[n]), copy=True) for n, t in d.items()}  # noqa: E731
+        self._samples = deque(place(s) for s in state_dict["samples"])
+        self._mean, self._m2 = place(state_dict["mean"]), place(state_dict["m2"])
+
+
+__all__ = ["SampleBank"]

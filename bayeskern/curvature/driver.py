@@ -163,5 +163,5 @@ def squared_gradients(
         for module, mode in training.items():
             module.training = mode
     if state.plan is None:
-        raise ValueError("batches is empty: nothing to accumulate")
+        raise ValueError("no batches to accumulate (the loader is empty)")
     return SquaredGradients(state.fisher, state.loss, state.num_examples, state.plan)

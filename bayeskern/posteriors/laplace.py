@@ -1,0 +1,308 @@
+"""Diagonal Laplace approximation around a trained network.
+
+With theta* the network's weights when ``fit`` runs (the MAP), theta0 the prior mean, prior
+precision lambda (isotropic, ``sp = lambda^-1/2``) and temperature T:
+
+* curvature ``F = sum_n g_n^2`` over the training set, ``g_n`` the gradient of example n's negative
+  log-likelihood, with the true label (``fisher="empirical"``) or a label drawn from the model's
+  own predictive (``fisher="mc"``: an unbiased estimate of the diagonal of the GGN);
+* posterior ``q(theta) = N(theta*, diag(1 / P))``, ``P = F / T + lambda``;
+* sample s: ``theta* + eps_s / sqrt(P)``, ``eps_s`` the Philox normals of (seed, element offset,
+  stream = s) -- drawn through ``ops.gaussian_sample`` with ``softplus(rho) = P^-1/2``;
+* log marginal likelihood (Laplace evidence, the tempered likelihood ``log p(D | theta*) / T``)::
+
+      log Z(lambda) = log p(D | theta*) / T - lambda/2 ||theta* - theta0||^2
+                      + (D/2) log lambda - 1/2 sum log P
+
+  (D Bayesian weights); concave in ``log lambda``, maximised by bisection on its derivative
+  ``-lambda/2 ||theta* - theta0||^2 + D/2 - 1/2 sum lambda / P``.
+
+Negative log-likelihoods: classification ``-log softmax(f)_y``; regression Gaussian with std
+``sigma_noise``: ``(f - y)^2 / (2 sigma^2) + log(2 pi sigma^2) / 2`` per output.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..curvature import squared_gradients
+from ..ops import gaussian_sample, philox
+from .prior import GaussianPrior, PriorMean
+from .selection import ParamSelection
+from .wrapper import LIKELIHOODS, check_positive, philox_offsets
+
+FISHERS = ("empirical", "mc")
+METHODS = ("marglik", "val_nll")
+LOG_LAMBDA_RANGE = (-12 * math.log(10), 12 * math.log(10))  # marglik search interval for log lambda
+
+
+def _inverse_softplus(std: Tensor) -> Tensor:
+    """``rho`` with ``softplus(rho) = std``, stable for tiny and large std."""
+    std = std.double()
+    return std + torch.log(-torch.expm1(-std))
+
+
+class DiagLaplace:
+    """Diagonal Laplace posterior over the selected parameters of ``model`` (see the module docstring).
+
+    Args:
+        model: any ``nn.Module``, trained (its current weights are theta*); never modified.
+        likelihood: ``"classification"`` (cross-entropy on logits) or ``"regression"`` (Gaussian).
+        prior_precision: lambda > 0 (``optimize_prior_precision`` tunes it).
+        prior_mean: theta0: None (zero), ``"pretrained"`` (snapshot at construction) or a mapping.
+        fisher: ``"empirical"`` (true labels) or ``"mc"`` (labels sampled from the model).
+        params, new_params, include_bias, include_norm: which parameters are Bayesian and which get
+            a zero prior mean (``select_parameters``, ``GaussianPrior``); ``"last_layer"`` works.
+        temperature: T > 0, divides the likelihood (and F).
+        sigma_noise: observation-noise std of the regression likelihood.
+        seed: Philox seed of the samples (default: drawn from torch's global generator).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str = "classification",
+        prior_precision: float = 1.0,
+        prior_mean: PriorMean | None = None,
+        fisher: str = "empirical",
+        params: ParamSelection = None,
+        temperature: float = 1.0,
+        sigma_noise: float = 1.0,
+        *,
+        new_params: str | Sequence[str] | None = None,
+        include_bias: bool = True,
+        include_norm: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        self.model = model
+        self.likelihood = likelihood
+        self.fisher_type = fisher
+        self.prior_precision = prior_precision
+        self.temperature = check_positive(temperature, "temperature")
+        self.sigma_noise = check_positive(sigma_noise, "sigma_noise")
+        self.prior = GaussianPrior(
+            model, "zero" if prior_mean is None else prior_mean, 1.0, params=params, new_params=new_params,
+            include_bias=include_bias, include_norm=include_norm,
+        )
+        self.names: list[str] = list(self.prior.names)
+        model_params = dict(model.named_parameters())
+        self.offsets = dict(zip(self.names, philox_offsets([model_params[n].shape for n in self.names])))
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        philox.check_key(seed, 0)
+        self.seed = seed
+        self._fisher: dict[str, Tensor] | None = None
+        self._map: dict[str, Tensor] = {}
+        self.log_likelihood: float | None = None  # log p(D | theta*), set by fit
+        self.num_data = 0
+
+    # -- hyperparameters ------------------------------------------------------------------------
+    @property
+    def prior_precision(self) -> float:
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float) -> None:
+        self._prior_precision = check_positive(value, "prior_precision")
+        self._rho: dict[str, Tensor] | None = None
+
+    # -- fitting -------------------------------------------------------------------------------
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        """Summed negative log-likelihood of a batch."""
+        output = output.float()
+        if self.likelihood == "classification":
+            return F.cross_entropy(output, target, reduction="sum")
+        variance = self.sigma_noise**2
+        squared = (output - target.reshape(output.shape).to(output.dtype)).square().sum()
+        return squared / (2 * variance) + output.numel() * 0.5 * math.log(2 * math.pi * variance)
+
+    def _label_sampler(self, device: torch.device):
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+
+        def sample(output: Tensor) -> Tensor:
+            output = output.float()
+            if self.likelihood == "classification":
+                return torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
+            noise = torch.randn(output.shape, generator=generator, device=output.device)
+            return output + self.sigma_noise * noise
+
+        return sample
+
+    def fit(self, loader: Iterable, progress: bool = True) -> "DiagLaplace":
+        """Accumulate F over ``loader`` (batches ``(x, y)``) around the model's current weights.
+
+        Raises ValueError if ``loader`` yields no batch.
+        """
+        params = dict(self.model.named_parameters())
+        device = params[self.names[0]].device
+        sampler = self._label_sampler(device) if self.fisher_type == "mc" else None
+        try:
+            result = squared_gradients(
+                self.model, loader, self.nll, self.names, sample_targets=sampler, progress=progress
+            )
+        except ValueError as error:
+            raise ValueError(f"fit: {error}") from None
+        self._fisher = result.fisher
+        self._map = {name: params[name].detach().clone() for name in self.names}
+        self.log_likelihood = -result.loss
+        self.num_data = result.num_examples
+        self._rho = None
+        return self
+
+    def _require_fit(self) -> dict[str, Tensor]:
+        if self._fisher is None:
+            raise RuntimeError("DiagLaplace: call fit(loader) (or load_state_dict) first")
+        return self._fisher
+
+    # -- the posterior -------------------------------------------------------------------------
+    @property
+    def fisher(self) -> dict[str, Tensor]:
+        """F per parameter name: the summed squared per-example gradients."""
+        return dict(self._require_fit())
+
+    @property
+    def posterior_precision(self) -> dict[str, Tensor]:
+        """``P = F / T + lambda`` per parameter name."""
+        return {name: f / self.temperature + self.prior_precision for name, f in self._require_fit().items()}
+
+    def mean(self) -> dict[str, Tensor]:
+        """theta* (the weights at ``fit``)."""
+        self._require_fit()
+        return dict(self._map)
+
+    def std(self) -> dict[str, Tensor]:
+        """Posterior standard deviations ``P^-1/2``."""
+        return {name: p.rsqrt() for name, p in self.posterior_precision.items()}
+
+    def sample(self, index: int) -> dict[str, Tensor]:
+        """The index-th posterior sample ``theta* + eps / sqrt(P)`` (deterministic in ``index``)."""
+        if self._rho is None:
+            self._rho = {n: _inverse_softplus(s).to(self._map[n].dtype) for n, s in self.std().items()}
+        return {
+            name: gaussian_sample(self._map[name], self._rho[name], self.seed, self.offsets[name], stream=index)
+            for name in self.names
+        }
+
+    # -- evidence and prior precision ----------------------------------------------------------
+    def _log_det_terms(self) -> tuple[float, Tensor]:
+        """``||theta* - theta0||^2`` and the stacked ``F / T`` (float64)."""
+        fisher = self._require_fit()
+        distance = sum(float((self._map[n].double() - self.prior.mean(n).double()).square().sum()) for n in self.names)
+        return distance, torch.cat([fisher[n].double().flatten() / self.temperature for n in self.names])
+
+    def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
+        """The Laplace evidence ``log Z(lambda)`` (module docstring), at ``prior_precision`` or the current lambda."""
+        lam = self.prior_precision if prior_precision is None else check_positive(prior_precision, "prior_precision")
+        distance, curvature = self._log_det_terms()
+        log_det = float(torch.log(curvature + lam).sum())
+        return self.log_likelihood / self.temperature - 0.5 * lam * distance + 0.5 * curvature.numel() * math.log(lam) - 0.5 * log_det
+
+    def _marglik_argmax(self) -> float:
+        distance, curvature = self._log_det_terms()
+        count = curvature.numel()
+
+        def slope(log_lam: float) -> float:  # d log Z / d log lambda, decreasing
+            lam = math.exp(log_lam)
+            return -0.5 * lam * distance + 0.5 * count - 0.5 * float((lam / (curvature + lam)).sum())
+
+        low, high = LOG_LAMBDA_RANGE
+        if slope(high) >= 0:
+            return math.exp(high)
+        if slope(low) <= 0:
+            return math.exp(low)
+        for _ in range(100):
+            middle = 0.5 * (low + high)
+            low, high = (middle, high) if slope(middle) > 0 else (low, middle)
+        return math.exp(0.5 * (low + high))
+
+    def validation_nll(self, val_loader: Iterable, num_samples: int = 16, compile: bool = False) -> float:
+        """Mean negative log predictive density of ``val_loader`` (batches ``(x, y)``) under the
+        Monte-Carlo predictive with ``num_samples`` samples."""
+        from ..predict import predict
+
+        targets = torch.cat([y for _, y in val_loader])
+        prediction = predict(self, val_loader, num_samples=num_samples, compile=compile,
+                             noise_std=self.sigma_noise if self.likelihood == "regression" else 0.0)
+        if self.likelihood == "classification":
+            probs = prediction.probs.gather(-1, targets.to(prediction.probs.device).long().view(-1, 1))
+            return float(-probs.clamp_min(torch.finfo(probs.dtype).tiny).log().mean())
+        y = targets.to(prediction.mean.device).reshape(prediction.mean.shape).float()
+        nll = 0.5 * ((y - prediction.mean).square() / prediction.variance + torch.log(2 * math.pi * prediction.variance))
+        return float(nll.mean())
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        val_loader: Iterable | None = None,
+        grid: Sequence[float] | None = None,
+        num_samples: int = 16,
+        compile: bool = False,
+    ) -> float:
+        """Set lambda and return it.
+
+        ``"marglik"``: the maximiser of ``log_marginal_likelihood`` (bisection in log lambda).
+        ``"val_nll"``: the value of ``grid`` (default ``logspace(-4, 4, 21)``) with the lowest
+        ``validation_nll(val_loader, num_samples)`` (the samples share their noise across the grid).
+        """
+        self._require_fit()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "marglik":
+            self.prior_precision = self._marglik_argmax()
+            return self.prior_precision
+        if val_loader is None:
+            raise ValueError("method='val_nll' needs a val_loader")
+        grid = [float(v) for v in (torch.logspace(-4, 4, 21) if grid is None else grid)]
+        if not grid:
+            raise ValueError("grid must hold at least one prior precision")
+        scores = []
+        for value in grid:
+            self.prior_precision = value
+            scores.append(self.validation_nll(val_loader, num_samples, compile))
+        self.prior_precision = grid[min(range(len(grid)), key=scores.__getitem__)]
+        return self.prior_precision
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything ``load_state_dict`` needs to rebuild the fitted posterior on the same model."""
+        fisher = self._require_fit()
+        return {
+            "names": list(self.names),
+            "likelihood": self.likelihood,
+            "fisher_type": self.fisher_type,
+            "prior_precision": self.prior_precision,
+            "temperature": self.temperature,
+            "sigma_noise": self.sigma_noise,
+            "seed": self.seed,
+            "log_likelihood": self.log_likelihood,
+            "num_data": self.num_data,
+            "mean": {n: t.clone() for n, t in self._map.items()},
+            "fisher": {n: t.clone() for n, t in fisher.items()},
+            "prior": self.prior.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; its parameter names must be this posterior's."""
+        if list(state_dict["names"]) != self.names:
+            raise ValueError("state_dict covers other parameters than this DiagLaplace")
+        self.likelihood = state_dict["likelihood"]
+        self.fisher_type = state_dict["fisher_type"]
+        self.temperature = check_positive(state_dict["temperature"], "temperature")
+        self.sigma_noise = check_positive(state_dict["sigma_noise"], "sigma_noise")
+        self.seed = int(state_dict["seed"])
+        self.log_likelihood = state_dict["log_likelihood"]
+        self.num_data = int(state_dict["num_data"])
+        self.prior.load_state_dict(state_dict["prior"])
+        params = dict(self.model.named_parameters())
+        self._map = {n: t.detach().to(params[n].device, params[n].dtype).clone() for n, t in state_dict["mean"].items()}
+        self._fisher = {n: t.detach().to(params[n].device).clone() for n, t in state_dict["fisher"].items()}
+        self.prior_precision = state_dict["prior_precision"]

@@ -1,16 +1,27 @@
 """bayeskern: fast approximate Bayesian posteriors over the weights of any PyTorch nn.Module."""
 from . import metrics, ops, plots
-from .posteriors import VI, BayesSGLD, GaussianPrior, MCDropout, Posterior, select_parameters
+from .posteriors import (
+    VI,
+    BayesSGLD,
+    DiagLaplace,
+    GaussianPrior,
+    MCDropout,
+    Posterior,
+    SampleBank,
+    select_parameters,
+)
 from .predict import Prediction, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BayesSGLD",
+    "DiagLaplace",
     "GaussianPrior",
     "MCDropout",
     "Posterior",
     "Prediction",
+    "SampleBank",
     "VI",
     "__version__",
     "metrics",

@@ -1,0 +1,198 @@
+"""``bayeskern-finetune``: Bayesian fine-tuning of a backbone, one row per method.
+
+With no arguments it compares every method on scikit-learn's digits (offline) with a small CNN,
+prints a markdown table (error, ECE, MCE, NLL, Brier on the test split, ECE/NLL after temperature
+scaling fitted on the validation split, train time, peak memory) and writes ``runs/<name>/``:
+``metrics.json``, ``log.jsonl`` (one JSON line per epoch), a reliability diagram per method, a
+side-by-side diagram, and per-method checkpoints for ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import DATASETS, DataOptions, load_dataset
+from .errors import UsageError
+from .measure import measure
+from .methods import METHODS
+from .models import create_backbone
+from .report import evaluate, load_method_result, markdown_table, save_method_result, write_outputs
+from .training import AMP_DTYPES, EpochLoop, Interrupted
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bayeskern-finetune", description=__doc__.splitlines()[0])
+    add = p.add_argument
+    add("--method", default="all", help=f"all, or a comma-separated list of: {', '.join(METHODS)}")
+    add("--dataset", default="digits", help=f"{', '.join(DATASETS)} or imagefolder:PATH")
+    add("--data-dir", type=Path, default=Path("data"), help="where torchvision datasets live")
+    add("--download", action="store_true", help="download a missing torchvision dataset")
+    add("--model", default="convnet", help="convnet (built-in), timm:NAME or torchvision:NAME")
+    add("--pretrained", default=None, help="timm, torchvision, or PATH to a state dict / .safetensors")
+    add("--image-size", type=int, default=16, help="input resolution (digits: upsampled to it)")
+    add("--epochs", type=int, default=12)
+    add("--batch-size", type=int, default=64)
+    add("--lr", type=float, default=3e-3, help="learning rate of vanilla/VI/MC-dropout (Adam)")
+    add("--lr-head", type=float, default=None, help="learning rate of the classifier head (default: --lr)")
+    add("--num-samples", type=int, default=16, help="Monte-Carlo samples of the predictive")
+    add("--prior-std", type=float, default=1.0, help="prior standard deviation (VI, MC-dropout, SGLD)")
+    add("--vi-init-std", type=float, default=1e-3)
+    add("--vi-kl-weight", type=float, default=1.0)
+    add("--vi-train-samples", type=int, default=1, help="weight samples per VI training step")
+    add("--dropout-p", type=float, default=0.1)
+    add("--dropout-mode", choices=("scale", "prior"), default="scale")
+    add("--sgld-lr", type=float, default=0.05)
+    add("--sgld-temperature", type=float, default=1.0)
+    add("--sgld-burnin", type=float, default=0.5, help="fraction of the training steps discarded as burn-in")
+    add("--sgld-thin", type=int, default=5)
+    add("--laplace-prior-precision", type=float, default=1.0)
+    add("--laplace-fisher", choices=("empirical", "mc"), default="empirical")
+    add("--laplace-params", default=None, help='"last_layer" or a comma-separated list of names/globs (default all)')
+    add("--laplace-optimize", choices=("marglik", "val_nll", "none"), default="val_nll")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--amp", choices=tuple(AMP_DTYPES), default="none")
+    add("--compile", action="store_true", help="run the Monte-Carlo predictive under torch.compile")
+    add("--workers", type=int, default=0)
+    add("--seed", type=int, default=0)
+    add("--out", type=Path, default=Path("runs"))
+    add("--name", default=None, help="run name (default: <dataset>-<model>)")
+    add("--resume", action="store_true", help="continue the run in --out/--name from its checkpoints")
+    add("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
+    add("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # simulates an interruption
+    return p
+
+
+def _methods(spec: str) -> list[str]:
+    names = list(METHODS) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise UsageError(f"unknown method {', '.join(unknown) or spec!r} (known: all, {', '.join(METHODS)})")
+    return names
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def _transforms(args: argparse.Namespace) -> tuple:
+    """timm's data config of the backbone (ImageNet statistics otherwise) at --image-size."""
+    if args.dataset == "digits":
+        return None, None
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({"input_size": (3, args.image_size, args.image_size)})
+    if args.model.startswith("timm:"):
+        import timm
+
+        cfg = timm.get_pretrained_cfg(args.model.split(":", 1)[1])
+        if cfg is not None:
+            config = resolve_data_config({"input_size": (3, args.image_size, args.image_size)}, pretrained_cfg=cfg.to_dict())
+    return create_transform(**config, is_training=True), create_transform(**config, is_training=False)
+
+
+def _targets(dataset: Dataset) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(y) for _, y in DataLoader(dataset, batch_size=512)])
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "num_samples", "image_size", "vi_train_samples", "sgld_thin"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.dropout_p < 1:
+        raise UsageError("--dropout-p must be in [0, 1)")
+    if not 0 <= args.sgld_burnin < 1:
+        raise UsageError("--sgld-burnin must be in [0, 1)")
+
+
+_NOT_PART_OF_A_RUN = {"resume", "quiet", "stop_after_epoch", "workers", "out", "name", "data_dir", "download"}
+
+
+def _check_resumable(run_dir: Path, config: dict) -> None:
+    """A run is resumed only with the settings it was started with."""
+    path = run_dir / "config.json"
+    if path.exists():
+        started = json.loads(path.read_text())
+        changed = [k for k in config if k not in _NOT_PART_OF_A_RUN and started.get(k) != config[k]]
+        if changed:
+            k = changed[0]
+            raise UsageError(f"--resume: {run_dir} was started with --{k.replace('_', '-')} {started.get(k)}, not {config[k]}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _validate(args)
+    methods = _methods(args.method)
+    device = _device(args.device)
+    train_tf, eval_tf = _transforms(args)
+    splits = load_dataset(args.dataset, DataOptions(args.data_dir, args.download, args.image_size, args.seed,
+                                                    train_tf, eval_tf))
+    name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{args.dataset}-{args.model}").strip("-")
+    run_dir = args.out / name
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.resume:
+        _check_resumable(run_dir, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if args.laplace_params and args.laplace_params != "last_layer":
+        args.laplace_params = args.laplace_params.split(",")
+
+    def make_backbone():
+        torch.manual_seed(args.seed)
+        return create_backbone(args.model, splits.num_classes, args.pretrained)
+
+    def make_loop(method: str) -> EpochLoop:
+        return EpochLoop(run_dir / method, args.epochs, args.batch_size, args.seed, device, args.amp, args.workers,
+                         args.resume, args.quiet, args.stop_after_epoch)
+
+    val_targets, test_targets = _targets(splits.val), _targets(splits.test)
+    results, test_probs, shared = {}, {}, {}
+    for method_name in methods:
+        saved = load_method_result(run_dir / method_name) if args.resume else None
+        if saved is not None:
+            results[method_name], probs = saved
+            test_probs[method_name] = probs["test"]
+            shared.update(probs.get("shared", {}))
+            continue
+        method = METHODS[method_name](args, splits, make_backbone, make_loop, device, shared)
+        with measure(device) as usage:
+            method.train()
+        val, test = method.predict(splits.val), method.predict(splits.test)
+        results[method_name] = evaluate(val, val_targets, test, test_targets, usage.seconds, usage.peak_bytes)
+        test_probs[method_name] = test
+        save_method_result(run_dir / method_name, results[method_name], {"test": test, "shared": dict(shared)})
+    write_outputs(run_dir, config, results, test_probs, test_targets)
+    print(markdown_table(results))
+    print(f"\nwrote {run_dir}/metrics.json and reliability diagrams")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"bayeskern-finetune: error: {error}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        print(f"bayeskern-finetune: {stop}; continue with --resume", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

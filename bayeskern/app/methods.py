@@ -1,0 +1,206 @@
+"""The methods ``bayeskern-finetune`` compares, by name: each trains from a fresh backbone and
+returns predictive probabilities.  One class per method on a shared base; ``METHODS`` is the
+registry the CLI reads.
+
+* ``vanilla``    -- the deterministic baseline: Adam on the cross-entropy.
+* ``vi``         -- mean-field Gaussian VI (``bayeskern.VI``), Adam on the ELBO.
+* ``mc_dropout`` -- parameter-level MC-dropout (``bayeskern.MCDropout``).
+* ``sgld``       -- ``bayeskern.BayesSGLD`` with a ``SampleBank`` (burn-in, thinning).
+* ``laplace``    -- ``bayeskern.DiagLaplace`` around the vanilla MAP (trained here, or reused when
+  ``vanilla`` ran first in the same invocation), prior precision tuned on the validation split.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+import bayeskern as bk
+
+from .data import Splits
+from .models import Backbone
+from .training import EpochLoop
+
+
+class Method:
+    name = ""
+
+    def __init__(self, args: argparse.Namespace, splits: Splits, make_backbone: Callable[[], Backbone],
+                 make_loop: Callable[[str], EpochLoop], device: torch.device, shared: dict):
+        """``shared`` carries results between the methods of one invocation (the vanilla MAP)."""
+        self.args, self.splits, self.device, self.shared = args, splits, device, shared
+        self.backbone = make_backbone()
+        self.backbone.model.to(device)
+        self.loop = make_loop(self.name)
+        self.num_data = len(splits.train)
+
+    # -- to implement ----------------------------------------------------------------------------
+    def train(self) -> None:
+        raise NotImplementedError
+
+    def predict(self, dataset: Dataset) -> Tensor:
+        """Predictive probabilities (N, C), float32 on the CPU."""
+        raise NotImplementedError
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    @property
+    def prior_mean(self) -> str:
+        """The pretrained weights when there are any, else zero."""
+        return "pretrained" if self.args.pretrained else "zero"
+
+    def param_groups(self, named: list[tuple[str, nn.Parameter]], lr: float) -> list[dict]:
+        """Two groups, so the (new) classifier head can take ``--lr-head``."""
+        head = set(self.backbone.classifier)
+        is_head = [any(name.replace("/", ".").endswith(h) for h in head) for name, _ in named]
+        lr_head = self.args.lr_head if self.args.lr_head is not None else lr
+        groups = [
+            {"params": [p for (_, p), h in zip(named, is_head) if not h], "lr": lr},
+            {"params": [p for (_, p), h in zip(named, is_head) if h], "lr": lr_head},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def eval_loader(self, dataset: Dataset):
+        return self.loop.loader(dataset, shuffle=False)
+
+    @torch.no_grad()
+    def deterministic_probs(self, model: nn.Module, dataset: Dataset) -> Tensor:
+        model.eval()
+        chunks = []
+        for inputs, _ in self.eval_loader(dataset):
+            with self.loop.autocast():
+                logits = model(inputs.to(self.device))
+            chunks.append(F.softmax(logits.float(), dim=-1).cpu())
+        return torch.cat(chunks)
+
+    def mc_probs(self, posterior, dataset: Dataset) -> Tensor:
+        prediction = bk.predict(posterior, self.eval_loader(dataset), num_samples=self.args.num_samples,
+                                compile=self.args.compile)
+        return prediction.probs.float().cpu()
+
+    def train_supervised(self, model: nn.Module, stateful: dict, loss_fn, optimizer, after_step=None) -> None:
+        """The common step: loss, backward, optimizer step (and a hook, e.g. the sample bank)."""
+        model.train()
+
+        def step(inputs: Tensor, targets: Tensor) -> float:
+            with self.loop.autocast():
+                loss = loss_fn(inputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            return float(loss.detach())
+
+        self.loop.run(self.splits.train, stateful, step)
+
+    def train_map(self) -> None:
+        """The deterministic fit of the backbone: Adam on the mean cross-entropy."""
+        model = self.backbone.model
+        optimizer = torch.optim.Adam(self.param_groups(list(model.named_parameters()), self.args.lr))
+        self.train_supervised(
+            model, {"model": model, "optimizer": optimizer},
+            lambda x, y: F.cross_entropy(model(x), y), optimizer,
+        )
+
+
+class Vanilla(Method):
+    name = "vanilla"
+
+    def train(self) -> None:
+        self.train_map()
+        self.shared["map_state"] = copy.deepcopy(self.backbone.model.state_dict())
+
+    def predict(self, dataset: Dataset) -> Tensor:
+        return self.deterministic_probs(self.backbone.model, dataset)
+
+
+class _WeightPosteriorMethod(Method):
+    """VI and MC-dropout: an nn.Module posterior trained by Adam on ``posterior.loss``."""
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.posterior = self.build().to(self.device)
+        optimizer = torch.optim.Adam(self.param_groups(list(self.posterior.named_parameters()), self.args.lr))
+        self.train_supervised(
+            self.posterior, {"posterior": self.posterior, "optimizer": optimizer},
+            self.posterior.loss, optimizer,
+        )
+
+    def predict(self, dataset: Dataset) -> Tensor:
+        self.posterior.eval()
+        return self.mc_probs(self.posterior, dataset)
+
+
+class VariationalInference(_WeightPosteriorMethod):
+    name = "vi"
+
+    def build(self) -> nn.Module:
+        a = self.args
+        return bk.VI(self.backbone.model, prior_mean=self.prior_mean, prior_std=a.prior_std, init_std=a.vi_init_std,
+                     num_data=self.num_data, kl_weight=a.vi_kl_weight, num_samples=a.vi_train_samples,
+                     new_params=self.backbone.new_params, seed=a.seed)
+
+
+class MCDropoutMethod(_WeightPosteriorMethod):
+    name = "mc_dropout"
+
+    def build(self) -> nn.Module:
+        a = self.args
+        return bk.MCDropout(self.backbone.model, p=a.dropout_p, prior_mean=self.prior_mean, prior_std=a.prior_std,
+                            num_data=self.num_data, mode=a.dropout_mode, new_params=self.backbone.new_params,
+                            seed=a.seed)
+
+
+class SGLD(Method):
+    name = "sgld"
+
+    def train(self) -> None:
+        a, model = self.args, self.backbone.model
+        optimizer = bk.BayesSGLD(
+            self.param_groups(list(model.named_parameters()), a.sgld_lr), lr=a.sgld_lr, num_data=self.num_data,
+            prior_std=a.prior_std, prior_mean="pretrained" if a.pretrained else None,
+            temperature=a.sgld_temperature, seed=a.seed,
+        )
+        steps_per_epoch = -(-self.num_data // a.batch_size)
+        self.bank = bk.SampleBank(model, burnin=int(a.sgld_burnin * a.epochs * steps_per_epoch), thin=a.sgld_thin,
+                                  max_samples=a.num_samples)
+        self.train_supervised(
+            model, {"model": model, "optimizer": optimizer, "bank": self.bank},
+            lambda x, y: F.cross_entropy(model(x), y), optimizer, after_step=self.bank.update,
+        )
+
+    def predict(self, dataset: Dataset) -> Tensor:
+        self.backbone.model.eval()
+        return self.mc_probs(self.bank, dataset)
+
+
+class Laplace(Method):
+    name = "laplace"
+
+    def train(self) -> None:
+        a, model = self.args, self.backbone.model
+        if "map_state" in self.shared:
+            model.load_state_dict(self.shared["map_state"])
+        else:
+            self.train_map()
+        self.laplace = bk.DiagLaplace(model, likelihood="classification", prior_precision=a.laplace_prior_precision,
+                                      prior_mean=self.prior_mean if a.pretrained else None, fisher=a.laplace_fisher,
+                                      params=a.laplace_params)
+        model.eval()
+        self.laplace.fit(self.eval_loader(self.splits.train), progress=not a.quiet)
+        if a.laplace_optimize != "none":
+            self.laplace.optimize_prior_precision(method=a.laplace_optimize, val_loader=self.eval_loader(self.splits.val))
+
+    def predict(self, dataset: Dataset) -> Tensor:
+        self.laplace.model.eval()
+        return self.mc_probs(self.laplace, dataset)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Vanilla, VariationalInference, MCDropoutMethod, SGLD, Laplace)}

@@ -1,0 +1,118 @@
+"""The epoch loop every method shares: deterministic shuffling, AMP, tqdm bars, one JSON log line
+per epoch, a checkpoint of everything stateful after every epoch, and resume.
+
+A resumed run continues as if never stopped: epoch ``e`` shuffles with seed ``seed + e``, and the
+checkpoint holds the posterior, optimizer, scheduler and sample bank states (the posteriors keep
+their Philox counters in their own state) plus torch's global RNG state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .errors import UsageError
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def _first_reason(error: Exception) -> str:
+    """The most telling line of a load_state_dict error (a size mismatch or a missing key)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return (telling or lines or [type(error).__name__])[0][:300]
+
+
+class Interrupted(Exception):
+    """Raised after the epoch named by ``stop_after`` (simulates an interruption, for tests)."""
+
+
+@dataclass
+class EpochLoop:
+    directory: Path  # runs/<name>/<method>
+    epochs: int
+    batch_size: int
+    seed: int
+    device: torch.device
+    amp: str = "none"
+    workers: int = 0
+    resume: bool = False
+    quiet: bool = False
+    stop_after: int | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.directory / "checkpoint.pt"
+
+    def autocast(self):
+        dtype = AMP_DTYPES[self.amp]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _progress(self, iterable, **kwargs):
+        return tqdm(iterable, disable=self.quiet or not sys.stderr.isatty(), leave=False, **kwargs)
+
+    def _save(self, epoch: int, state: dict[str, Stateful]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        payload = {"epoch": epoch, "rng": torch.get_rng_state(), "state": {k: v.state_dict() for k, v in state.items()}}
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def _restore(self, state: dict[str, Stateful]) -> int:
+        """Load the checkpoint into ``state``; the first epoch still to run."""
+        if not (self.resume and self.checkpoint_path.exists()):
+            return 0
+        payload = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        try:
+            for key, obj in state.items():
+                obj.load_state_dict(payload["state"][key])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise UsageError(f"checkpoint {self.checkpoint_path} does not fit this run: {_first_reason(error)}") from None
+        torch.set_rng_state(payload["rng"])
+        return payload["epoch"] + 1
+
+    def run(self, dataset: Dataset, state: dict[str, Stateful], step: Callable[[Tensor, Tensor], float]) -> None:
+        """Train ``epochs`` epochs of ``step(inputs, targets) -> loss`` over ``dataset``."""
+        generator = torch.Generator()
+        loader = self.loader(dataset, shuffle=True, generator=generator)
+        log_path = self.directory.parent / "log.jsonl"
+        for epoch in range(self._restore(state), self.epochs):
+            generator.manual_seed(self.seed + epoch)
+            start, total, count = time.perf_counter(), 0.0, 0
+            for inputs, targets in self._progress(loader, desc=f"{self.directory.name} epoch {epoch + 1}/{self.epochs}"):
+                inputs = inputs.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                total += step(inputs, targets) * len(targets)
+                count += len(targets)
+            record = {"method": self.directory.name, "epoch": epoch + 1, "loss": total / count,
+                      "seconds": round(time.perf_counter() - start, 3)}
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if not self.quiet:
+                print(json.dumps(record), flush=True)
+            self._save(epoch, state)
+            if self.stop_after is not None and epoch + 1 >= self.stop_after:
+                raise Interrupted(f"stopped after epoch {epoch + 1}")

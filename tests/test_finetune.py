@@ -1,0 +1,106 @@
+"""bayeskern-finetune end to end on tiny settings: every method, resume, bad input, ImageFolder."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bayeskern.app.finetune import main
+from bayeskern.app.methods import METHODS
+
+TINY = ["--epochs", "2", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
+        "--laplace-params", "last_layer"]
+
+
+def _run(tmp_path, *extra, name="run"):
+    return main([*TINY, "--out", str(tmp_path), "--name", name, *extra])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_runs_end_to_end_on_digits(tmp_path, capsys, method):
+    assert _run(tmp_path, "--method", method) == 0
+    table = capsys.readouterr().out
+    assert f"| {method} |" in table
+    payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    result = payload["methods"][method]
+    assert set(result["test"]) >= {"error", "ece", "mce", "nll", "brier"}
+    assert result["test"]["error"] < 0.9  # better than chance after two epochs
+    assert result["temperature"] > 0 and result["train_seconds"] > 0
+    assert (tmp_path / "run" / f"reliability_{method}.png").stat().st_size > 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["method"] == method] == [1, 2]
+
+
+def test_resume_after_interruption_gives_the_same_metrics(tmp_path):
+    args = ("--method", "vanilla,vi,sgld")
+    assert _run(tmp_path, *args, name="whole") == 0
+    assert _run(tmp_path, *args, "--stop-after-epoch", "1", name="cut") == 3
+    assert _run(tmp_path, *args, "--resume", name="cut") == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["methods"]
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())["methods"]
+    for method in ("vanilla", "vi", "sgld"):
+        assert whole[method]["test"] == pytest.approx(resumed[method]["test"], rel=1e-6, abs=1e-9), method
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "bayes-by-magic"], "unknown method"),
+        (["--model", "timm:not_a_model"], "unknown timm model"),
+        (["--dataset", "mnist"], "unknown dataset"),
+        (["--dataset", "imagefolder:/no/such/folder"], "not a directory"),
+        (["--dataset", "cifar10", "--data-dir", "/no/such/data"], "--download"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--dropout-p", "1.5"], "--dropout-p"),
+        (["--learning-rate", "1"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
+    try:
+        code = _run(tmp_path, *argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_resuming_with_another_model_exits_2(tmp_path, capsys):
+    assert _run(tmp_path, "--method", "vanilla", "--stop-after-epoch", "1", name="x") == 3
+    capsys.readouterr()
+    code = _run(tmp_path, "--method", "vanilla", "--resume", "--model", "timm:resnet10t", name="x")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "was started with --model convnet" in err[0]
+
+
+def test_checkpoint_that_does_not_fit_the_model_exits_2(tmp_path, capsys):
+    assert _run(tmp_path, "--method", "vanilla", "--stop-after-epoch", "1", name="y") == 3
+    (tmp_path / "y" / "config.json").unlink()  # a checkpoint from elsewhere, no record of its run
+    capsys.readouterr()
+    code = _run(tmp_path, "--method", "vanilla", "--resume", "--model", "timm:resnet10t", name="y")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "does not fit this run: " in err[0]
+
+
+def test_imagefolder_run(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for label, shade in (("dark", 40), ("light", 200)):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(shade, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+    code = _run(tmp_path, "--method", "vanilla", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
+                "--model", "timm:resnet10t", name="folder")
+    assert code == 0
+    assert "| vanilla |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "folder" / "metrics.json").read_text())["config"]["dataset"].startswith("imagefolder:")
+
+
+def test_state_dict_pretrained_weights_are_the_starting_point(tmp_path, capsys):
+    from bayeskern.app.models import create_backbone
+
+    torch.save(create_backbone("convnet", 5).model.state_dict(), tmp_path / "w.pt")
+    assert _run(tmp_path, "--method", "vi", "--pretrained", str(tmp_path / "w.pt"), name="pre") == 0
+    config = json.loads((tmp_path / "pre" / "metrics.json").read_text())["config"]
+    assert config["pretrained"] == str(tmp_path / "w.pt")

@@ -1,0 +1,137 @@
+"""Diagonal-Fisher benchmarks: ``DiagLaplace.fit`` against one plain forward+backward pass.
+
+Per model, every implementation processes the same batches (random inputs of the model's shape):
+
+* ``plain``    -- one ordinary forward + backward per batch (``loss.backward()``), the baseline;
+* ``bayeskern`` -- ``DiagLaplace(model).fit(batches)``: per-example squared gradients of every parameter;
+* ``loop``     -- the prior art (BayesDLL): a batch-size-1 backward per example, squares summed;
+* ``vmap``     -- ``torch.func.vmap(grad)`` per-example gradients, squared and summed.
+
+Targets (design.md section 6-7): bayeskern <= 1.5x plain for the MLPs, <= 3x for ResNet-18 and
+the ViT; >= 20x faster than the loop.  The slow baselines use few batches (``batches`` in
+``extra_info``: every implementation of a group uses the same number, so times compare directly).
+
+``BAYESKERN_BENCH_LAPLACE=quick`` shrinks every model and batch for a smoke run.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from bayeskern.posteriors.laplace import DiagLaplace
+
+from bench_utils import record, synchronize
+
+QUICK = os.environ.get("BAYESKERN_BENCH_LAPLACE") == "quick"
+
+
+def _mlp(*widths: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _vit() -> nn.Module:
+    depth, dim, heads = (1, 32, 2) if QUICK else (6, 192, 3)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=dim, depth=depth, num_heads=heads, num_classes=10
+    )
+
+
+# name -> (builder, input shape of one example, batch size, batches timed)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int]] = {
+    "mlp-64-512-512-10": (lambda: _mlp(64, 512, 512, 10), (64,), 128, 8),
+    "mlp-256-1024-1024-10": (lambda: _mlp(256, 1024, 1024, 10), (256,), 256, 4),
+    "resnet18-32px": (lambda: timm.create_model("resnet18", num_classes=10), (3, 32, 32), 64, 2),
+    "vit-small-32px": (_vit, (3, 32, 32), 64, 2),
+}
+if QUICK:
+    MODELS = {
+        "mlp-64-512-512-10": (lambda: _mlp(64, 32, 32, 10), (64,), 8, 2),
+        "resnet18-32px": (lambda: timm.create_model("resnet18", num_classes=10), (3, 16, 16), 4, 1),
+        "vit-small-32px": (_vit, (3, 32, 32), 4, 1),
+    }
+
+
+def _sum_ce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, target, reduction="sum")
+
+
+def _setup(name: str, device: torch.device):
+    build, shape, batch, count = MODELS[name]
+    torch.manual_seed(0)
+    model = build().to(device).eval()
+    batches = [(torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)) for _ in range(count)]
+    return model, batches
+
+
+def _plain(model, batches):
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        _sum_ce(model(x), y).backward()
+
+
+def _bayeskern(model, batches):
+    return DiagLaplace(model, seed=0).fit(batches, progress=False).fisher
+
+
+def _loop(model, batches):
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x, y in batches:
+        for i in range(len(y)):
+            model.zero_grad(set_to_none=True)
+            _sum_ce(model(x[i:i + 1]), y[i:i + 1]).backward()
+            for n, p in params.items():
+                fisher[n] += p.grad.square()
+    return fisher
+
+
+VMAP_CHUNK = 32
+
+
+def _vmap(model, batches):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, x, y):
+        return _sum_ce(functional_call(model, {**p, **buffers}, (x[None],)), y[None])
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x, y in batches:
+        for chunk in range(0, len(y), VMAP_CHUNK):  # bounds the stacked per-example gradients
+            piece = slice(chunk, chunk + VMAP_CHUNK)
+            for n, g in per_example(params, x[piece], y[piece]).items():
+                fisher[n] += g.square().sum(0)
+    return fisher
+
+
+IMPLS = {"plain": _plain, "bayeskern": _bayeskern, "loop": _loop, "vmap": _vmap}
+SLOW = {"loop", "vmap"}  # one timed round is enough to see a 20x gap
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_diag_fisher(benchmark, bench_device, model_name, impl):
+    model, batches = _setup(model_name, bench_device)
+    batch = len(batches[0][1])
+    group = f"diag Fisher {model_name} b{batch} x{len(batches)} {bench_device.type}"
+    record(benchmark, group, impl, baseline=impl == "plain", model=model_name, batches=len(batches), batch_size=batch)
+    fn = IMPLS[impl]
+
+    def call():
+        out = fn(model, batches)
+        synchronize(bench_device)
+        return out
+
+    slow = impl in SLOW
+    benchmark.pedantic(call, rounds=1 if slow else 3, iterations=1, warmup_rounds=0 if slow else 1)

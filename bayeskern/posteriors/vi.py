@@ -3,7 +3,8 @@
 ``q(w) = N(mu, s^2)``, ``s = softplus(rho)``, initialised at ``mu = current weights`` and
 ``s = init_std``.  The loss is the mean NLL over S reparameterised draws
 ``w_s = mu + s * eps_s`` (``bayeskern.ops.gaussian_sample``, eps regenerated in backward) plus
-``kl_weight * KL(q || p) / N`` with the Gaussian prior ``p = N(theta0, sp^2)``.
+``kl_weight * KL(q || p) / N`` with the Gaussian prior ``p = N(theta0, sp^2)`` (the fused
+``bayeskern.ops.kl.gaussian_kl``).
 """
 from __future__ import annotations
 
@@ -15,16 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import gaussian_sample
+from ..ops.kl import gaussian_kl
 from .prior import PriorMean, PriorStd, mangle
 from .wrapper import WeightPosterior, check_positive
-
-
-def gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor, prior_std: float | Tensor) -> Tensor:
-    """``KL(N(mu, s^2) || N(m0, sp^2))`` summed over elements, ``s = softplus(rho)``:
-    ``sum log(sp / s) + (s^2 + (mu - m0)^2) / (2 sp^2) - 1/2``."""
-    s = F.softplus(rho)
-    sp = torch.as_tensor(prior_std, dtype=mu.dtype, device=mu.device)
-    return (torch.log(sp) - torch.log(s) + (s.square() + (mu - prior_mean).square()) / (2 * sp.square()) - 0.5).sum()
 
 
 class VI(WeightPosterior):
@@ -63,8 +57,10 @@ class VI(WeightPosterior):
 
     def kl(self) -> Tensor:
         """``KL(q || p)`` summed over all Bayesian parameters."""
+        prior = self.prior
         return sum(
-            gaussian_kl(mu, rho, self.prior.mean(name), self.prior.std(name)) for name, mu, rho in self._pairs()
+            gaussian_kl(mu, rho, None if prior.is_zero_mean(name) else prior.mean(name), prior.std(name))
+            for name, mu, rho in self._pairs()
         )
 
     def mean(self) -> dict[str, Tensor]:

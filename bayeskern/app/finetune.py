@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--vi-train-samples", type=int, default=1, help="weight samples per VI training step")
     add("--dropout-p", type=float, default=0.1)
     add("--dropout-mode", choices=("scale", "prior"), default="scale")
+    add("--sgld-epochs", type=int, default=6, help="epochs of sampling, started from the MAP")
     add("--sgld-lr", type=float, default=0.05)
     add("--sgld-temperature", type=float, default=1.0)
     add("--sgld-burnin", type=float, default=0.5, help="fraction of the training steps discarded as burn-in")
@@ -112,7 +113,7 @@ def _targets(dataset: Dataset) -> torch.Tensor:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "num_samples", "image_size", "vi_train_samples", "sgld_thin"):
+    for name in ("epochs", "batch_size", "num_samples", "image_size", "vi_train_samples", "sgld_epochs", "sgld_thin"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.dropout_p < 1:
@@ -156,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         return create_backbone(args.model, splits.num_classes, args.pretrained)
 
-    def make_loop(method: str) -> EpochLoop:
-        return EpochLoop(run_dir / method, args.epochs, args.batch_size, args.seed, device, args.amp, args.workers,
+    def make_loop(method: str, epochs: int | None = None) -> EpochLoop:
+        return EpochLoop(run_dir / method, epochs or args.epochs, args.batch_size, args.seed, device, args.amp, args.workers,
                          args.resume, args.quiet, args.stop_after_epoch)
 
     val_targets, test_targets = _targets(splits.val), _targets(splits.test)

@@ -5,9 +5,13 @@ registry the CLI reads.
 * ``vanilla``    -- the deterministic baseline: Adam on the cross-entropy.
 * ``vi``         -- mean-field Gaussian VI (``bayeskern.VI``), Adam on the ELBO.
 * ``mc_dropout`` -- parameter-level MC-dropout (``bayeskern.MCDropout``).
-* ``sgld``       -- ``bayeskern.BayesSGLD`` with a ``SampleBank`` (burn-in, thinning).
-* ``laplace``    -- ``bayeskern.DiagLaplace`` around the vanilla MAP (trained here, or reused when
-  ``vanilla`` ran first in the same invocation), prior precision tuned on the validation split.
+* ``sgld``       -- ``bayeskern.BayesSGLD`` started from the MAP, ``--sgld-epochs`` of sampling into
+  a ``SampleBank`` (burn-in, thinning).
+* ``laplace``    -- ``bayeskern.DiagLaplace`` around the MAP, prior precision tuned on the
+  validation split.
+
+The MAP is the vanilla fit: reused when ``vanilla`` ran first in the same invocation, otherwise
+trained once (checkpointed under ``map/``) and shared by the methods that need it.
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ class Method:
     name = ""
 
     def __init__(self, args: argparse.Namespace, splits: Splits, make_backbone: Callable[[], Backbone],
-                 make_loop: Callable[[str], EpochLoop], device: torch.device, shared: dict):
+                 make_loop: Callable[..., EpochLoop], device: torch.device, shared: dict):
         """``shared`` carries results between the methods of one invocation (the vanilla MAP)."""
         self.args, self.splits, self.device, self.shared = args, splits, device, shared
+        self.make_loop = make_loop
         self.backbone = make_backbone()
         self.backbone.model.to(device)
         self.loop = make_loop(self.name)
@@ -82,7 +87,8 @@ class Method:
                                 compile=self.args.compile)
         return prediction.probs.float().cpu()
 
-    def train_supervised(self, model: nn.Module, stateful: dict, loss_fn, optimizer, after_step=None) -> None:
+    def train_supervised(self, model: nn.Module, stateful: dict, loss_fn, optimizer, after_step=None,
+                         loop: EpochLoop | None = None) -> None:
         """The common step: loss, backward, optimizer step (and a hook, e.g. the sample bank)."""
         model.train()
 
@@ -96,24 +102,31 @@ class Method:
                 after_step()
             return float(loss.detach())
 
-        self.loop.run(self.splits.train, stateful, step)
+        (loop or self.loop).run(self.splits.train, stateful, step)
 
-    def train_map(self) -> None:
-        """The deterministic fit of the backbone: Adam on the mean cross-entropy."""
+    def train_map(self, loop: EpochLoop) -> None:
+        """The deterministic fit of the backbone (Adam on the mean cross-entropy); shared as the MAP."""
         model = self.backbone.model
         optimizer = torch.optim.Adam(self.param_groups(list(model.named_parameters()), self.args.lr))
         self.train_supervised(
             model, {"model": model, "optimizer": optimizer},
-            lambda x, y: F.cross_entropy(model(x), y), optimizer,
+            lambda x, y: F.cross_entropy(model(x), y), optimizer, loop=loop,
         )
+        self.shared["map_state"] = copy.deepcopy(model.state_dict())
+
+    def start_from_map(self) -> None:
+        """Put the MAP into the backbone, fitting it first if no method has."""
+        if "map_state" in self.shared:
+            self.backbone.model.load_state_dict(self.shared["map_state"])
+        else:
+            self.train_map(self.make_loop("map"))
 
 
 class Vanilla(Method):
     name = "vanilla"
 
     def train(self) -> None:
-        self.train_map()
-        self.shared["map_state"] = copy.deepcopy(self.backbone.model.state_dict())
+        self.train_map(self.loop)
 
     def predict(self, dataset: Dataset) -> Tensor:
         return self.deterministic_probs(self.backbone.model, dataset)
@@ -161,15 +174,20 @@ class MCDropoutMethod(_WeightPosteriorMethod):
 class SGLD(Method):
     name = "sgld"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loop = self.make_loop(self.name, epochs=self.args.sgld_epochs)
+
     def train(self) -> None:
         a, model = self.args, self.backbone.model
+        self.start_from_map()
         optimizer = bk.BayesSGLD(
             self.param_groups(list(model.named_parameters()), a.sgld_lr), lr=a.sgld_lr, num_data=self.num_data,
             prior_std=a.prior_std, prior_mean="pretrained" if a.pretrained else None,
             temperature=a.sgld_temperature, seed=a.seed,
         )
         steps_per_epoch = -(-self.num_data // a.batch_size)
-        self.bank = bk.SampleBank(model, burnin=int(a.sgld_burnin * a.epochs * steps_per_epoch), thin=a.sgld_thin,
+        self.bank = bk.SampleBank(model, burnin=int(a.sgld_burnin * a.sgld_epochs * steps_per_epoch), thin=a.sgld_thin,
                                   max_samples=a.num_samples)
         self.train_supervised(
             model, {"model": model, "optimizer": optimizer, "bank": self.bank},
@@ -186,10 +204,7 @@ class Laplace(Method):
 
     def train(self) -> None:
         a, model = self.args, self.backbone.model
-        if "map_state" in self.shared:
-            model.load_state_dict(self.shared["map_state"])
-        else:
-            self.train_map()
+        self.start_from_map()
         self.laplace = bk.DiagLaplace(model, likelihood="classification", prior_precision=a.laplace_prior_precision,
                                       prior_mean=self.prior_mean if a.pretrained else None, fisher=a.laplace_fisher,
                                       params=a.laplace_params)

@@ -13,4 +13,5 @@ TORCH_LIBRARY(bayeskern_cpp, m) {
   m.def("sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] prior_means, Tensor(b!)[] square_avgs, float lr, float prior_precision, float noise_scale, float alpha, float eps, int seed, int step, int[] offsets) -> ()");
   m.def("gaussian_kl(Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> Tensor");
   m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> (Tensor, Tensor)");
+  m.def("first_nonfinite(Tensor[] tensors) -> int");
 }

@@ -116,6 +116,30 @@ def _check_lists(params, grads, prior_means, square_avgs, offsets) -> None:
         philox.check_key(0, offsets[i] + theta.numel(), 0)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor holding a NaN or an infinity, or None when all are finite.
+
+    On CPU with the C++ backend: one parallel pass over every element.  Elsewhere: each tensor's
+    minimum and maximum (both propagate NaN) and one device synchronisation.
+    """
+    tensors = [t for t in tensors]
+    if not tensors:
+        return None
+    if all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors) and resolve(tensors[0]) == "cpp":
+        index = kernels("cpp").first_nonfinite(tensors)
+        return None if index < 0 else index
+    device = tensors[0].device
+    bounds = torch.stack([
+        torch.stack(torch.aminmax(t)).to(device, torch.float64) if t.numel() else torch.zeros(2, dtype=torch.float64, device=device)
+        for t in tensors
+    ])
+    finite = bounds.isfinite().all(1)
+    return None if bool(finite.all()) else int((~finite).nonzero()[0])
+
+
 def check_hyperparameters(lr: float, num_data: float, prior_std: float, temperature: float, alpha: float, eps: float) -> None:
     """Raise ValueError naming the first invalid SGLD hyperparameter."""
     rules = (

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from bayeskern.ops import noise
-from bayeskern.ops.sgld import check_hyperparameters, reference_sgld_step_, sgld_step_
+from bayeskern.ops.sgld import check_hyperparameters, first_nonfinite, reference_sgld_step_, sgld_step_
 
 _PRECONDITIONERS = (None, "rmsprop")
 _NONFINITE = ("raise", "skip")
@@ -60,11 +60,12 @@ class BayesSGLD(Optimizer):
             a NaN or infinity; the check runs before any parameter is written.
 
     Cyclical SGLD (Zhang et al. 2020) is a scheduler away: cosine cycles of ``cycle`` steps, keeping the
-    iterate at the end of each cycle, where the step size is smallest::
+    iterate at the end of each cycle, where the step size is smallest (``bank.update()`` number
+    ``k * cycle``)::
 
         opt = BayesSGLD(model.parameters(), lr=0.05, num_data=len(train_set), prior_mean="pretrained")
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cycle)
-        bank = bk.SampleBank(model, burnin=cycle - 1, thin=cycle, max_samples=16)
+        bank = bk.SampleBank(model, burnin=0, thin=cycle, max_samples=16)
         for x, y in loader:
             opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step(); sched.step(); bank.update()
     """
@@ -149,7 +150,7 @@ class BayesSGLD(Optimizer):
             tensors = self._init_group(group)
             if not tensors[0]:
                 continue
-            bad = _first_nonfinite(tensors[1])
+            bad = first_nonfinite(tensors[1])
             if bad is not None:
                 if group["nonfinite"] == "raise":
                     raise RuntimeError(f"BayesSGLD: non-finite gradient in {_describe(group, tensors[0], bad, index)}")
@@ -206,15 +207,6 @@ def _prior_means(spec: Any, params: list[Tensor], first: int) -> list[Tensor | N
             raise ValueError(f"prior_mean[{i}] has shape {shape} but parameter {i} has shape {tuple(p.shape)}")
         means.append(mean.detach().to(device=p.device, dtype=p.dtype).clone(memory_format=torch.preserve_format))
     return means
-
-
-def _first_nonfinite(grads: list[Tensor]) -> int | None:
-    """Index of the first gradient holding a NaN or infinity (one device sync)."""
-    norms = torch._foreach_norm(grads, float("inf"))
-    finite = torch.stack([n.to(device=grads[0].device, dtype=torch.float32) for n in norms]).isfinite()
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0])
 
 
 def _describe(group: dict[str, Any], params: list[Tensor], index: int, group_index: int) -> str:

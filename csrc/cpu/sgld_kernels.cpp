@@ -126,9 +126,50 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList p
   });
 }
 
+// Index of the first tensor holding a NaN or infinity, or -1: one parallel pass over all elements
+// (chunks of kCheckChunk elements of one tensor), so the check before an update costs one read.
+constexpr int64_t kCheckChunk = 1 << 16;
+
+template <class scalar_t>
+bool chunk_finite(const scalar_t* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = as_uint(static_cast<float>(x[i]));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);  // exponent all ones: inf or NaN
+  }
+  return bad == 0;
+}
+
+int64_t first_nonfinite_cpu(at::TensorList tensors) {
+  std::vector<int64_t> chunk_tensor, chunk_start;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].is_contiguous() && tensors[i].device().is_cpu(), "bayeskern_cpp: first_nonfinite needs contiguous CPU tensors");
+    for (int64_t start = 0; start < tensors[i].numel(); start += kCheckChunk) {
+      chunk_tensor.push_back(static_cast<int64_t>(i));
+      chunk_start.push_back(start);
+    }
+  }
+  const int64_t chunks = static_cast<int64_t>(chunk_tensor.size());
+  std::vector<uint8_t> finite(chunks, 1);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const at::Tensor& t = tensors[chunk_tensor[c]];
+      const int64_t n = std::min(kCheckChunk, t.numel() - chunk_start[c]);
+      BK_DISPATCH_KERNEL_TYPES(t.scalar_type(), "first_nonfinite_cpu", [&] {
+        finite[c] = chunk_finite(t.const_data_ptr<scalar_t>() + chunk_start[c], n);
+      });
+    }
+  });
+  const auto bad = std::find(finite.begin(), finite.end(), 0);
+  return bad == finite.end() ? -1 : chunk_tensor[bad - finite.begin()];
+}
+
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(bayeskern_cpp, CPU, m) { m.impl("sgld_step_", &cpu::sgld_step_cpu); }
+TORCH_LIBRARY_IMPL(bayeskern_cpp, CPU, m) {
+  m.impl("sgld_step_", &cpu::sgld_step_cpu);
+  m.impl("first_nonfinite", &cpu::first_nonfinite_cpu);
+}
 
 }  // namespace bayeskern

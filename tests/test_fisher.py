@@ -45,7 +45,7 @@ def per_example_tiles(g, a):
 # ---------------------------------------------------------------- the op
 
 
-@pytest.mark.parametrize("positions", [1, 7])
+@pytest.mark.parametrize("positions", [1, 5, 12])  # rank-one GEMM, position pairs, per-example tiles
 def test_sq_grad_accumulate_equals_squared_per_example_tiles(backend, device, positions):
     torch.manual_seed(0)
     g, a = torch.randn(5, positions, 19, device=device), torch.randn(5, positions, 21, device=device)
@@ -78,12 +78,18 @@ def test_sq_grad_accumulate_bf16_inputs_accumulate_in_fp32(backend, device, posi
     torch.testing.assert_close(fisher.double().cpu(), per_example_tiles(g, a), rtol=1e-5, atol=1e-4)
 
 
-def test_sq_grad_accumulate_reference_chunks_examples(monkeypatch):
+@pytest.mark.parametrize(
+    "positions, chunk, loop_min_tile",
+    [(3, 2 * 6 * 9, 2**30), (12, 2 * 4 * 5, 2**30), (12, 2**22, 1)],
+    ids=["pairs-chunked", "tiles-chunked", "tiles-loop"],
+)
+def test_sq_grad_accumulate_reference_paths(monkeypatch, positions, chunk, loop_min_tile):
     from bayeskern.ops import fisher as fisher_op
 
     torch.manual_seed(3)
-    g, a = torch.randn(7, 3, 4), torch.randn(7, 3, 5)
-    monkeypatch.setattr(fisher_op, "CHUNK_ELEMENTS", 2 * 4 * 5)  # two examples per chunk
+    g, a = torch.randn(7, positions, 4), torch.randn(7, positions, 5)
+    monkeypatch.setattr(fisher_op, "CHUNK_ELEMENTS", chunk)  # two examples per chunk where chunked
+    monkeypatch.setattr(fisher_op, "LOOP_MIN_TILE", loop_min_tile)
     fisher = fisher_op.reference_sq_grad_accumulate(torch.zeros(4, 5), g, a)
     torch.testing.assert_close(fisher.double(), per_example_tiles(g, a), rtol=1e-5, atol=1e-5)
 
@@ -333,3 +339,16 @@ def test_squared_gradients_rejects_bad_arguments(kwargs, match):
 def test_squared_gradients_rejects_empty_batches():
     with pytest.raises(ValueError, match="empty"):
         squared_gradients(mlp(), [], sum_ce)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [((3, 3), (1, 1), 1, (1, 1)), ((3, 2), (2, 1), (2, 0), (1, 2)), ((3, 3), (1, 1), "same", (2, 2)), ((2, 2), (2, 2), "valid", (1, 1))],
+)
+def test_conv_patches_equal_unfold(kernel, stride, padding, dilation):
+    from bayeskern.curvature.rules import _pads, patches
+
+    x = torch.randn(2, 3, 7, 6)
+    pads = _pads(padding, kernel, dilation)
+    expected = F.unfold(F.pad(x, pads), kernel, dilation, 0, stride).transpose(1, 2)
+    torch.testing.assert_close(patches(x, kernel, stride, padding, dilation), expected, rtol=0, atol=0)

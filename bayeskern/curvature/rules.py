@@ -40,75 +40,80 @@ def add_square_sum(fisher: Tensor | None, per_example: Tensor) -> None:
         fisher.add_(per_example.to(fisher.dtype).square().sum(0).view(fisher.shape))
 
 
-def sum_positions(t: Tensor, keep: int) -> Tensor:
-    """Sum ``t (B, *positions, *trailing)`` over the position axes, keeping ``keep`` trailing axes."""
-    dims = tuple(range(1, t.dim() - keep))
-    return t.sum(dims) if dims else t
-
-
 def _linear(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     x = call["input"]
     batch = x.shape[0]
+    g = g.reshape(batch, -1, g.shape[-1])
     if slots["weight"] is not None:
-        sq_grad_accumulate(slots["weight"], g.reshape(batch, -1, g.shape[-1]), x.reshape(batch, -1, x.shape[-1]))
-    add_square_sum(slots["bias"], sum_positions(g, 1))
-
-
-def _same_padding(x: Tensor, weight: Tensor, dilation: tuple[int, int]) -> Tensor:
-    pads = []
-    for k, d in zip(reversed(weight.shape[2:]), reversed(dilation)):
-        total = d * (k - 1)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
+        sq_grad_accumulate(slots["weight"], g, x.reshape(batch, -1, x.shape[-1]))
+    add_square_sum(slots["bias"], g.sum(1))
 
 
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _pads(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
+    """``F.pad`` amounts (left, right, top, bottom) of a conv2d ``padding`` argument."""
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2]
+    ph, pw = _pair(padding)
+    return [pw, pw, ph, ph]
+
+
+def patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: Any, dilation: tuple[int, int]) -> Tensor:
+    """The unfolded input of a conv2d, ``(B, L, C*kh*kw)`` (channel-major like the weight); strided
+    views plus one copy (``F.unfold``'s CPU im2col is an order of magnitude slower)."""
+    pads = _pads(padding, kernel, dilation)
+    if any(pads):
+        x = F.pad(x, pads)
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    windows = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    batch, channels, rows, cols = windows.shape[:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(batch, rows * cols, channels * kh * kw)
+
+
 def _conv2d(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     x, weight, groups = call["input"], call["weight"], call["groups"]
-    stride, dilation, padding = _pair(call["stride"]), _pair(call["dilation"]), call["padding"]
-    if isinstance(padding, str):
-        x = _same_padding(x, weight, dilation) if padding == "same" else x
-        padding = 0
     add_square_sum(slots["bias"], g.sum((2, 3)))
     fisher = slots["weight"]
     if fisher is None:
         return
+    kernel, stride, dilation = tuple(weight.shape[2:]), _pair(call["stride"]), _pair(call["dilation"])
     out_per_group = weight.shape[0] // groups
     fisher = fisher.view(groups, out_per_group, -1)
-    g = g.flatten(2)  # (B, out, L)
+    g = g.flatten(2).transpose(1, 2)  # (B, L, out)
     patch = fisher.shape[2]
-    chunk = max(1, UNFOLD_CHUNK_ELEMENTS // (patch * groups * g.shape[2]))
+    chunk = max(1, UNFOLD_CHUNK_ELEMENTS // (patch * groups * g.shape[1]))
     for start in range(0, x.shape[0], chunk):
-        cols = F.unfold(x[start:start + chunk], weight.shape[2:], _pair(dilation), _pair(padding), stride)
+        cols = patches(x[start:start + chunk], kernel, stride, call["padding"], dilation)
         g_chunk = g[start:start + chunk]
         for k in range(groups):
             sq_grad_accumulate(
-                fisher[k],
-                g_chunk[:, k * out_per_group:(k + 1) * out_per_group].transpose(1, 2),
-                cols[:, k * patch:(k + 1) * patch].transpose(1, 2),
+                fisher[k], g_chunk[:, :, k * out_per_group:(k + 1) * out_per_group], cols[:, :, k * patch:(k + 1) * patch]
             )
 
 
-def _affine(slots: Slots, g: Tensor, xhat: Tensor, keep: int) -> None:
+def _affine(slots: Slots, g: Tensor, xhat: Tensor, dims: tuple[int, ...]) -> None:
+    """Per-example ``sum_pos g * xhat`` (weight) and ``sum_pos g`` (bias) over the position axes ``dims``."""
     if slots["weight"] is not None:
-        add_square_sum(slots["weight"], sum_positions(g * xhat.to(g.dtype), keep))
-    add_square_sum(slots["bias"], sum_positions(g, keep))
+        add_square_sum(slots["weight"], (g * xhat).sum(dims) if dims else g * xhat)
+    add_square_sum(slots["bias"], g.sum(dims) if dims else g)
 
 
 def _layer_norm(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     shape = tuple(call["normalized_shape"])
     xhat = F.layer_norm(call["input"].float(), shape, eps=call["eps"])
-    _affine(slots, g.float(), xhat, len(shape))
+    _affine(slots, g.float(), xhat, tuple(range(1, g.dim() - len(shape))))
 
 
 def _batch_norm(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     x = call["input"].float()
     xhat = F.batch_norm(x, call["running_mean"], call["running_var"], training=False, eps=call["eps"])
-    channels_last = g.float().movedim(1, -1)
-    _affine(slots, channels_last, xhat.movedim(1, -1), 1)
+    _affine(slots, g.float(), xhat, tuple(range(2, g.dim())))
 
 
 def _embedding(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:

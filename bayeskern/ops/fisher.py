@@ -10,9 +10,14 @@ adds ``sum_b G_b * G_b`` (elementwise square) to ``fisher``:
 * ``T > 1``: the sum over positions comes before the square (the token-wise shortcut
   ``sum_t (g_bt^2)(a_bt^2)^T`` is wrong), so each example's tile ``G_b`` is formed and squared.
   Triton (``kernels/fisher.py``) loops over examples inside an (out, in) tile program and squares
-  in registers; the reference (also the ``cpp`` backend: a batched GEMM from MKL beats a hand-written
-  one on CPU) runs ``torch.bmm`` over chunks of examples, so no more than ``CHUNK_ELEMENTS``
-  of ``B x out x in`` exists at once.
+  in registers.  The reference (also the ``cpp`` backend: MKL's GEMMs beat a hand-written one on
+  CPU) forms one example's tile at a time with a GEMM and adds its square while it is still in
+  cache (``addcmul_``); tiles smaller than ``LOOP_MIN_TILE`` go through ``torch.bmm`` over chunks
+  of examples instead, so no more than ``CHUNK_ELEMENTS`` of ``B x out x in`` exists at once.  For
+  few positions (``T <= PAIR_MAX_POSITIONS``) it expands the square over pairs of positions,
+  ``G_b^2 = sum_t (g_bt^2)(a_bt^2)^T + 2 sum_{t<s} (g_bt * g_bs)(a_bt * a_bs)^T``,
+  one GEMM with ``B T (T+1) / 2`` rows and no ``out x in`` tile per example (cheaper when the tiles
+  would cost more memory traffic than the extra multiply-adds).
 
 Inputs of any floating dtype and any strides; the accumulation is float32 (float64 for float64).
 """
@@ -24,23 +29,57 @@ from torch import Tensor
 from .backend import resolve
 
 CHUNK_ELEMENTS = 2**22  # the reference materialises at most this many per-example gradient entries
+PAIR_MAX_POSITIONS = 8
+LOOP_MIN_TILE = 2**14  # out x in from which a per-example loop beats a batched product (cache)
 
 
 def _as_sequence(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t
 
 
-def reference_sq_grad_accumulate(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor:
-    """``fisher += sum_b (g_b^T a_b)^2`` for ``g (B, T, out)``, ``a (B, T, in)``, chunked over b."""
-    g, a = _as_sequence(g), _as_sequence(a)
+def _position_pairs(g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``c (g_t * g_s)`` and ``a_t * a_s`` for t <= s, c = 1 on the diagonal and 2 off it."""
+    first, second = torch.triu_indices(g.shape[1], g.shape[1], device=g.device)
+    weight = torch.where(first == second, 1.0, 2.0).to(g.dtype)[None, :, None]
+    return (g[:, first] * g[:, second] * weight).flatten(0, 1), (a[:, first] * a[:, second]).flatten(0, 1)
+
+
+def _rank_one(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    return fisher.addmm_(g.to(fisher.dtype).square().t(), a.to(fisher.dtype).square())
+
+
+def _pair_expansion(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    positions = g.shape[1]
+    chunk = max(1, CHUNK_ELEMENTS // (positions * (positions + 1) // 2 * (g.shape[2] + a.shape[2])))
+    for start in range(0, g.shape[0], chunk):
+        rows_g, rows_a = _position_pairs(g[start:start + chunk].to(fisher.dtype), a[start:start + chunk].to(fisher.dtype))
+        fisher.addmm_(rows_g.t(), rows_a)
+    return fisher
+
+
+def _per_example_tiles(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor:
     dtype = fisher.dtype
-    if g.shape[1] == 1:
-        return fisher.addmm_(g[:, 0].to(dtype).square().t(), a[:, 0].to(dtype).square())
+    if fisher.numel() >= LOOP_MIN_TILE:
+        tile = torch.empty_like(fisher)
+        for b in range(g.shape[0]):
+            torch.mm(g[b].to(dtype).t(), a[b].to(dtype), out=tile)
+            fisher.addcmul_(tile, tile)
+        return fisher
     chunk = max(1, CHUNK_ELEMENTS // max(1, fisher.numel()))
     for start in range(0, g.shape[0], chunk):
         tiles = torch.bmm(g[start:start + chunk].to(dtype).transpose(1, 2), a[start:start + chunk].to(dtype))
         fisher.add_(tiles.square_().sum(0))
     return fisher
+
+
+def reference_sq_grad_accumulate(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    """``fisher += sum_b (g_b^T a_b)^2`` for ``g (B, T, out)``, ``a (B, T, in)`` (see the module docstring)."""
+    g, a = _as_sequence(g), _as_sequence(a)
+    if g.shape[1] == 1:
+        return _rank_one(fisher, g[:, 0], a[:, 0])
+    if g.shape[1] <= PAIR_MAX_POSITIONS:
+        return _pair_expansion(fisher, g, a)
+    return _per_example_tiles(fisher, g, a)
 
 
 @torch.library.custom_op("bayeskern::sq_grad_accumulate", mutates_args=("fisher",))

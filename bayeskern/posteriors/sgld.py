@@ -49,6 +49,8 @@ class BayesSGLD(Optimizer):
         prior_mean: theta0: None (zero), ``"pretrained"`` (a snapshot of the parameters at
             construction, kept in the optimizer state so checkpoints carry it), or one tensor per
             parameter (for the constructor: all parameters in order; in a param group: its own).
+            The means live in ``state[p]["prior_mean"]``; the group then records which kind it
+            has (None, ``"pretrained"`` or ``"given"``).
         temperature: T; 1 samples the posterior, 0 gives gradient descent to the MAP.
         preconditioner: None (SGLD) or ``"rmsprop"`` (pSGLD with decay ``alpha`` and ``eps``).
         seed: Philox key of the noise (drawn from torch's default generator when None).

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bayeskern.ops import available_backends, philox, use_backend
+from bayeskern.ops import philox, use_backend
 from bayeskern.ops.sgld import first_nonfinite, sgld_step_
 from bayeskern.posteriors.sgld import BayesSGLD
 
@@ -28,9 +28,9 @@ def quadratic_grads(params, targets):
     loss.backward()
 
 
-def make_params(shapes, dtype=torch.float32, seed=0):
+def make_params(shapes, dtype=torch.float32, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
 
 
 SHAPES = [(3, 5), (7,), (2, 3, 3), (1,)]
@@ -58,15 +58,14 @@ def test_steps_match_hand_written_update_with_philox_noise(impl, preconditioner)
             torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("preconditioner", [None, "rmsprop"])
-def test_every_backend_gives_the_reference_trajectory(backend, dtype, preconditioner):
+def test_every_backend_gives_the_reference_trajectory(kernel_backend, device, dtype, preconditioner):
     shapes = [(33, 9), (5,), (130,)]
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
 
     def run(name):
-        params = make_params(shapes, dtype)
+        params = make_params(shapes, dtype, device=device)
         # eps = 0.1 bounds the preconditioner (G <= 10) so that rounding differences are not amplified
         opt = BayesSGLD(params, lr=0.02, num_data=50, prior_mean="pretrained", preconditioner=preconditioner, eps=0.1, seed=5)
         targets = [torch.ones_like(p) for p in params]
@@ -77,7 +76,7 @@ def test_every_backend_gives_the_reference_trajectory(backend, dtype, preconditi
                 opt.step()
         return [p.detach().float() for p in params]
 
-    for got, want in zip(run(backend), run("reference")):
+    for got, want in zip(run(kernel_backend), run("reference")):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
@@ -301,45 +300,43 @@ def test_non_finite_error_names_named_parameters():
         opt.step()
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b == "cpp"])
-def test_kernel_matches_reference_on_unaligned_offsets_across_threads(backend):
+def test_kernel_matches_reference_on_unaligned_offsets_across_threads(kernel_backend, device):
     # tensors large enough to be split over threads, placed at offsets that are not multiples of 4
     shapes, offsets = [(40000,), (3,), (5, 7000), (1,)], [1, 40006, 40013, 80030]
     gen = torch.Generator().manual_seed(3)
-    make = lambda: [torch.randn(s, generator=gen) for s in shapes]  # noqa: E731
+    make = lambda: [torch.randn(s, generator=gen).to(device) for s in shapes]  # noqa: E731
     params, grads, means, avgs = make(), make(), make(), [a.abs() for a in make()]
     results = {}
-    for name in (backend, "reference"):
+    for name in (kernel_backend, "reference"):
         p, v = [t.clone() for t in params], [t.clone() for t in avgs]
         with use_backend(name):
             sgld_step_(p, grads, means, v, lr=0.1, num_data=7, prior_std=0.8, temperature=0.6, seed=9, step=4, offsets=offsets)
         results[name] = p + v
-    for got, want in zip(results[backend], results["reference"]):
+    for got, want in zip(results[kernel_backend], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_first_nonfinite_finds_the_first_bad_tensor(backend, dtype):
+def test_first_nonfinite_finds_the_first_bad_tensor(backend, device, dtype):
     sizes = [5, 70000, 3, 140000]  # several 64K-element chunks per tensor on the C++ path
     for bad in (float("nan"), float("inf"), -float("inf")):
         for where in [(3, 139999), (1, 65536), (2, 0)]:
-            tensors = [torch.randn(n).to(dtype) for n in sizes]
+            tensors = [torch.randn(n).to(device, dtype) for n in sizes]
             tensors[where[0]][where[1]] = bad
             tensors[3][7] = bad
             oracle = next(i for i, t in enumerate(tensors) if not torch.isfinite(t).all())
             with use_backend(backend):
                 assert first_nonfinite(tensors) == oracle
     with use_backend(backend):
-        assert first_nonfinite([torch.randn(n).to(dtype) for n in sizes] + [torch.empty(0, dtype=dtype)]) is None
-        assert first_nonfinite([torch.full((10,), 6e4 if dtype == torch.float16 else 3e38, dtype=dtype)]) is None
+        assert first_nonfinite([torch.randn(n).to(device, dtype) for n in sizes] + [torch.empty(0, dtype=dtype, device=device)]) is None
+        huge = 6e4 if dtype == torch.float16 else 3e38
+        assert first_nonfinite([torch.full((10,), huge, dtype=dtype, device=device)]) is None
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"])
-def test_sgld_step_custom_op_passes_opcheck(backend):
+def test_sgld_step_custom_op_passes_opcheck(backend, device):
     from bayeskern.ops.sgld import _sgld_step_
 
-    params, grads, means, avgs = ([torch.randn(9), torch.randn(2, 3)] for _ in range(4))
+    params, grads, means, avgs = ([torch.randn(9, device=device), torch.randn(2, 3, device=device)] for _ in range(4))
     avgs = [a.abs() for a in avgs]
     with use_backend(backend):
         torch.library.opcheck(
@@ -348,13 +345,12 @@ def test_sgld_step_custom_op_passes_opcheck(backend):
         )
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "reference"])
-def test_noise_normal_is_the_philox_spec(backend):
+def test_noise_normal_is_the_philox_spec(kernel_backend, device):
     from bayeskern.ops import noise
 
-    with use_backend(backend):
-        got = noise.normal((3, 7), 21, 5, stream=3)
-    torch.testing.assert_close(got, philox.normal(21, 5, 21, stream=3).view(3, 7), rtol=1e-6, atol=1e-6)
+    with use_backend(kernel_backend):
+        got = noise.normal((3, 7), 21, 5, stream=3, device=device)
+    torch.testing.assert_close(got, philox.normal(21, 5, 21, stream=3, device=device).view(3, 7), rtol=1e-6, atol=1e-6)
 
 
 def test_fused_step_handles_a_group_of_mixed_dtypes():

@@ -283,6 +283,25 @@ def test_fisher_falls_back_when_a_leading_one_parameter_is_not_batch_broadcast()
     assert_fisher_close(result.fisher, {"gate": oracle_fisher(model, x, y)["gate"]})
 
 
+def test_fisher_sends_parameters_used_out_of_sight_to_the_fallback_and_zeroes_unused_ones():
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.tensor([1.5, 0.5]))
+            self.dead = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):  # an aten op call bypasses torch-function modes
+            return torch.ops.aten.mul.Tensor(self.layer(x), self.scale)
+
+    torch.manual_seed(0)
+    model = Hidden()
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    result = squared_gradients(model, [(x, y)], sum_ce)
+    assert result.plan.fallback == ["scale"] and result.plan.unused == ["dead"]
+    assert_fisher_close(result.fisher, oracle_fisher(model, x, y))
+
+
 def test_fisher_mean_reduced_loss_is_rescaled_to_the_sum_convention():
     torch.manual_seed(0)
     model = mlp()

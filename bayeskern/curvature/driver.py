@@ -48,7 +48,8 @@ def as_call(x: Any) -> tuple[tuple, dict[str, Any]]:
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, value)
+    """Tensors moved to ``device`` and detached (a gradient-carrying input would bypass the trigger)."""
+    return tree_map(lambda t: t.detach().to(device) if isinstance(t, Tensor) else t, value)
 
 
 def _same_outputs(out: Any, expected: Any) -> bool:
@@ -84,13 +85,30 @@ class _Pass:
         with torch.enable_grad(), Tap(self.params, fisher, self.plan.broadcast, self.trigger, batch):
             return self.model(*args, **kwargs)
 
-    def _first_forward(self, args: tuple, kwargs: dict, batch: int) -> Any:
+    def _unseen_but_used(self, args: tuple, kwargs: dict, y: Tensor) -> list[str]:
+        """Of the parameters the probe never saw, those the loss depends on all the same (used by
+        code the tracing cannot see, e.g. a C++ op): a plain backward on this batch tells."""
+        frozen = [name for name in self.plan.unused if not self.params[name].requires_grad]  # cannot tell: assume used
+        names = [name for name in self.plan.unused if name not in frozen]
+        if not names:
+            return frozen
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(*args, **kwargs), y)
+            grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
+        return frozen + [name for name, g in zip(names, grads) if g is not None]
+
+    def _first_forward(self, args: tuple, kwargs: dict, y: Tensor, batch: int) -> Any:
         """Plan on the first batch.  Leading-one parameters whose expansion to the batch changes the
-        output (they are reduced over, or meet another axis) fall back."""
+        output (they are reduced over, or meet another axis) fall back, and so do parameters used
+        where the probe cannot see them."""
         probe = Probe(self.chosen, batch)
         with torch.no_grad(), probe:
             expected = self.model(*args, **kwargs)
         self.plan = probe.plan()
+        if self.plan.unused:
+            hidden = self._unseen_but_used(args, kwargs, y)
+            self.plan.unused = [name for name in self.plan.unused if name not in hidden]
+            self.plan.fallback += hidden
         if self.plan.broadcast:
             try:
                 out = self._tap_forward(args, kwargs, batch)
@@ -107,7 +125,7 @@ class _Pass:
         args, kwargs = _to(as_call(x), device)
         y = y.to(device)
         batch = y.shape[0]
-        out = self._first_forward(args, kwargs, batch) if self.plan is None else self._tap_forward(args, kwargs, batch)
+        out = self._first_forward(args, kwargs, y, batch) if self.plan is None else self._tap_forward(args, kwargs, batch)
         scale = batch if self.reduction == "mean" else 1
         target = y if self.sample_targets is None else self.sample_targets(_detach(out))
         loss = self.loss_fn(out, target) * scale
@@ -137,7 +155,7 @@ def squared_gradients(
 ) -> SquaredGradients:
     """Sum over all examples of ``batches`` of the squared per-example gradients of ``loss_fn``.
 
-    ``batches`` yields ``(x, y)``; ``x`` is the model's input (a tensor, a sequence of positional
+    ``batches`` yields ``(x, y, ...)``; ``x`` is the model's input (a tensor, a sequence of positional
     arguments or a dict of keyword arguments) with the examples along the first dimension.
     ``names`` picks parameters (default: all).  ``sample_targets(output)``, if given, draws the
     targets the gradients are taken for (the MC Fisher) instead of ``y``; ``loss`` in the result
@@ -157,8 +175,7 @@ def squared_gradients(
     model.eval()
     try:
         for batch in tqdm(batches, disable=not progress, desc="fisher"):
-            x, y = batch
-            state.step(x, y)
+            state.step(batch[0], batch[1])
     finally:
         for module, mode in training.items():
             module.training = mode

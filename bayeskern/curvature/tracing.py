@@ -6,7 +6,8 @@
   input, supported configuration) and used nowhere else;
 * ``broadcast`` -- never such an argument, shape ``(1, ...)``, and the network still runs with it
   expanded to ``(B, ...)`` (class token, position embedding);
-* ``unused``    -- not used at all (its Fisher stays zero);
+* ``unused``    -- seen in no op (the driver checks with one plain backward that the loss does not
+  depend on it either; then its Fisher stays zero);
 * ``fallback``  -- anything else (shared weights, custom maths): per-example gradients by torch.func.
 
 ``Tap`` runs the forward pass of the Fisher computation.  Every model parameter reaching an op is

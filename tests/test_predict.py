@@ -1,3 +1,4 @@
+import importlib
 import warnings
 
 import pytest
@@ -6,7 +7,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-import bayeskern.predict as engine
+engine = importlib.import_module("bayeskern.predict")  # the package exports the function under the same name
 from bayeskern.posteriors.base import Posterior
 from bayeskern.posteriors.mc_dropout import MCDropout
 from bayeskern.posteriors.vi import VI

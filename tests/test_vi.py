@@ -103,7 +103,7 @@ def test_gradient_matches_finite_differences_float64():
             torch.testing.assert_close(param.grad[idx], (up - down) / (2 * h), rtol=1e-6, atol=1e-8)
 
 
-def train(post, x, y, steps=150, lr=0.05):
+def train(post, x, y, steps=60, lr=0.05):
     opt = torch.optim.Adam(post.parameters(), lr=lr)
     for _ in range(steps):
         loss = post.loss(x, y)

@@ -1,0 +1,139 @@
+"""Training steps of the VI and MC-dropout wrappers, and the Monte-Carlo predictive engine.
+
+* ``train step <model>``: one optimizer step (forward, backward, SGD update) of VI (S = 1) and
+  MC-dropout against the deterministic step of the same model (the baseline).  Models: an MLP
+  784-1024-1024-10 at batch 512 and timm's resnet18 on 32x32 inputs at batch 32.
+* ``predict S=32 <posterior> <model>``: ``bayeskern.predict`` compiled against the eager loop of S
+  functional forwards (``compile=False``, the baseline); compilation happens before timing (it is
+  paid once per model).  ``vi`` draws the S weight samples inside the call (end to end);
+  ``drawn`` predicts stored samples, timing the engine alone.  Models: the two above and a small
+  MLP 784-128-128-10 at batch 16, where per-call overhead matters most.
+* ``eps regenerate vs keep <n>``: the rho-gradient of ``gaussian_sample`` with eps regenerated in
+  the fused backward kernel (the baseline) against reading an eps kept from the forward.
+
+``BAYESKERN_BENCH_QUICK=1`` shrinks models and batches to check the suite runs.
+"""
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayeskern.ops as ops
+from bayeskern.posteriors.mc_dropout import MCDropout
+from bayeskern.posteriors.vi import VI
+from bayeskern.predict import predict
+
+from bench_utils import record, size_label
+
+QUICK = os.environ.get("BAYESKERN_BENCH_QUICK") == "1"
+NUM_CLASSES = 10
+
+
+def mlp_case():
+    width, batch = (64, 32) if QUICK else (1024, 512)
+    model = nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, NUM_CLASSES))
+    return model, torch.randn(batch, 784)
+
+
+def resnet18_case():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=NUM_CLASSES)
+    return model, torch.randn(4 if QUICK else 32, 3, 32, 32)
+
+
+def small_mlp_case():
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES))
+    return model, torch.randn(16, 784)
+
+
+MODELS = {"mlp": mlp_case, "resnet18": resnet18_case}
+PREDICT_MODELS = {**MODELS, "small_mlp": small_mlp_case}
+
+
+def deterministic_step(model, x, y, opt):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def posterior_step(post, x, y, opt):
+    loss = post.loss(x, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("impl", ["deterministic", "vi", "mc_dropout"])
+def test_train_step(benchmark, model_name, impl):
+    torch.manual_seed(0)
+    model, x = MODELS[model_name]()
+    y = torch.randint(0, NUM_CLASSES, (x.shape[0],))
+    model.train()
+    if impl == "deterministic":
+        trained, step = model, deterministic_step
+    elif impl == "vi":
+        trained, step = VI(model, init_std=1e-3, num_data=50_000, num_samples=1, seed=0), posterior_step
+    else:
+        trained, step = MCDropout(model, 0.1, num_data=50_000, seed=0), posterior_step
+    trained.train()
+    opt = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
+    step(trained, x, y, opt)  # warm-up: allocations, extension load
+    record(benchmark, f"train step {model_name} b{x.shape[0]}", impl, baseline=impl == "deterministic",
+           model=model_name, params=sum(p.numel() for p in model.parameters()))
+    benchmark(step, trained, x, y, opt)
+
+
+class DrawnSamples:
+    """A posterior whose samples are drawn once and stored (as SGLD's SampleBank keeps them), so
+    predicting it times the engine alone."""
+
+    def __init__(self, post, num_samples: int) -> None:
+        self.model, self.likelihood = post.model, post.likelihood
+        self.samples = [post.sample(i) for i in range(num_samples)]
+
+    def sample(self, index: int):
+        return self.samples[index]
+
+
+@pytest.mark.parametrize("model_name", list(PREDICT_MODELS))
+@pytest.mark.parametrize("posterior", ["vi", "drawn"])
+@pytest.mark.parametrize("impl", ["eager_loop", "compiled"])
+def test_predict(benchmark, model_name, posterior, impl):
+    torch.manual_seed(0)
+    model, x = PREDICT_MODELS[model_name]()
+    num_samples = 4 if QUICK else 32
+    post = VI(model, init_std=1e-2, num_data=50_000, seed=0)
+    if posterior == "drawn":
+        post = DrawnSamples(post, num_samples)
+    compiled = impl == "compiled"
+    predict(post, x, num_samples, compile=compiled)  # compile once, outside the timing
+    record(benchmark, f"predict S={num_samples} {posterior} {model_name} b{x.shape[0]}", impl, baseline=not compiled,
+           model=model_name, samples=num_samples)
+    benchmark(predict, post, x, num_samples, compile=compiled)
+
+
+@pytest.mark.parametrize("numel", [2**16 if QUICK else 2**22], ids=size_label)
+@pytest.mark.parametrize("impl", ["regenerate", "keep"])
+def test_eps_regenerate_vs_keep(benchmark, numel, impl):
+    """The backward of ``w = mu + softplus(rho) * eps`` for rho: regenerating eps inside the fused
+    kernel vs reading an eps kept from the forward (``sigmoid(rho) * eps * g``; keeping also costs a
+    4 B/element write in the forward and holds 4 B/element until the backward)."""
+    rho = torch.full((numel,), -3.0)
+    grad = torch.randn(numel)
+    eps = torch.randn(numel)
+    kernel = ops.backend.kernels("cpp") if "cpp" in ops.available_backends("cpu") else None
+    if kernel is None:
+        pytest.skip("the C++ extension is not built")
+
+    def regenerate():
+        return kernel.gaussian_sample_backward(grad, rho, 1, 0, 0)
+
+    def keep():
+        return torch.sigmoid(rho).mul_(eps).mul_(grad)
+
+    record(benchmark, f"eps regenerate vs keep {size_label(numel)}", impl, baseline=impl == "regenerate", numel=numel)
+    benchmark(regenerate if impl == "regenerate" else keep)

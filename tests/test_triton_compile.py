@@ -1,9 +1,9 @@
 """Every Triton kernel compiles to a Hopper (sm_90) cubin, without a GPU.
 
 The interpreter (how the other tests run the kernels on CPU) is lenient where the compiler is not
-(non-constexpr globals, integer widths, dtype promotion), so this compiles each kernel ahead of
-time for every dtype it is launched with.  It runs in a subprocess: with TRITON_INTERPRET=1 set,
-@triton.jit returns interpreted functions that cannot be compiled.
+(non-constexpr globals, integer widths, dtype promotion), so each kernel is compiled ahead of time
+for every dtype and constexpr variant it is launched with.  This runs in a subprocess: with
+TRITON_INTERPRET=1 set, @triton.jit returns interpreted functions that cannot be compiled.
 """
 import os
 import subprocess
@@ -14,25 +14,49 @@ import pytest
 
 pytest.importorskip("triton")
 
-COMPILE_ALL = textwrap.dedent(
+# Each case yields (kernel, signature, constexprs) for every launch variant.
+CASES = textwrap.dedent(
     """
     import itertools
+    import triton.language as tl
+    from bayeskern.kernels import noise, sgld
+
+    def noise_variants():
+        for dtype, op, has_b in itertools.product(("fp32", "fp16", "bf16"), range(5), (False, True)):
+            ptr = "*" + dtype
+            signature = {
+                "a_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "n": "i64", "seed": "i64", "offset": "i64",
+                "stream_lo": "i32", "stream_hi": "i32", "q_first": "i64", "p": "fp32", "scale": "fp32",
+                "OP": "constexpr", "HAS_B": "constexpr", "QBLOCK": "constexpr",
+            }
+            yield noise.fused_noise_kernel, signature, {"OP": op, "HAS_B": has_b, "QBLOCK": 256}
+
+    def sgld_variants():
+        flag_sets = itertools.product((False, True), repeat=3)
+        for dtype, flags in itertools.product((tl.float32, tl.float16, tl.bfloat16), flag_sets):
+            signature = {
+                "records_ptr": "*i64", "count": "i32", "seed": "i64", "stream_lo": "i32", "stream_hi": "i32",
+                **{name: "fp32" for name in ("lr", "prior_precision", "noise_scale", "alpha", "eps")},
+                **{name: "constexpr" for name in ("DTYPE", "HAS_MEAN", "PRECONDITION", "NOISE", "QBLOCK", "SEARCH_STEPS")},
+            }
+            constexprs = dict(zip(("HAS_MEAN", "PRECONDITION", "NOISE"), flags), DTYPE=dtype, QBLOCK=256, SEARCH_STEPS=6)
+            yield sgld.sgld_kernel, signature, constexprs
+
+    CASES = {"noise": noise_variants, "sgld": sgld_variants}
+    """
+)
+
+COMPILE = CASES + textwrap.dedent(
+    """
+    import sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from bayeskern.kernels import noise
 
-    target = GPUTarget("cuda", 90, 32)
     compiled = 0
-    for dtype, op, has_b in itertools.product(("fp32", "fp16", "bf16"), range(5), (False, True)):
-        ptr = "*" + dtype
-        signature = {
-            "a_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "n": "i64", "seed": "i64", "offset": "i64",
-            "stream_lo": "i32", "stream_hi": "i32", "q_first": "i64", "p": "fp32", "scale": "fp32",
-            "OP": "constexpr", "HAS_B": "constexpr", "QBLOCK": "constexpr",
-        }
-        source = ASTSource(noise.fused_noise_kernel, signature, constexprs={"OP": op, "HAS_B": has_b, "QBLOCK": 256})
-        assert "cubin" in triton.compile(source, target=target).asm
+    for kernel, signature, constexprs in CASES[sys.argv[1]]():
+        binary = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in binary.asm
         compiled += 1
     print("compiled", compiled)
     """
@@ -40,8 +64,11 @@ COMPILE_ALL = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_noise_kernels_compile_for_sm90():
+@pytest.mark.parametrize("case, variants", [("noise", 30), ("sgld", 24)])
+def test_kernels_compile_for_sm90(case, variants):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_ALL], capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE, case], capture_output=True, text=True, env=env, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 30" in result.stdout
+    assert f"compiled {variants}" in result.stdout

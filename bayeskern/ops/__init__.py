@@ -4,18 +4,23 @@ Each op has a PyTorch reference (the specification) and Triton / C++ (CPU SIMD, 
 ``backend.resolve`` picks one per call (see ``use_backend``).  Noise is counter-based Philox keyed
 by (seed, offset + element index, stream), identical on every backend (``philox.py``).
 """
-from . import philox
+from . import noise, philox
 from .backend import BACKENDS, available_backends, use_backend
 from .dropout import reference_weight_dropout, weight_dropout
 from .sample import gaussian_sample, reference_gaussian_sample
+from .sgld import first_nonfinite, reference_sgld_step_, sgld_step_
 
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "first_nonfinite",
     "gaussian_sample",
+    "noise",
     "philox",
     "reference_gaussian_sample",
+    "reference_sgld_step_",
     "reference_weight_dropout",
+    "sgld_step_",
     "use_backend",
     "weight_dropout",
 ]

@@ -20,14 +20,6 @@ from pathlib import Path
 import torch
 
 LIBRARY = "bayeskern_cpp"
-OPS = (
-    "gaussian_sample",
-    "gaussian_sample_backward",
-    "weight_dropout",
-    "weight_dropout_backward",
-    "fill_normal_",
-    "fill_uniform_",
-)
 
 
 def source_dir() -> Path:
@@ -88,6 +80,12 @@ def load() -> bool:
     return True
 
 
+def registered_ops() -> list[str]:
+    """The operators the loaded extension registered."""
+    prefix = f"{LIBRARY}::"
+    return sorted({name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix)})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cuda", action="store_true", help="also compile and link the CUDA kernels")
@@ -96,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     build(cuda=args.cuda, verbose=args.verbose)
-    names = [name for name in OPS if hasattr(getattr(torch.ops, LIBRARY), name)]
-    print(f"built {LIBRARY} (cuda={args.cuda}): {', '.join(names)}")
+    print(f"built {LIBRARY} (cuda={args.cuda}): {', '.join(registered_ops())}")
 
 
 if __name__ == "__main__":

@@ -112,11 +112,18 @@ class _Samples:
     def __init__(self, posterior: Posterior, base: dict[str, Tensor], num_samples: int) -> None:
         self.posterior, self.base, self.num_samples = posterior, base, num_samples
         self.cache: list[dict[str, Tensor]] | None = []
+        # where the samples live: the model's device until the posterior's first sample says otherwise
+        self.device = next((t.device for t in base.values()), torch.device("cpu"))
+        self.device_known = False
+
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if self.cache is not None and index < len(self.cache):
             return self.cache[index]
-        params = {**self.base, **self.posterior.sample(index)}
+        drawn = self.posterior.sample(index)
+        if not self.device_known and drawn:
+            self.device, self.device_known = next(iter(drawn.values())).device, True
+        params = {**self.base, **drawn}
         if self.cache is not None:
             size = sum(t.numel() * t.element_size() for t in params.values())
             if size * self.num_samples <= SAMPLE_CACHE_BYTES:
@@ -161,15 +168,19 @@ def predict(
     _check(num_samples, batch_size, likelihood)
     model = posterior.model
     base = {name: t.detach() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    device = next(iter(base.values())).device if base else torch.device("cpu")
     samples, run = _Samples(posterior, base, num_samples), _Runner(compile)
     classification = likelihood == "classification"
     was_training = model.training
     model.eval()
     try:
-        parts = [_predict_batch(x.to(device), samples, run, model, classification, return_logits) for x in _batches(inputs, batch_size)]
+        parts = [
+            _predict_batch(x, samples, run, model, classification, return_logits)
+            for x in _batches(inputs, batch_size)
+        ]
     finally:
         model.train(was_training)
+    if not parts:
+        raise ValueError("inputs holds no batch")
     fields = {key: torch.cat([part[key] for part in parts], dim=1 if key == "logits" else 0) for key in parts[0]}
     if not classification:
         fields["variance"] = fields["variance"] + noise_std**2
@@ -184,7 +195,9 @@ def _predict_batch(
     total: Tensor | float = 0.0
     second: Tensor | float = 0.0  # classification: sum of H[p_s]; regression: Welford's M2
     for s in range(S):
-        result = run(model, samples[s], x, classification)
+        params = samples[s]
+        x = x.to(samples.device)  # the posterior's device, which may differ from the model's
+        result = run(model, params, x, classification)
         if return_logits:
             outputs.append(result[0])
         if classification:

@@ -126,6 +126,11 @@ def test_bad_arguments_are_rejected_by_name(kwargs, name):
         predict(table(), torch.randn(2, 3), **{"compile": False, **kwargs})
 
 
+def test_empty_inputs_are_an_error():
+    with pytest.raises(ValueError, match="no batch"):
+        predict(table(), [], num_samples=2, compile=False)
+
+
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler here")

@@ -116,7 +116,6 @@ class _Samples:
         self.device = next((t.device for t in base.values()), torch.device("cpu"))
         self.device_known = False
 
-
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if self.cache is not None and index < len(self.cache):
             return self.cache[index]
@@ -125,7 +124,7 @@ class _Samples:
             self.device, self.device_known = next(iter(drawn.values())).device, True
         params = {**self.base, **drawn}
         if self.cache is not None:
-            size = sum(t.numel() * t.element_size() for t in params.values())
+            size = sum(t.numel() * t.element_size() for t in drawn.values())
             if size * self.num_samples <= SAMPLE_CACHE_BYTES:
                 self.cache.append(params)
             else:

@@ -156,9 +156,11 @@ class WeightPosterior(nn.Module):
         raise NotImplementedError
 
     def mean(self) -> dict[str, Tensor]:
+        """The expected weights, with the point estimates and buffers (ready for functional_call)."""
         raise NotImplementedError
 
     def std(self) -> dict[str, Tensor]:
+        """The per-weight posterior std of each Bayesian parameter."""
         raise NotImplementedError
 
     # -- shared machinery ----------------------------------------------------------------------

@@ -134,7 +134,8 @@ def cnn():
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: LayerNorm, multi-head attention (fused qkv), LayerNorm, MLP."""
+    """Pre-norm transformer block: LayerNorm, multi-head attention (fused qkv), LayerNorm, MLP, each
+    branch scaled by a LayerScale vector (one out of place, one in place)."""
 
     def __init__(self, dim=8, heads=2):
         super().__init__()
@@ -142,13 +143,14 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.gamma1, self.gamma2 = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
 
     def forward(self, x):
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         attended = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).softmax(-1) @ v
-        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d)) * self.gamma1
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)))).mul_(self.gamma2)
 
 
 class TinyViT(nn.Module):
@@ -218,7 +220,23 @@ def test_fisher_equals_per_example_grads_vit_block(backend, device):
     model = vit()
     x, y, batches = image_batches()
     result = fit(model, batches, backend, device)
-    assert sorted(result.plan.broadcast) == ["cls_token", "pos_embed"] and result.plan.fallback == []
+    assert result.plan.broadcast == {"cls_token": 3, "pos_embed": 3, "block.gamma1": 3, "block.gamma2": 3}
+    assert result.plan.fallback == []
+    assert_fisher_close(result.fisher, oracle_fisher(model, x, y))
+
+
+def test_fisher_equals_per_example_grads_rms_and_group_norm(backend, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(2), nn.RMSNorm(36), nn.Flatten(), nn.Linear(144, 3)
+    )
+    with torch.no_grad():
+        for layer in (model[1], model[3]):
+            for p in layer.parameters():
+                p.normal_()
+    x, y, batches = image_batches(size=8)
+    result = fit(model, batches, backend, device)
+    assert result.plan.fallback == []
     assert_fisher_close(result.fisher, oracle_fisher(model, x, y))
 
 

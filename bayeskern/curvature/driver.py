@@ -77,7 +77,7 @@ class _Pass:
         self.num_examples = 0
 
     def _tap_forward(self, args: tuple, kwargs: dict, batch: int) -> Any:
-        tapped = self.plan.rule + self.plan.broadcast
+        tapped = self.plan.rule + list(self.plan.broadcast)
         if not tapped:
             with torch.no_grad():
                 return self.model(*args, **kwargs)
@@ -116,8 +116,8 @@ class _Pass:
                     return out
             except RuntimeError:
                 pass
-            self.plan.fallback += self.plan.broadcast
-            self.plan.broadcast = []
+            self.plan.fallback += list(self.plan.broadcast)
+            self.plan.broadcast = {}
         return self._tap_forward(args, kwargs, batch)
 
     def step(self, x: Any, y: Tensor) -> None:

@@ -6,12 +6,13 @@ examples, ``sum_pos`` over the other (token / pixel) positions of one example:
 
 * ``linear``:     ``F_W += sum_b (sum_pos g a^T)^2`` (``ops.sq_grad_accumulate``), ``F_b += sum_b (sum_pos g)^2``;
 * ``conv2d``:     the same with ``a`` the unfolded input patches (per group), chunked over examples;
-* ``layer_norm`` / ``batch_norm`` (running statistics): ``y = xhat * w + b`` so
-  ``F_w += sum_b (sum_pos g xhat)^2``, ``F_b += sum_b (sum_pos g)^2``;
+* ``layer_norm`` / ``rms_norm`` / ``group_norm`` / ``batch_norm`` (running statistics):
+  ``y = xhat * w + b`` so ``F_w += sum_b (sum_pos g xhat)^2``, ``F_b += sum_b (sum_pos g)^2``;
 * ``embedding``:  row v of example b gets ``sum_{pos: idx = v} g``; squared, summed over b;
-* ``broadcast``:  a parameter of shape ``(1, ...)`` used directly (class token, position embedding)
-  is fed to the network expanded to ``(B, ...)``; the gradient of the expansion is per example,
-  ``F += sum_b g_b^2``.
+* ``broadcast``:  a parameter used directly and broadcast along the batch -- shape ``(1, ...)``
+  (class token, position embedding), or the one operand of an elementwise op whose other operand
+  is batch-first of higher rank (LayerScale's ``x * gamma``) -- is fed to the network expanded to
+  ``(B, 1, ..., *shape)``; the gradient of the expansion is per example, ``F += sum_b g_b^2``.
 
 A rule's ``accumulate(slots, g, call)`` adds to ``slots[role]`` (the Fisher of the call's
 ``weight`` / ``bias``, None when that parameter is not chosen), reading the op's arguments
@@ -110,6 +111,17 @@ def _layer_norm(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     _affine(slots, g.float(), xhat, tuple(range(1, g.dim() - len(shape))))
 
 
+def _rms_norm(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
+    shape = tuple(call["normalized_shape"])
+    xhat = F.rms_norm(call["input"].float(), shape, eps=call["eps"])
+    _affine(slots, g.float(), xhat, tuple(range(1, g.dim() - len(shape))))
+
+
+def _group_norm(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
+    xhat = F.group_norm(call["input"].float(), call["num_groups"], eps=call["eps"])
+    _affine(slots, g.float(), xhat, tuple(range(2, g.dim())))
+
+
 def _batch_norm(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     x = call["input"].float()
     xhat = F.batch_norm(x, call["running_mean"], call["running_var"], training=False, eps=call["eps"])
@@ -174,6 +186,10 @@ RULES: dict[Callable, Rule] = {
     F.layer_norm: Rule(
         ("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}, _layer_norm
     ),
+    F.rms_norm: Rule(("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None}, _rms_norm),
+    F.group_norm: Rule(
+        ("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}, _group_norm
+    ),
     F.batch_norm: Rule(
         ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
         {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
@@ -192,3 +208,33 @@ RULES: dict[Callable, Rule] = {
 def broadcastable(param: Tensor) -> bool:
     """Whether ``param`` looks like a tensor broadcast along the batch: shape ``(1, ...)``, ndim >= 2."""
     return param.dim() >= 2 and param.shape[0] == 1
+
+
+ELEMENTWISE = {
+    getattr(owner, name)
+    for owner in (torch, torch.Tensor)
+    for name in ("add", "sub", "mul", "div")
+} | {
+    getattr(torch.Tensor, name)
+    for name in (
+        "add_", "sub_", "mul_", "div_", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
+        "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__",
+    )
+}
+
+
+def elementwise_rank(func: Callable, args: tuple, param: Tensor, batch: int) -> int | None:
+    """The rank of the batch-first operand ``param`` meets in an elementwise op ``func(*args)``, if it
+    is broadcast along that operand's batch (higher rank), else None."""
+    if func not in ELEMENTWISE or len(args) < 2:
+        return None
+    other = args[1] if args[0] is param else args[0]
+    if isinstance(other, Tensor) and other.dim() > param.dim() and other.shape[0] == batch:
+        return other.dim()
+    return None
+
+
+def expand_to_batch(param: Tensor, rank: int, batch: int) -> Tensor:
+    """``param`` viewed with leading ones to ``rank`` dims and expanded to ``batch`` along the first."""
+    shape = (1,) * (rank - param.dim()) + tuple(param.shape)
+    return param.view(shape).expand(batch, *shape[1:])

@@ -4,8 +4,9 @@
 
 * ``rule``      -- the ``weight``/``bias`` of exactly one call of an op in ``rules.RULES`` (batch-first
   input, supported configuration) and used nowhere else;
-* ``broadcast`` -- never such an argument, shape ``(1, ...)``, and the network still runs with it
-  expanded to ``(B, ...)`` (class token, position embedding);
+* ``broadcast`` -- never such an argument, and either of shape ``(1, ...)`` (class token, position
+  embedding) or used once, in an elementwise op with a batch-first operand of higher rank
+  (LayerScale); the driver checks that the network computes the same with it expanded to the batch;
 * ``unused``    -- seen in no op (the driver checks with one plain backward that the loss does not
   depend on it either; then its Fisher stays zero);
 * ``fallback``  -- anything else (shared weights, custom maths): per-example gradients by torch.func.
@@ -13,7 +14,8 @@
 ``Tap`` runs the forward pass of the Fisher computation.  Every model parameter reaching an op is
 detached, so the backward pass computes no weight gradient at all; a zero scalar ``trigger``
 (requiring grad) is added to the outputs of rule ops whose inputs carry no gradient, so the whole
-graph hangs from it.  Hooks on the outputs of rule ops (and on the expanded broadcast parameters)
+graph hangs from it (and to outputs that are views: a hook on a view is lost if the view is later
+modified in place, e.g. ``linear(x).mul_(gamma)`` for 3-d x).  Hooks on the outputs of rule ops (and on the expanded broadcast parameters)
 receive ``dL/dy`` and accumulate the squared per-example gradients, replacing the weight-gradient
 GEMM of a plain backward by the squared one.  ``torch.autograd.grad(loss, trigger)`` runs it.
 """
@@ -29,7 +31,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .rules import RULES, ROLES, Rule, add_square_sum, broadcastable
+from .rules import RULES, ROLES, Rule, add_square_sum, broadcastable, elementwise_rank, expand_to_batch
 
 
 def _is_attribute_read(func: Callable) -> bool:
@@ -41,7 +43,7 @@ class Plan:
     """The treatment of every chosen parameter (see the module docstring)."""
 
     rule: list[str] = field(default_factory=list)
-    broadcast: list[str] = field(default_factory=list)
+    broadcast: dict[str, int] = field(default_factory=dict)  # name -> rank it is expanded to
     unused: list[str] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)
 
@@ -65,6 +67,7 @@ class Probe(_ParamModes):
         self.rule_uses: Counter[str] = Counter()
         self.other_uses: Counter[str] = Counter()
         self.unsupported: set[str] = set()
+        self.ranks: dict[str, int] = {}  # rank of the batch-first operand of an elementwise use
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -86,6 +89,9 @@ class Probe(_ParamModes):
             name = self.name(leaf)
             if name is not None and id(leaf) not in in_roles:
                 self.other_uses[name] += 1
+                rank = elementwise_rank(func, args, leaf, self.batch)
+                if rank is not None:
+                    self.ranks[name] = rank
         return func(*args, **kwargs)
 
     def plan(self) -> Plan:
@@ -95,7 +101,9 @@ class Probe(_ParamModes):
             if rule_uses == 1 and other_uses == 0 and name not in self.unsupported:
                 plan.rule.append(name)
             elif rule_uses == 0 and other_uses > 0 and broadcastable(param):
-                plan.broadcast.append(name)
+                plan.broadcast[name] = param.dim()
+            elif rule_uses == 0 and other_uses == 1 and name in self.ranks:
+                plan.broadcast[name] = self.ranks[name]
             elif rule_uses + other_uses == 0:
                 plan.unused.append(name)
             else:
@@ -111,11 +119,11 @@ class Tap(_ParamModes):
     """
 
     def __init__(
-        self, params: dict[str, Tensor], fisher: dict[str, Tensor], broadcast: list[str], trigger: Tensor, batch: int
+        self, params: dict[str, Tensor], fisher: dict[str, Tensor], broadcast: dict[str, int], trigger: Tensor, batch: int
     ) -> None:
         super().__init__(params, batch)
         self.fisher = fisher
-        self.broadcast = set(broadcast)
+        self.broadcast = broadcast
         self.trigger = trigger
         self.expanded: dict[str, Tensor] = {}
 
@@ -126,7 +134,7 @@ class Tap(_ParamModes):
         if name not in self.broadcast:
             return value.detach()
         if name not in self.expanded:
-            expanded = value.detach().expand(self.batch, *value.shape[1:]) + self.trigger
+            expanded = expand_to_batch(value.detach(), self.broadcast[name], self.batch) + self.trigger
             fisher = self.fisher[name]
             expanded.register_hook(lambda g: add_square_sum(fisher, g))
             self.expanded[name] = expanded
@@ -148,7 +156,8 @@ class Tap(_ParamModes):
         return out
 
     def _hook(self, out: Tensor, rule: Rule, slots: dict[str, Tensor | None], call: dict[str, Any]) -> Tensor:
-        if not out.requires_grad:
+        if not out.requires_grad or out._is_view():
+            # a fresh tensor hanging from the trigger; an in-place op on a view would drop the hook
             out = out + self.trigger
         x = call["input"]
         version = x._version

@@ -5,7 +5,8 @@ dimension) and, in the backward pass, the output gradient ``g = dL/dy``.  With `
 examples, ``sum_pos`` over the other (token / pixel) positions of one example:
 
 * ``linear``:     ``F_W += sum_b (sum_pos g a^T)^2`` (``ops.sq_grad_accumulate``), ``F_b += sum_b (sum_pos g)^2``;
-* ``conv2d``:     the same with ``a`` the unfolded input patches (per group), chunked over examples;
+* ``conv2d``:     the same with ``a`` the unfolded input patches, chunked over examples (grouped and
+  depthwise convolutions: one batched GEMM over (example, group) pairs);
 * ``layer_norm`` / ``rms_norm`` / ``group_norm`` / ``batch_norm`` (running statistics):
   ``y = xhat * w + b`` so ``F_w += sum_b (sum_pos g xhat)^2``, ``F_b += sum_b (sum_pos g)^2``;
 * ``embedding``:  row v of example b gets ``sum_{pos: idx = v} g``; squared, summed over b;
@@ -84,18 +85,27 @@ def _conv2d(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     if fisher is None:
         return
     kernel, stride, dilation = tuple(weight.shape[2:]), _pair(call["stride"]), _pair(call["dilation"])
-    out_per_group = weight.shape[0] // groups
-    fisher = fisher.view(groups, out_per_group, -1)
+    fisher = fisher.view(groups, weight.shape[0] // groups, -1)
     g = g.flatten(2).transpose(1, 2)  # (B, L, out)
-    patch = fisher.shape[2]
-    chunk = max(1, UNFOLD_CHUNK_ELEMENTS // (patch * groups * g.shape[1]))
+    positions = g.shape[1]
+    per_example = max(positions * fisher.shape[0] * fisher.shape[2], fisher.numel() if groups > 1 else 0)
+    chunk = max(1, UNFOLD_CHUNK_ELEMENTS // per_example)
     for start in range(0, x.shape[0], chunk):
         cols = patches(x[start:start + chunk], kernel, stride, call["padding"], dilation)
-        g_chunk = g[start:start + chunk]
-        for k in range(groups):
-            sq_grad_accumulate(
-                fisher[k], g_chunk[:, :, k * out_per_group:(k + 1) * out_per_group], cols[:, :, k * patch:(k + 1) * patch]
-            )
+        if groups == 1:
+            sq_grad_accumulate(fisher[0], g[start:start + chunk], cols)
+        else:
+            _grouped_tiles(fisher, g[start:start + chunk], cols)
+
+
+def _grouped_tiles(fisher: Tensor, g: Tensor, cols: Tensor) -> None:
+    """``fisher[k] += sum_b (g_bk^T a_bk)^2`` for every group k: one batched GEMM over (example, group)."""
+    groups, outs, ins = fisher.shape
+    batch, positions = g.shape[:2]
+    g = g.reshape(batch, positions, groups, outs).permute(0, 2, 3, 1).reshape(batch * groups, outs, positions)
+    cols = cols.reshape(batch, positions, groups, ins).transpose(1, 2).reshape(batch * groups, positions, ins)
+    tiles = torch.bmm(g.to(fisher.dtype), cols.to(fisher.dtype)).view(batch, groups, outs, ins)
+    fisher.add_(tiles.square_().sum(0))
 
 
 def _affine(slots: Slots, g: Tensor, xhat: Tensor, dims: tuple[int, ...]) -> None:

@@ -143,18 +143,24 @@ def test_per_parameter_std_mapping_first_match_wins():
         GaussianPrior(model, "zero", {"*": torch.ones(3)}, params="head.*")
 
 
-def test_neg_log_prob_matches_torch_distributions():
+def test_neg_log_prob_and_its_gradient_match_torch_distributions():
     torch.manual_seed(0)
     model = Net()
     prior = GaussianPrior(model, "pretrained", {"head.weight": torch.tensor([[0.5], [2.0]]), "*": 0.7}, new_params="head.*")
-    theta = {n: p.detach() + torch.randn_like(p) for n, p in model.named_parameters()}
+    theta = {n: (p.detach() + torch.randn_like(p)).requires_grad_() for n, p in model.named_parameters()}
+    twin = {n: t.detach().clone().requires_grad_() for n, t in theta.items()}
     log_p = 0.0
     const = 0.0
     for name, theta0, sp in prior.items():
         sp_full = torch.as_tensor(sp).expand_as(theta[name])
-        log_p = log_p + torch.distributions.Normal(theta0, sp_full).log_prob(theta[name]).sum()
+        log_p = log_p + torch.distributions.Normal(theta0, sp_full).log_prob(twin[name]).sum()
         const = const + (torch.log(sp_full) + 0.5 * math.log(2 * math.pi)).sum()
-    torch.testing.assert_close(prior.neg_log_prob(theta), -log_p - const)
+    value = prior.neg_log_prob(theta)
+    torch.testing.assert_close(value, -log_p - const)
+    (3 * value).backward()
+    (-3 * log_p).backward()
+    for name in prior.names:
+        torch.testing.assert_close(theta[name].grad, twin[name].grad, msg=name)
 
 
 def test_state_dict_round_trip_and_device_dtype_moves():

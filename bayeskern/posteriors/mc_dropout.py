@@ -65,10 +65,7 @@ class MCDropout(WeightPosterior):
 
     def kl(self) -> Tensor:
         """``sum (1 - p) / (2 sp^2) * ||mu - theta0||^2`` over the Bayesian parameters."""
-        return sum(
-            ((1 - self.p) * (mu - theta0).square() / (2 * self.prior.std(name) ** 2)).sum()
-            for name, mu, theta0 in self._mus()
-        )
+        return (1 - self.p) * self.prior.neg_log_prob({name: mu for name, mu, _ in self._mus()})
 
     def mean(self) -> dict[str, Tensor]:
         """Expected weights (with the point estimates and buffers, ready for functional_call)."""

@@ -205,7 +205,8 @@ class WeightPosterior(nn.Module):
         """``(1/S) sum_s criterion(model_{w_s}(inputs), targets) + kl_weight * kl() / num_data``.
 
         ``criterion`` returns the mean negative log-likelihood of the minibatch; the S weight
-        draws share one fresh seed and use streams ``0..S-1``.
+        draws share one fresh seed and use streams ``0..S-1``.  In train mode BatchNorm running
+        statistics update once per draw.
         """
         seed = self._next_seed()
         nll = sum(

@@ -52,7 +52,7 @@ def _vit() -> nn.Module:
 # name -> (builder, input shape of one example, batch size, batches timed, batches for the prior art)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, int]] = {
     "mlp-64-512-512-10": (lambda: _mlp(64, 512, 512, 10), (64,), 128, 8, 8),
-    "mlp-256-1024-1024-10": (lambda: _mlp(256, 1024, 1024, 10), (256,), 256, 4, 1),
+    "mlp-256-1024-1024-10": (lambda: _mlp(256, 1024, 1024, 10), (256,), 256, 4, 2),
     "resnet18-32px": (lambda: timm.create_model("resnet18", num_classes=10), (3, 32, 32), 64, 4, 1),
     "vit-small-32px": (_vit, (3, 32, 32), 64, 4, 1),
 }

@@ -240,6 +240,28 @@ def test_fisher_equals_per_example_grads_rms_and_group_norm(backend, device):
     assert_fisher_close(result.fisher, oracle_fisher(model, x, y))
 
 
+def test_fisher_equals_per_example_grads_convnext_style_layer_scale(backend, device):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, groups=1)
+            self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+            self.gamma1, self.gamma2 = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.conv(x).mul(self.gamma1.reshape(1, -1, 1, 1))
+            x = x + self.depthwise(x) * self.gamma2[None, :, None, None]
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Scaled()
+    x, y, batches = image_batches()
+    result = fit(model, batches, backend, device)
+    assert result.plan.viewed == ["gamma1", "gamma2"] and result.plan.fallback == []
+    assert_fisher_close(result.fisher, oracle_fisher(model, x, y))
+
+
 def test_fisher_embedding_rows_sum_repeated_tokens_before_squaring():
     class Bag(nn.Module):
         def __init__(self):

@@ -77,12 +77,12 @@ class _Pass:
         self.num_examples = 0
 
     def _tap_forward(self, args: tuple, kwargs: dict, batch: int) -> Any:
-        tapped = self.plan.rule + list(self.plan.broadcast)
+        tapped = self.plan.rule + list(self.plan.broadcast) + self.plan.viewed
         if not tapped:
             with torch.no_grad():
                 return self.model(*args, **kwargs)
         fisher = {name: self.fisher[name] for name in tapped}
-        with torch.enable_grad(), Tap(self.params, fisher, self.plan.broadcast, self.trigger, batch):
+        with torch.enable_grad(), Tap(self.params, fisher, self.plan, self.trigger, batch):
             return self.model(*args, **kwargs)
 
     def _unseen_but_used(self, args: tuple, kwargs: dict, y: Tensor) -> list[str]:
@@ -109,15 +109,15 @@ class _Pass:
             hidden = self._unseen_but_used(args, kwargs, y)
             self.plan.unused = [name for name in self.plan.unused if name not in hidden]
             self.plan.fallback += hidden
-        if self.plan.broadcast:
+        if self.plan.broadcast or self.plan.viewed:
             try:
                 out = self._tap_forward(args, kwargs, batch)
                 if _same_outputs(out, expected):
                     return out
             except RuntimeError:
                 pass
-            self.plan.fallback += list(self.plan.broadcast)
-            self.plan.broadcast = {}
+            self.plan.fallback += list(self.plan.broadcast) + self.plan.viewed
+            self.plan.broadcast, self.plan.viewed = {}, []
         return self._tap_forward(args, kwargs, batch)
 
     def step(self, x: Any, y: Tensor) -> None:

@@ -12,7 +12,8 @@ examples, ``sum_pos`` over the other (token / pixel) positions of one example:
 * ``embedding``:  row v of example b gets ``sum_{pos: idx = v} g``; squared, summed over b;
 * ``broadcast``:  a parameter used directly and broadcast along the batch -- shape ``(1, ...)``
   (class token, position embedding), or the one operand of an elementwise op whose other operand
-  is batch-first of higher rank (LayerScale's ``x * gamma``) -- is fed to the network expanded to
+  is batch-first of higher rank (LayerScale's ``x * gamma``), or its one view shaped ``(1, ...)``
+  (ConvNeXt's ``gamma.reshape(1, -1, 1, 1)``) -- is fed to the network expanded to
   ``(B, 1, ..., *shape)``; the gradient of the expansion is per example, ``F += sum_b g_b^2``.
 
 A rule's ``accumulate(slots, g, call)`` adds to ``slots[role]`` (the Fisher of the call's
@@ -242,6 +243,16 @@ def elementwise_rank(func: Callable, args: tuple, param: Tensor, batch: int) -> 
     if isinstance(other, Tensor) and other.dim() > param.dim() and other.shape[0] == batch:
         return other.dim()
     return None
+
+
+VIEWS = {torch.reshape, torch.unsqueeze, torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.unsqueeze,
+         torch.Tensor.view_as, torch.Tensor.__getitem__}
+
+
+def is_batch_broadcast_view(func: Callable, args: tuple, param: Tensor, out: Any) -> bool:
+    """Whether ``out = func(param, ...)`` is a view of ``param`` shaped ``(1, ...)``, ready to be
+    broadcast along a batch (ConvNeXt's ``gamma.reshape(1, -1, 1, 1)``)."""
+    return func in VIEWS and args[0] is param and isinstance(out, Tensor) and out.dim() >= 2 and out.shape[0] == 1
 
 
 def expand_to_batch(param: Tensor, rank: int, batch: int) -> Tensor:

@@ -7,6 +7,8 @@
 * ``broadcast`` -- never such an argument, and either of shape ``(1, ...)`` (class token, position
   embedding) or used once, in an elementwise op with a batch-first operand of higher rank
   (LayerScale); the driver checks that the network computes the same with it expanded to the batch;
+* ``viewed``    -- used once, by a view op giving shape ``(1, ...)`` (ConvNeXt's
+  ``gamma.reshape(1, -1, 1, 1)``): that view is expanded to the batch instead (checked likewise);
 * ``unused``    -- seen in no op (the driver checks with one plain backward that the loss does not
   depend on it either; then its Fisher stays zero);
 * ``fallback``  -- anything else (shared weights, custom maths): per-example gradients by torch.func.
@@ -31,7 +33,10 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .rules import RULES, ROLES, Rule, add_square_sum, broadcastable, elementwise_rank, expand_to_batch
+from .rules import (
+    RULES, ROLES, VIEWS, Rule, add_square_sum, broadcastable, elementwise_rank, expand_to_batch,
+    is_batch_broadcast_view,
+)
 
 
 def _is_attribute_read(func: Callable) -> bool:
@@ -44,6 +49,7 @@ class Plan:
 
     rule: list[str] = field(default_factory=list)
     broadcast: dict[str, int] = field(default_factory=dict)  # name -> rank it is expanded to
+    viewed: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)
 
@@ -68,6 +74,7 @@ class Probe(_ParamModes):
         self.other_uses: Counter[str] = Counter()
         self.unsupported: set[str] = set()
         self.ranks: dict[str, int] = {}  # rank of the batch-first operand of an elementwise use
+        self.viewed: set[str] = set()  # used by a view op that gives shape (1, ...)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -84,6 +91,7 @@ class Probe(_ParamModes):
                     self.rule_uses[name] += 1
                     if not rule.supports(call, self.batch):
                         self.unsupported.add(name)
+        out = func(*args, **kwargs)
         in_roles = {id(v) for v in roles.values() if v is not None}
         for leaf in tree_leaves((args, kwargs)):
             name = self.name(leaf)
@@ -92,7 +100,9 @@ class Probe(_ParamModes):
                 rank = elementwise_rank(func, args, leaf, self.batch)
                 if rank is not None:
                     self.ranks[name] = rank
-        return func(*args, **kwargs)
+                if is_batch_broadcast_view(func, args, leaf, out):
+                    self.viewed.add(name)
+        return out
 
     def plan(self) -> Plan:
         plan = Plan()
@@ -104,6 +114,8 @@ class Probe(_ParamModes):
                 plan.broadcast[name] = param.dim()
             elif rule_uses == 0 and other_uses == 1 and name in self.ranks:
                 plan.broadcast[name] = self.ranks[name]
+            elif rule_uses == 0 and other_uses == 1 and name in self.viewed:
+                plan.viewed.append(name)
             elif rule_uses + other_uses == 0:
                 plan.unused.append(name)
             else:
@@ -115,17 +127,24 @@ class Tap(_ParamModes):
     """The Fisher forward pass: detached parameters, hooks on rule outputs and broadcast parameters.
 
     ``params`` are all the model's parameters (each is detached where it is used); ``fisher`` maps
-    the names planned as ``rule`` or ``broadcast`` to their accumulators.
+    the names planned as ``rule``, ``broadcast`` or ``viewed`` to their accumulators.
     """
 
-    def __init__(
-        self, params: dict[str, Tensor], fisher: dict[str, Tensor], broadcast: dict[str, int], trigger: Tensor, batch: int
-    ) -> None:
+    def __init__(self, params: dict[str, Tensor], fisher: dict[str, Tensor], plan: Plan, trigger: Tensor, batch: int) -> None:
         super().__init__(params, batch)
         self.fisher = fisher
-        self.broadcast = broadcast
+        self.broadcast = plan.broadcast
+        self.viewed = set(plan.viewed)
         self.trigger = trigger
         self.expanded: dict[str, Tensor] = {}
+
+    def _per_example(self, name: str, expanded: Tensor) -> Tensor:
+        """``expanded`` (a parameter broadcast to ``(B, ...)``) as a fresh tensor whose gradient,
+        one slice per example, is squared into ``fisher[name]``."""
+        expanded = expanded + self.trigger
+        fisher = self.fisher[name]
+        expanded.register_hook(lambda g: add_square_sum(fisher, g))
+        return expanded
 
     def _substitute(self, value: Any) -> Any:
         name = self.name(value)
@@ -133,17 +152,17 @@ class Tap(_ParamModes):
             return value
         if name not in self.broadcast:
             return value.detach()
-        if name not in self.expanded:
-            expanded = expand_to_batch(value.detach(), self.broadcast[name], self.batch) + self.trigger
-            fisher = self.fisher[name]
-            expanded.register_hook(lambda g: add_square_sum(fisher, g))
-            self.expanded[name] = expanded
+        if name not in self.expanded:  # one expansion per forward: all uses add up before squaring
+            self.expanded[name] = self._per_example(name, expand_to_batch(value.detach(), self.broadcast[name], self.batch))
         return self.expanded[name]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _is_attribute_read(func):
             return func(*args, **kwargs)
+        if func in VIEWS and self.name(args[0]) in self.viewed:
+            view = func(args[0].detach(), *args[1:], **kwargs)
+            return self._per_example(self.name(args[0]), view.expand(self.batch, *view.shape[1:]))
         rule = RULES.get(func)
         slots = None
         if rule is not None:

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 from bayeskern.ops import philox
 from bayeskern.posteriors.base import Posterior
 from bayeskern.posteriors.laplace import DiagLaplace
-from bayeskern.predict import predict
+from bayeskern.predictive import predict
 
 SIGMA = 0.5
 

@@ -227,7 +227,7 @@ class DiagLaplace:
     def validation_nll(self, val_loader: Iterable, num_samples: int = 16, compile: bool = False) -> float:
         """Mean negative log predictive density of ``val_loader`` (batches ``(x, y)``) under the
         Monte-Carlo predictive with ``num_samples`` samples."""
-        from ..predict import predict
+        from ..predictive import predict
 
         targets = torch.cat([y for _, y in val_loader])
         prediction = predict(self, val_loader, num_samples=num_samples, compile=compile,

@@ -10,7 +10,7 @@ from .posteriors import (
     SampleBank,
     select_parameters,
 )
-from .predict import Prediction, predict
+from .predictive import Prediction, predict
 
 __version__ = "0.1.0"
 

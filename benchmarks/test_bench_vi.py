@@ -24,7 +24,7 @@ from torch import nn
 import bayeskern.ops as ops
 from bayeskern.posteriors.mc_dropout import MCDropout
 from bayeskern.posteriors.vi import VI
-from bayeskern.predict import predict
+from bayeskern.predictive import predict
 
 from bench_utils import record, size_label
 

@@ -1,4 +1,3 @@
-import importlib
 import warnings
 
 import pytest
@@ -7,11 +6,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-engine = importlib.import_module("bayeskern.predict")  # the package exports the function under the same name
+from bayeskern import predictive as engine
 from bayeskern.posteriors.base import Posterior
 from bayeskern.posteriors.mc_dropout import MCDropout
 from bayeskern.posteriors.vi import VI
-from bayeskern.predict import predict
+from bayeskern.predictive import predict
 
 
 class TableOfSamples:

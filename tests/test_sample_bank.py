@@ -7,7 +7,7 @@ from torch.func import functional_call
 from bayeskern.ops import philox
 from bayeskern.posteriors.base import Posterior
 from bayeskern.posteriors.sample_bank import SampleBank
-from bayeskern.predict import predict
+from bayeskern.predictive import predict
 
 
 def net():

@@ -7,6 +7,7 @@ by (seed, offset + element index, stream), identical on every backend (``philox.
 from . import noise, philox
 from .backend import BACKENDS, available_backends, use_backend
 from .dropout import reference_weight_dropout, weight_dropout
+from .kl import gaussian_kl, reference_gaussian_kl
 from .sample import gaussian_sample, reference_gaussian_sample
 from .sgld import first_nonfinite, reference_sgld_step_, sgld_step_
 
@@ -14,9 +15,11 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "first_nonfinite",
+    "gaussian_kl",
     "gaussian_sample",
     "noise",
     "philox",
+    "reference_gaussian_kl",
     "reference_gaussian_sample",
     "reference_sgld_step_",
     "reference_weight_dropout",

@@ -252,7 +252,8 @@ VIEWS = {torch.reshape, torch.unsqueeze, torch.Tensor.reshape, torch.Tensor.view
 def is_batch_broadcast_view(func: Callable, args: tuple, param: Tensor, out: Any) -> bool:
     """Whether ``out = func(param, ...)`` is a view of ``param`` shaped ``(1, ...)``, ready to be
     broadcast along a batch (ConvNeXt's ``gamma.reshape(1, -1, 1, 1)``)."""
-    return func in VIEWS and args[0] is param and isinstance(out, Tensor) and out.dim() >= 2 and out.shape[0] == 1
+    is_view = func in VIEWS and bool(args) and args[0] is param
+    return is_view and isinstance(out, Tensor) and out.dim() >= 2 and out.shape[0] == 1
 
 
 def expand_to_batch(param: Tensor, rank: int, batch: int) -> Tensor:

@@ -17,9 +17,10 @@
 detached, so the backward pass computes no weight gradient at all; a zero scalar ``trigger``
 (requiring grad) is added to the outputs of rule ops whose inputs carry no gradient, so the whole
 graph hangs from it (and to outputs that are views: a hook on a view is lost if the view is later
-modified in place, e.g. ``linear(x).mul_(gamma)`` for 3-d x).  Hooks on the outputs of rule ops (and on the expanded broadcast parameters)
-receive ``dL/dy`` and accumulate the squared per-example gradients, replacing the weight-gradient
-GEMM of a plain backward by the squared one.  ``torch.autograd.grad(loss, trigger)`` runs it.
+modified in place, e.g. ``linear(x).mul_(gamma)`` for 3-d x).  Hooks on the outputs of rule ops
+(and on the expanded broadcast parameters) receive ``dL/dy`` and accumulate the squared
+per-example gradients, replacing the weight-gradient GEMM of a plain backward by the squared one.
+``torch.autograd.grad(loss, trigger)`` runs it.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ class Tap(_ParamModes):
         kwargs = kwargs or {}
         if _is_attribute_read(func):
             return func(*args, **kwargs)
-        if func in VIEWS and self.name(args[0]) in self.viewed:
+        if func in VIEWS and args and self.name(args[0]) in self.viewed:
             view = func(args[0].detach(), *args[1:], **kwargs)
             return self._per_example(self.name(args[0]), view.expand(self.batch, *view.shape[1:]))
         rule = RULES.get(func)

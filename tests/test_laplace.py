@@ -100,6 +100,16 @@ def test_marglik_finds_the_prior_precision_maximising_the_exact_evidence():
     assert la.log_marginal_likelihood() == pytest.approx(exact_log_evidence(x, y, best), rel=1e-5)
 
 
+def test_marglik_warns_and_stops_at_the_bound_when_theta_star_is_the_prior_mean():
+    x, y = regression_data()
+    la = DiagLaplace(linear_model(exact_posterior(x, y, 1.0)[0]), "regression", prior_mean="pretrained", sigma_noise=SIGMA)
+    la.fit(batches(x, y, 4), progress=False)
+    with pytest.warns(RuntimeWarning, match="still grows"):
+        lam = la.optimize_prior_precision(method="marglik")
+    assert lam == pytest.approx(1e12)
+    assert la.log_marginal_likelihood(1e6) < la.log_marginal_likelihood(1e12)
+
+
 # ---------------------------------------------------------------- classification
 
 

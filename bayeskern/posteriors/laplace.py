@@ -23,6 +23,7 @@ Negative log-likelihoods: classification ``-log softmax(f)_y``; regression Gauss
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -216,6 +217,13 @@ class DiagLaplace:
 
         low, high = LOG_LAMBDA_RANGE
         if slope(high) >= 0:
+            warnings.warn(
+                f"DiagLaplace: the marginal likelihood still grows at prior_precision={math.exp(high):.0e} "
+                "(theta* equals the prior mean, e.g. prior_mean='pretrained' fitted at the pretrained weights); "
+                "the search stops there",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return math.exp(high)
         if slope(low) <= 0:
             return math.exp(low)

@@ -342,6 +342,23 @@ def test_fisher_sends_parameters_used_out_of_sight_to_the_fallback_and_zeroes_un
     assert_fisher_close(result.fisher, oracle_fisher(model, x, y))
 
 
+def test_fisher_is_not_fooled_by_a_sequence_first_layer_whose_length_equals_the_batch():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):  # (B, T, 3) -> (T, B, 3): the first axis of the inner input is not the batch
+            return self.head(torch.tanh(self.inner(x.transpose(0, 1))).mean(0))
+
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    x, y = torch.randn(4, 4, 3), torch.randint(0, 2, (4,))  # T == B == 4
+    result = squared_gradients(model, [(x, y)], sum_ce)
+    assert result.plan.fallback == ["inner.weight", "inner.bias"]
+    assert_fisher_close(result.fisher, oracle_fisher(model, x, y))
+
+
 def test_fisher_mean_reduced_loss_is_rescaled_to_the_sum_convention():
     torch.manual_seed(0)
     model = mlp()

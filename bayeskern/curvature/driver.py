@@ -97,14 +97,25 @@ class _Pass:
             grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
         return frozen + [name for name, g in zip(names, grads) if g is not None]
 
-    def _first_forward(self, args: tuple, kwargs: dict, y: Tensor, batch: int) -> Any:
-        """Plan on the first batch.  Leading-one parameters whose expansion to the batch changes the
-        output (they are reduced over, or meet another axis) fall back, and so do parameters used
-        where the probe cannot see them."""
+    def _probe(self, args: tuple, kwargs: dict, batch: int) -> tuple[Plan, Any]:
         probe = Probe(self.chosen, batch)
         with torch.no_grad(), probe:
-            expected = self.model(*args, **kwargs)
-        self.plan = probe.plan()
+            out = self.model(*args, **kwargs)
+        return probe.plan(), out
+
+    def _first_forward(self, args: tuple, kwargs: dict, y: Tensor, batch: int) -> Any:
+        """Plan on the first batch, probed at two batch sizes (B and a slice of 1-2 examples): a
+        parameter whose treatment differs (a sequence-first layer whose length equals B) falls
+        back.  So do leading-one parameters whose expansion to the batch changes the output (they
+        are reduced over, or meet another axis) and parameters used where the probe cannot see them."""
+        self.plan, expected = self._probe(args, kwargs, batch)
+        if batch > 1:
+            small = 2 if batch > 2 else 1
+            sliced = tree_map(lambda t: t[:small] if isinstance(t, Tensor) else t, (args, kwargs))
+            try:
+                self.plan.agree(self._probe(*sliced, small)[0])
+            except RuntimeError:  # a model that cannot run so few examples: keep the first plan
+                pass
         if self.plan.unused:
             hidden = self._unseen_but_used(args, kwargs, y)
             self.plan.unused = [name for name in self.plan.unused if name not in hidden]

@@ -54,6 +54,23 @@ class Plan:
     unused: list[str] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)
 
+    def treatment(self, name: str) -> tuple[str, Any]:
+        for kind in ("rule", "viewed", "unused", "fallback"):
+            if name in getattr(self, kind):
+                return kind, None
+        return "broadcast", self.broadcast.get(name)
+
+    def agree(self, other: "Plan") -> None:
+        """Send to the fallback every parameter ``other`` (a probe at another batch size) treats
+        differently: which axis is the batch must not depend on a coincidence of sizes."""
+        for name in self.rule + list(self.broadcast) + self.viewed:
+            if self.treatment(name) != other.treatment(name):
+                if name in self.broadcast:
+                    del self.broadcast[name]
+                else:
+                    (self.rule if name in self.rule else self.viewed).remove(name)
+                self.fallback.append(name)
+
 
 class _ParamModes(TorchFunctionMode):
     def __init__(self, params: dict[str, Tensor], batch: int) -> None:

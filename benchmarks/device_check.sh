@@ -34,7 +34,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   BENCH_ARGS=()
   echo "== op tests on CUDA tensors"
   BAYESKERN_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
-    tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_compile.py tests/test_sgld.py \
+    tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py \
     2>&1 | tee "$RESULTS/ops-tests-cuda-$STAMP.log"
 else
   DEVICE=cpu

@@ -9,7 +9,7 @@ from bayeskern.app.errors import UsageError
 
 
 def test_digits_splits_are_fixed_disjoint_and_stratified():
-    splits = load_dataset("digits", DataOptions(image_size=12, seed=3))
+    splits = load_dataset("digits", DataOptions(image_size=12, seed=3, train_per_class=0))
     sizes = [len(s) for s in (splits.train, splits.val, splits.test)]
     assert sum(sizes) == 1797 and sizes[0] == 1078 and abs(sizes[1] - sizes[2]) <= 1
     x, y = splits.train[0]
@@ -20,6 +20,16 @@ def test_digits_splits_are_fixed_disjoint_and_stratified():
     assert not any(tuple(row.flatten()[:20].tolist()) in train_rows for row in splits.test.tensors[0][:50])
     counts = torch.bincount(splits.test.tensors[1], minlength=10)
     assert counts.min() >= 33 and counts.max() <= 38  # stratified: ~36 per class
+
+
+def test_digits_default_is_ten_training_examples_per_class():
+    splits = load_dataset("digits", DataOptions(seed=3))
+    labels = torch.stack([splits.train[i][1] for i in range(len(splits.train))])
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 10))
+    full = load_dataset("digits", DataOptions(seed=3, train_per_class=0))
+    assert len(full.val) == len(splits.val) and len(full.test) == len(splits.test)
+    again = load_dataset("digits", DataOptions(seed=3))
+    assert splits.train.indices == again.train.indices
 
 
 def _write_images(root, classes=("cat", "dog"), per_class=10, size=20):
@@ -47,6 +57,16 @@ def test_imagefolder_single_tree_is_split_70_15_15(tmp_path):
     assert x.shape == (3, 16, 16) and y in (0, 1)
     seen = set(splits.train.indices) | set(splits.val.indices) | set(splits.test.indices)
     assert len(seen) == 20
+
+
+def test_train_per_class_subsets_an_imagefolder(tmp_path):
+    _write_images(tmp_path / "imgs", per_class=10)
+    options = DataOptions(train_transform=_to_tensor(), eval_transform=_to_tensor(), train_per_class=3)
+    splits = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", options)
+    labels = [splits.train[i][1] for i in range(len(splits.train))]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(UsageError, match="--train-per-class"):
+        load_dataset(f"imagefolder:{tmp_path / 'imgs'}", DataOptions(train_per_class=-1))
 
 
 def test_imagefolder_uses_given_train_val_test_folders(tmp_path):

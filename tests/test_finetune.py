@@ -9,7 +9,7 @@ from PIL import Image
 from bayeskern.app.finetune import main
 from bayeskern.app.methods import METHODS
 
-TINY = ["--epochs", "2", "--sgld-epochs", "2", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
+TINY = ["--epochs", "2", "--sgld-epochs", "2", "--sgld-thin", "1", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
         "--laplace-params", "last_layer"]
 
 
@@ -54,6 +54,7 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path):
         (["--dataset", "cifar10", "--data-dir", "/no/such/data"], "--download"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--dropout-p", "1.5"], "--dropout-p"),
+        (["--method", "sgld", "--sgld-thin", "5"], "SGLD keeps no sample"),
         (["--learning-rate", "1"], "unrecognized arguments"),
     ],
 )

@@ -19,7 +19,7 @@ CASES = textwrap.dedent(
     """
     import itertools
     import triton.language as tl
-    from bayeskern.kernels import noise, sgld
+    from bayeskern.kernels import fisher, noise, sgld
 
     def noise_variants():
         for dtype, op, has_b in itertools.product(("fp32", "fp16", "bf16"), range(5), (False, True)):
@@ -42,7 +42,19 @@ CASES = textwrap.dedent(
             constexprs = dict(zip(("HAS_MEAN", "PRECONDITION", "NOISE"), flags), DTYPE=dtype, QBLOCK=256, SEARCH_STEPS=6)
             yield sgld.sgld_kernel, signature, constexprs
 
-    CASES = {"noise": noise_variants, "sgld": sgld_variants}
+    def fisher_variants():
+        for dtype, dot_f32, precision in itertools.product(("fp32", "bf16", "fp16"), (True, False), ("ieee", "tf32")):
+            if dtype == "fp32" and not dot_f32:
+                continue
+            signature = {
+                "part_ptr": "*fp32", "g_ptr": "*" + dtype, "a_ptr": "*" + dtype,
+                **{k: "i32" for k in ("B", "T", "O", "I", "examples_per_split", "sg_b", "sg_t", "sg_o", "sa_b", "sa_t", "sa_i")},
+                **{k: "constexpr" for k in ("BLOCK_O", "BLOCK_I", "BLOCK_T", "DOT_F32", "PRECISION")},
+            }
+            constexprs = {"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_T": 32, "DOT_F32": dot_f32, "PRECISION": precision}
+            yield fisher.sq_grad_tile_kernel, signature, constexprs
+
+    CASES = {"noise": noise_variants, "sgld": sgld_variants, "fisher": fisher_variants}
     """
 )
 
@@ -64,7 +76,7 @@ COMPILE = CASES + textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, variants", [("noise", 30), ("sgld", 24)])
+@pytest.mark.parametrize("case, variants", [("noise", 30), ("sgld", 24), ("fisher", 10)])
 def test_kernels_compile_for_sm90(case, variants):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(

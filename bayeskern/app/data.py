@@ -4,6 +4,10 @@
 Every loader returns fixed, seeded train/val/test splits.  ``digits`` is scikit-learn's 1,797
 8x8 handwritten digits (they ship inside scikit-learn), split 60/20/20 stratified, upsampled to
 ``image_size`` and repeated to three channels so image backbones take it unchanged.
+
+``train_per_class`` keeps a seeded subset of that many training examples per class (validation
+and test stay whole).  Its default is the dataset's: 10 for digits -- a few-shot fine-tuning split
+like Flowers102's ten training images per class -- and all examples elsewhere; 0 keeps all.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class DataOptions:
     download: bool = False
     image_size: int = 16
     seed: int = 0
+    train_per_class: int | None = None  # None: the dataset's default (DEFAULT_TRAIN_PER_CLASS); 0: all
     train_transform: Callable | None = None
     eval_transform: Callable | None = None
 
@@ -154,11 +159,46 @@ DATASETS: dict[str, Callable[[DataOptions], Splits]] = {
 }
 
 
+DEFAULT_TRAIN_PER_CLASS = {"digits": 10}
+
+
+def targets_of(dataset: Dataset) -> torch.Tensor:
+    """The class labels of a dataset, read from its metadata where it has them (no image decoding)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for attr in ("targets", "_labels"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr))
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def per_class_subset(dataset: Dataset, per_class: int, seed: int) -> Subset:
+    """A seeded subset with at most ``per_class`` examples of each class."""
+    targets = targets_of(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for label in torch.unique(targets):
+        members = torch.nonzero(targets == label).flatten()
+        keep.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return Subset(dataset, torch.cat(keep).sort().values.tolist())
+
+
 def load_dataset(spec: str, options: DataOptions) -> Splits:
     """Resolve ``spec`` (a name in DATASETS or ``imagefolder:PATH``) to its splits."""
     if spec.startswith("imagefolder:"):
-        return imagefolder(spec.split(":", 1)[1], options)
-    if spec not in DATASETS:
+        splits = imagefolder(spec.split(":", 1)[1], options)
+    elif spec in DATASETS:
+        splits = DATASETS[spec](options)
+    else:
         known = ", ".join([*DATASETS, "imagefolder:PATH"])
         raise UsageError(f"unknown dataset {spec!r} (known: {known})")
-    return DATASETS[spec](options)
+    per_class = options.train_per_class
+    if per_class is None:
+        per_class = DEFAULT_TRAIN_PER_CLASS.get(spec, 0)
+    if per_class < 0:
+        raise UsageError(f"--train-per-class must be >= 0, got {per_class}")
+    if per_class:
+        splits.train = per_class_subset(splits.train, per_class, options.seed)
+    return splits

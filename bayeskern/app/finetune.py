@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from .data import DATASETS, DataOptions, load_dataset
+from .data import DATASETS, DataOptions, load_dataset, targets_of
 from .errors import UsageError
 from .measure import measure
 from .methods import METHODS
@@ -41,20 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", default="convnet", help="convnet (built-in), timm:NAME or torchvision:NAME")
     add("--pretrained", default=None, help="timm, torchvision, or PATH to a state dict / .safetensors")
     add("--image-size", type=int, default=16, help="input resolution (digits: upsampled to it)")
-    add("--epochs", type=int, default=12)
-    add("--batch-size", type=int, default=64)
+    add("--train-per-class", type=int, default=None,
+        help="training examples kept per class (default: 10 for digits, all otherwise; 0 = all)")
+    add("--epochs", type=int, default=60)
+    add("--batch-size", type=int, default=32)
     add("--lr", type=float, default=3e-3, help="learning rate of vanilla/VI/MC-dropout (Adam)")
     add("--lr-head", type=float, default=None, help="learning rate of the classifier head (default: --lr)")
     add("--num-samples", type=int, default=16, help="Monte-Carlo samples of the predictive")
     add("--prior-std", type=float, default=1.0, help="prior standard deviation (VI, MC-dropout, SGLD)")
     add("--vi-init-std", type=float, default=1e-3)
-    add("--vi-kl-weight", type=float, default=1.0)
+    add("--vi-kl-weight", type=float, default=0.1, help="1 is the ELBO; below 1 tempers the posterior")
     add("--vi-train-samples", type=int, default=1, help="weight samples per VI training step")
-    add("--dropout-p", type=float, default=0.1)
+    add("--dropout-p", type=float, default=0.05)
     add("--dropout-mode", choices=("scale", "prior"), default="scale")
-    add("--sgld-epochs", type=int, default=6, help="epochs of sampling, started from the MAP")
-    add("--sgld-lr", type=float, default=0.05)
-    add("--sgld-temperature", type=float, default=1.0)
+    add("--sgld-epochs", type=int, default=20, help="epochs of sampling, started from the MAP")
+    add("--sgld-lr", type=float, default=0.002)
+    add("--sgld-temperature", type=float, default=0.1, help="1 samples the posterior; below 1 a cold one")
     add("--sgld-burnin", type=float, default=0.5, help="fraction of the training steps discarded as burn-in")
     add("--sgld-thin", type=int, default=5)
     add("--laplace-prior-precision", type=float, default=1.0)
@@ -108,10 +109,6 @@ def _transforms(args: argparse.Namespace) -> tuple:
     return create_transform(**config, is_training=True), create_transform(**config, is_training=False)
 
 
-def _targets(dataset: Dataset) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(y) for _, y in DataLoader(dataset, batch_size=512)])
-
-
 def _validate(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "num_samples", "image_size", "vi_train_samples", "sgld_epochs", "sgld_thin"):
         if getattr(args, name) < 1:
@@ -142,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     train_tf, eval_tf = _transforms(args)
     splits = load_dataset(args.dataset, DataOptions(args.data_dir, args.download, args.image_size, args.seed,
-                                                    train_tf, eval_tf))
+                                                    args.train_per_class, train_tf, eval_tf))
     name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{args.dataset}-{args.model}").strip("-")
     run_dir = args.out / name
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -161,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         return EpochLoop(run_dir / method, epochs or args.epochs, args.batch_size, args.seed, device, args.amp, args.workers,
                          args.resume, args.quiet, args.stop_after_epoch)
 
-    val_targets, test_targets = _targets(splits.val), _targets(splits.test)
+    val_targets, test_targets = targets_of(splits.val), targets_of(splits.test)
     results, test_probs, shared = {}, {}, {}
     for method_name in methods:
         saved = load_method_result(run_dir / method_name) if args.resume else None

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 import bayeskern as bk
 
 from .data import Splits
+from .errors import UsageError
 from .models import Backbone
 from .training import EpochLoop
 
@@ -186,8 +187,12 @@ class SGLD(Method):
             prior_std=a.prior_std, prior_mean="pretrained" if a.pretrained else None,
             temperature=a.sgld_temperature, seed=a.seed,
         )
-        steps_per_epoch = -(-self.num_data // a.batch_size)
-        self.bank = bk.SampleBank(model, burnin=int(a.sgld_burnin * a.sgld_epochs * steps_per_epoch), thin=a.sgld_thin,
+        steps = a.sgld_epochs * -(-self.num_data // a.batch_size)
+        burnin = int(a.sgld_burnin * steps)
+        if steps - burnin < a.sgld_thin:
+            raise UsageError(f"SGLD keeps no sample: {steps} steps, {burnin} of burn-in, thinning {a.sgld_thin}; "
+                             "raise --sgld-epochs or lower --sgld-burnin / --sgld-thin")
+        self.bank = bk.SampleBank(model, burnin=burnin, thin=a.sgld_thin,
                                   max_samples=a.num_samples)
         self.train_supervised(
             model, {"model": model, "optimizer": optimizer, "bank": self.bank},

@@ -7,6 +7,7 @@ by (seed, offset + element index, stream), identical on every backend (``philox.
 from . import noise, philox
 from .backend import BACKENDS, available_backends, use_backend
 from .dropout import reference_weight_dropout, weight_dropout
+from .fisher import reference_sq_grad_accumulate, sq_grad_accumulate
 from .kl import gaussian_kl, reference_gaussian_kl
 from .sample import gaussian_sample, reference_gaussian_sample
 from .sgld import first_nonfinite, reference_sgld_step_, sgld_step_
@@ -22,8 +23,10 @@ __all__ = [
     "reference_gaussian_kl",
     "reference_gaussian_sample",
     "reference_sgld_step_",
+    "reference_sq_grad_accumulate",
     "reference_weight_dropout",
     "sgld_step_",
+    "sq_grad_accumulate",
     "use_backend",
     "weight_dropout",
 ]

@@ -17,6 +17,12 @@ precision lambda (isotropic, ``sp = lambda^-1/2``) and temperature T:
   (D Bayesian weights); concave in ``log lambda``, maximised by bisection on its derivative
   ``-lambda/2 ||theta* - theta0||^2 + D/2 - 1/2 sum lambda / P``.
 
+Data parallel (``torch.distributed``): give each rank its shard (e.g. a ``DistributedSampler``) and
+call ``fit`` on every rank with the same (unwrapped) model; F, ``log p(D | theta*)`` and the example
+count are sums over examples, so each rank accumulates its shard and they are all-reduced (summed) once
+at the end: every rank then holds the posterior of the whole data set.  A default seed is rank 0's,
+broadcast; the ``fisher="mc"`` label draws use a per-rank generator (rank 0's is the single-process one).
+
 Negative log-likelihoods: classification ``-log softmax(f)_y``; regression Gaussian with std
 ``sigma_noise``: ``(f - y)^2 / (2 sigma^2) + log(2 pi sigma^2) / 2`` per output.
 """
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..curvature import squared_gradients
+from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, shared_seed
 from ..ops import gaussian_sample, philox
 from .prior import GaussianPrior, PriorMean
 from .selection import ParamSelection
@@ -61,7 +68,8 @@ class DiagLaplace:
             a zero prior mean (``select_parameters``, ``GaussianPrior``); ``"last_layer"`` works.
         temperature: T > 0, divides the likelihood (and F).
         sigma_noise: observation-noise std of the regression likelihood.
-        seed: Philox seed of the samples (default: drawn from torch's global generator).
+        seed: Philox seed of the samples (default: drawn from torch's global generator; rank 0's
+            under ``torch.distributed``, so every rank must construct the posterior).
     """
 
     def __init__(
@@ -98,7 +106,7 @@ class DiagLaplace:
         model_params = dict(model.named_parameters())
         self.offsets = dict(zip(self.names, philox_offsets([model_params[n].shape for n in self.names])))
         if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
+            seed = shared_seed()
         philox.check_key(seed, 0)
         self.seed = seed
         self._fisher: dict[str, Tensor] | None = None
@@ -127,7 +135,7 @@ class DiagLaplace:
         return squared / (2 * variance) + output.numel() * 0.5 * math.log(2 * math.pi * variance)
 
     def _label_sampler(self, device: torch.device):
-        generator = torch.Generator(device=device).manual_seed(self.seed)
+        generator = torch.Generator(device=device).manual_seed(rank_seed(self.seed))
 
         def sample(output: Tensor) -> Tensor:
             output = output.float()
@@ -138,24 +146,29 @@ class DiagLaplace:
 
         return sample
 
-    def fit(self, loader: Iterable, progress: bool = True) -> "DiagLaplace":
+    def fit(self, loader: Iterable, progress: bool = True, reduce: bool | None = None) -> "DiagLaplace":
         """Accumulate F over ``loader`` (batches ``(x, y)``) around the model's current weights.
 
-        Raises ValueError if ``loader`` yields no batch.
+        ``reduce``: sum F, the log-likelihood and the example count over the ranks of
+        ``torch.distributed`` (a collective; None: whenever a process group is initialised).  The
+        progress bar shows on rank 0 only.  Raises ValueError if ``loader`` yields no batch.
         """
         params = dict(self.model.named_parameters())
         device = params[self.names[0]].device
         sampler = self._label_sampler(device) if self.fisher_type == "mc" else None
         try:
             result = squared_gradients(
-                self.model, loader, self.nll, self.names, sample_targets=sampler, progress=progress
+                self.model, loader, self.nll, self.names, sample_targets=sampler, progress=progress and is_rank_zero()
             )
         except ValueError as error:
             raise ValueError(f"fit: {error}") from None
+        totals = torch.tensor([result.loss, result.num_examples], dtype=torch.float64, device=device)
+        if is_distributed() if reduce is None else reduce:
+            all_reduce_sum({**result.fisher, "": totals})
         self._fisher = result.fisher
         self._map = {name: params[name].detach().clone() for name in self.names}
-        self.log_likelihood = -result.loss
-        self.num_data = result.num_examples
+        self.log_likelihood = -float(totals[0])
+        self.num_data = int(totals[1])
         self._rho = None
         return self
 

@@ -16,6 +16,10 @@ iterate after step t when t > burnin and (t - burnin) is a multiple of thin.
   ``max_samples`` is unused in this mode.
 
 Samples are returned on the model parameters' device and dtype, for ``bayeskern.predict``.
+
+Data parallel: the replicas of a DDP run hold the same iterates (``BayesSGLD`` keys its noise alike on
+every rank), so ``rank_zero_only=True`` keeps them once: on ranks other than 0 (``torch.distributed``'s
+default group) ``update()`` is a no-op returning False and the bank stays empty.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayeskern.distributed import is_rank_zero
 from bayeskern.ops import noise
 
 from .selection import ParamSelection, select_parameters
@@ -52,6 +57,7 @@ class SampleBank:
         params: which parameters are Bayesian (``bayeskern.posteriors.selection``; None: all).
         likelihood: ``"classification"`` or ``"regression"``, for ``bayeskern.predict``.
         seed: Philox key of the moments-mode samples.
+        rank_zero_only: under ``torch.distributed``, keep samples on rank 0 only (module docstring).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class SampleBank:
         *,
         likelihood: str = "classification",
         seed: int = 0,
+        rank_zero_only: bool = False,
     ) -> None:
         self.burnin = _check_int(burnin, "burnin", 0)
         self.thin = _check_int(thin, "thin", 1)
@@ -79,6 +86,7 @@ class SampleBank:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"Invalid dtype: {dtype!r} (must be a floating-point torch.dtype or None)")
         self.model, self.mode, self.likelihood = model, mode, likelihood
+        self.rank_zero_only = bool(rank_zero_only)
         self.device, self.dtype = torch.device(device), dtype
         self.names = select_parameters(model, params)
         params_by_name = dict(model.named_parameters())
@@ -102,7 +110,10 @@ class SampleBank:
 
     @torch.no_grad()
     def update(self) -> bool:
-        """Record one optimizer step; returns True if this iterate was kept."""
+        """Record one optimizer step; returns True if this iterate was kept (no-op on ranks other
+        than 0 with ``rank_zero_only``)."""
+        if self.rank_zero_only and not is_rank_zero():
+            return False
         self.num_updates += 1
         t = self.num_updates - self.burnin
         if t <= 0 or t % self.thin:

@@ -15,6 +15,10 @@ T.  ``preconditioner="rmsprop"`` gives pSGLD (Li et al. 2016) without its Gamma 
 The noise xi is counter-based Philox keyed by (seed, per-parameter offset, stream = the group's step
 count); offsets are fixed at construction and seed, step and offsets live in the state dict, so a run
 resumed from a checkpoint reproduces the uninterrupted run bit for bit.
+
+Data parallel (``DistributedDataParallel``): DDP averages the gradients and every rank draws the same
+noise (same seed, offsets and step; a default seed is drawn on rank 0 and broadcast), so the replicas
+take identical steps and never drift apart.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from bayeskern.distributed import shared_seed
 from bayeskern.ops import noise
 from bayeskern.ops.sgld import check_hyperparameters, first_nonfinite, reference_sgld_step_, sgld_step_
 
@@ -53,7 +58,8 @@ class BayesSGLD(Optimizer):
             has (None, ``"pretrained"`` or ``"given"``).
         temperature: T; 1 samples the posterior, 0 gives gradient descent to the MAP.
         preconditioner: None (SGLD) or ``"rmsprop"`` (pSGLD with decay ``alpha`` and ``eps``).
-        seed: Philox key of the noise (drawn from torch's default generator when None).
+        seed: Philox key of the noise (drawn from torch's default generator when None; under
+            ``torch.distributed`` rank 0's draw is broadcast, so every rank must construct the optimizer).
         foreach: use the ``torch._foreach`` implementation (float32 maths, Philox noise tensors).
         fused: use the fused kernel ``bayeskern.ops.sgld_step_`` (the default: the C++ SIMD kernel on
             CPU, Triton or CUDA on GPU). ``foreach=False, fused=False`` runs the single-tensor reference.
@@ -90,7 +96,7 @@ class BayesSGLD(Optimizer):
         nonfinite: str = "raise",
     ) -> None:
         if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+            seed = shared_seed()
         defaults = dict(
             lr=lr, num_data=num_data, prior_std=prior_std, prior_mean=prior_mean, temperature=temperature,
             preconditioner=preconditioner, alpha=alpha, eps=eps, seed=seed, foreach=foreach, fused=fused,

@@ -17,6 +17,16 @@ offsets being cumulative numels rounded up to 4 (one Philox block never straddle
 Training call ``t`` uses seed ``(base + (t + 1) * 0x9E3779B97F4A7C15) mod 2**63`` and sample ``s`` of
 the call uses ``stream = s``; ``sample(index)`` uses seed ``base`` and ``stream = index``, so it is
 deterministic in ``index``.
+
+Data parallel (``torch.distributed``): wrap the posterior in ``DistributedDataParallel`` and call the
+wrapped module with the targets, ``loss = ddp_post(inputs, targets)``: ``forward`` then returns
+``loss(inputs, targets)`` through DDP's hooks, so the variational parameters' gradients are averaged
+like any others and the replicas stay identical (calling ``ddp_post.module.loss`` would skip DDP's
+gradient synchronisation).  DDP broadcasts ``rng_state`` with the buffers, so every rank uses the same
+training seed; the streams are folded with the rank (``s + (rank << 32)``, ``distributed.rank_stream``),
+so each rank draws its own weights: a K-rank step averages K * S independent draws (variance
+reduction).  Rank 0 and a single process use ``stream = s`` as above; ``sample(index)`` is the same on
+every rank.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..distributed import rank_stream
 from ..ops import philox
 from .prior import GaussianPrior, PriorMean, PriorStd, mangle
 from .selection import ParamSelection
@@ -192,9 +203,17 @@ class WeightPosterior(nn.Module):
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         return functional_call(self.model, {**self._others(), **weights}, args)
 
-    def forward(self, inputs: Inputs) -> Any:
-        """One stochastic forward pass with freshly drawn weights."""
-        return self.functional_forward(self._draw(self._next_seed(), 0), inputs)
+    def forward(
+        self,
+        inputs: Inputs,
+        targets: Tensor | None = None,
+        criterion: Callable[[Any, Tensor], Tensor] = F.cross_entropy,
+    ) -> Any:
+        """One stochastic forward pass with freshly drawn weights; with ``targets``, ``loss(inputs,
+        targets, criterion)`` instead (the call to make through ``DistributedDataParallel``)."""
+        if targets is not None:
+            return self.loss(inputs, targets, criterion)
+        return self.functional_forward(self._draw(self._next_seed(), rank_stream(0)), inputs)
 
     def loss(
         self,
@@ -205,12 +224,13 @@ class WeightPosterior(nn.Module):
         """``(1/S) sum_s criterion(model_{w_s}(inputs), targets) + kl_weight * kl() / num_data``.
 
         ``criterion`` returns the mean negative log-likelihood of the minibatch; the S weight
-        draws share one fresh seed and use streams ``0..S-1``.  In train mode BatchNorm running
+        draws share one fresh seed and use streams ``0..S-1`` (folded with the rank under
+        ``torch.distributed``, see the module docstring).  In train mode BatchNorm running
         statistics update once per draw.
         """
         seed = self._next_seed()
         nll = sum(
-            criterion(self.functional_forward(self._draw(seed, s), inputs), targets)
+            criterion(self.functional_forward(self._draw(seed, rank_stream(s)), inputs), targets)
             for s in range(self.num_samples)
         ) / self.num_samples
         return nll + (self.kl_weight / self.num_data) * self.kl()

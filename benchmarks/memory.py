@@ -2,7 +2,8 @@
 
 ``peak_bytes(device, setup)`` builds a case with ``setup()`` (which returns the step to measure)
 and runs the step twice (the second call sees optimizer state and caches the first one created);
-it returns the peak of the bytes live during all that, counting only what the case allocated:
+it returns the peak of the bytes live during all that, counting only what the case allocated
+(objects built before, such as a shared model's weights, are not counted), and the step:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
   allocated before ``setup()`` ran (the caching allocator's own reserve is not counted).
@@ -24,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+Step = Callable[[], object]
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -65,8 +68,9 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
 
-def peak_bytes(device: torch.device, setup: Callable[[], Callable[[], object]]) -> int:
-    """Peak bytes allocated while building a case with ``setup()`` and running its step twice."""
+def peak_bytes(device: torch.device, setup: Callable[[], Step]) -> tuple[int, Step]:
+    """Peak bytes allocated while building a case with ``setup()`` and running its step twice;
+    returns them and the step (warmed up, for timing)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,9 +80,9 @@ def peak_bytes(device: torch.device, setup: Callable[[], Callable[[], object]]) 
         step()
         step()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.max_memory_allocated(device) - before, step
     with AllocationTracker() as tracker:
         step = setup()
         step()
         step()
-    return tracker.peak
+    return tracker.peak, step

@@ -4,7 +4,8 @@
 
 Per group (``extra_info["group"]``) every implementation is compared with the group's baseline
 (``extra_info["baseline"]``, measured in the same run): ``time / baseline`` (below 1 is faster)
-and ``speed-up`` (baseline / time).  Where ``extra_info["bytes"]`` is given and the group has a
+and ``speed-up`` (baseline / time); where both record ``extra_info["peak_bytes"]``, also
+``peak memory / baseline``.  Where ``extra_info["bytes"]`` is given and the group has a
 ``clone`` entry, bandwidth is reported as a fraction of the clone's bytes/s.  The header names the
 machine, the accelerator and the torch version recorded in the JSON.
 """
@@ -54,24 +55,26 @@ def table(benchmarks: list[dict]) -> list[str]:
         if "group" in info and "impl" in info:
             groups[info["group"]].append(entry)
     rows = [
-        "| benchmark | implementation | mean time | time / baseline | speed-up | notes |",
-        "|---|---|---|---|---|---|",
+        "| benchmark | implementation | mean time | time / baseline | speed-up | peak memory / baseline | notes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for group, entries in groups.items():
         baseline = next((e for e in entries if e["extra_info"].get("baseline")), None)
         clone = next((e for e in entries if e["extra_info"]["impl"] == "clone"), None)
         for entry in sorted(entries, key=lambda e: (not e["extra_info"].get("baseline"), e["stats"]["mean"])):
             info, mean = entry["extra_info"], entry["stats"]["mean"]
-            ratio = speedup = "n/a"
+            ratio = speedup = memory = "n/a"
             if baseline is not None:
                 ratio = f"{mean / baseline['stats']['mean']:.2f}x"
                 speedup = f"{baseline['stats']['mean'] / mean:.2f}x"
+                if info.get("peak_bytes") and baseline["extra_info"].get("peak_bytes"):
+                    memory = f"{info['peak_bytes'] / baseline['extra_info']['peak_bytes']:.2f}x"
             bandwidth = None
             if clone is not None and "bytes" in info and info["impl"] != "clone":
                 clone_rate = clone["extra_info"]["bytes"] / clone["stats"]["mean"]
                 bandwidth = info["bytes"] / mean / clone_rate
             impl = f"**{info['impl']}** (baseline)" if info.get("baseline") else info["impl"]
-            rows.append(f"| {group} | {impl} | {_fmt_time(mean)} | {ratio} | {speedup} | {_extras(entry, bandwidth)} |")
+            rows.append(f"| {group} | {impl} | {_fmt_time(mean)} | {ratio} | {speedup} | {memory} | {_extras(entry, bandwidth)} |")
     return rows
 
 

@@ -49,4 +49,6 @@ def test_peak_bytes_of_a_step_on_cpu():
 
         return step
 
-    assert peak_bytes(torch.device("cpu"), setup) == 4000 + 4000 + 4
+    peak, step = peak_bytes(torch.device("cpu"), setup)
+    assert peak == 4000 + 4000 + 4
+    assert step().item() == 1000

@@ -12,6 +12,8 @@ Environment (every variable optional):
   takes minutes).
 * ``BAYESKERN_BENCH_SAMPLES``: Monte-Carlo sample counts of the predict groups (default ``1,8,32``).
 * ``BAYESKERN_BENCH_FISHER_BATCHES``: batches in one Fisher epoch (default 4).
+* ``BAYESKERN_BENCH_ROUNDS``: timed rounds of every case (default 5; 1 in quick mode), after one
+  warm-up round and the two calls that measure peak memory.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_utils import record, synchronize
+from memory import Step, peak_bytes
+
 QUICK = os.environ.get("BAYESKERN_BENCH_QUICK") == "1"
 NUM_CLASSES = 10
 NUM_DATA = 50_000  # N of the posteriors' data terms (its value does not change the cost)
@@ -37,6 +42,7 @@ def _env_ints(name: str, default: str) -> list[int]:
 
 SAMPLES = _env_ints("BAYESKERN_BENCH_SAMPLES", "1,4" if QUICK else "1,8,32")
 FISHER_BATCHES = _env_ints("BAYESKERN_BENCH_FISHER_BATCHES", "2" if QUICK else "4")[0]
+ROUNDS = int(os.environ.get("BAYESKERN_BENCH_ROUNDS", "1" if QUICK else "5"))
 AMP = os.environ.get("BAYESKERN_BENCH_AMP", "")
 if AMP not in ("", "bf16"):
     raise ValueError(f"BAYESKERN_BENCH_AMP must be empty or 'bf16', got {AMP!r}")
@@ -120,3 +126,24 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.zero_grad(set_to_none=True)
     value.backward()
     opt.step()
+
+
+def measure(
+    benchmark, device: torch.device, setup: Callable[[], Step], group: str, impl: str, name: str,
+    timed_setup: Callable[[], Step] | None = None, **info,
+) -> None:
+    """Peak memory of the case built by ``setup`` (which also warms it up), then the time of its
+    step (or of the one ``timed_setup`` builds, where memory is tracked on a different step)."""
+    net = model(name, device.type)
+    net.zero_grad(set_to_none=True)  # gradients left by an earlier case would lower the peak
+    peak, step = peak_bytes(device, setup)
+    if timed_setup is not None:
+        step = timed_setup()
+
+    def call():
+        step()
+        synchronize(device)
+
+    record(benchmark, group, impl, baseline=impl == "deterministic", model=name, batch_size=batch_size(name),
+           params=sum(p.numel() for p in net.parameters()), peak_bytes=peak, amp=AMP or "none", **info)
+    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)

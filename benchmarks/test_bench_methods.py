@@ -15,12 +15,10 @@ Groups (models and sizes from ``cases.py``; every entry records ``peak_bytes``, 
 
 Kernel-level ratios against the eager composition are in test_bench_ops.py and test_bench_sgld.py;
 the peer libraries' steps join these groups from test_bench_peers.py.
-``BAYESKERN_BENCH_ROUNDS`` sets the timed rounds (default 5; 1 with ``BAYESKERN_BENCH_QUICK=1``).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
@@ -29,28 +27,7 @@ import torch.nn.functional as F
 import cases
 from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, MCDropout, SampleBank
 from bayeskern.predictive import predict
-from bench_utils import record, synchronize
-from memory import Step, peak_bytes
-
-ROUNDS = int(os.environ.get("BAYESKERN_BENCH_ROUNDS", "1" if cases.QUICK else "5"))
-
-
-def measure(benchmark, device: torch.device, setup, group: str, impl: str, name: str, timed_setup=None, **info) -> None:
-    """Peak memory of the case built by ``setup`` (which also warms it up), then the time of its
-    step (or of the one ``timed_setup`` builds, where memory is tracked on a different step)."""
-    net = cases.model(name, device.type)
-    net.zero_grad(set_to_none=True)  # gradients left by an earlier case would lower the peak
-    peak, step = peak_bytes(device, setup)
-    if timed_setup is not None:
-        step = timed_setup()
-
-    def call():
-        step()
-        synchronize(device)
-
-    record(benchmark, group, impl, baseline=impl == "deterministic", model=name, batch_size=cases.batch_size(name),
-           params=sum(p.numel() for p in net.parameters()), peak_bytes=peak, amp=cases.AMP or "none", **info)
-    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+from memory import Step
 
 
 def train_setup(name: str, impl: str, device: torch.device) -> Step:
@@ -73,7 +50,7 @@ def train_setup(name: str, impl: str, device: torch.device) -> Step:
 @pytest.mark.parametrize("impl", ["deterministic", "vi", "mc_dropout", "sgld"])
 @pytest.mark.parametrize("name", cases.SELECTED)
 def test_train_step(benchmark, bench_device, name, impl):
-    measure(benchmark, bench_device, lambda: train_setup(name, impl, bench_device),
+    cases.measure(benchmark, bench_device, lambda: train_setup(name, impl, bench_device),
             cases.group_name("train step", name, bench_device), impl, name)
 
 
@@ -94,7 +71,7 @@ def test_fisher_epoch(benchmark, bench_device, name, impl):
         return lambda: DiagLaplace(net, seed=0).fit(batches, progress=False)
 
     group = cases.group_name("Fisher epoch", name, bench_device, batches=cases.FISHER_BATCHES)
-    measure(benchmark, bench_device, setup, group, impl, name, batches=cases.FISHER_BATCHES)
+    cases.measure(benchmark, bench_device, setup, group, impl, name, batches=cases.FISHER_BATCHES)
 
 
 @functools.cache
@@ -144,5 +121,5 @@ def test_predict(benchmark, bench_device, name, num_samples, impl):
     if compile and not tracked_compiled:
         timed_setup = lambda: predict_setup(name, impl, bench_device, num_samples, True)  # noqa: E731
     group = cases.group_name("predict", name, bench_device, S=num_samples)
-    measure(benchmark, bench_device, lambda: predict_setup(name, impl, bench_device, num_samples, tracked_compiled),
+    cases.measure(benchmark, bench_device, lambda: predict_setup(name, impl, bench_device, num_samples, tracked_compiled),
             group, impl, name, timed_setup=timed_setup, samples=num_samples, compile=compile)

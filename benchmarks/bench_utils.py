@@ -3,6 +3,7 @@ import os
 
 import torch
 
+QUICK = os.environ.get("BAYESKERN_BENCH_QUICK") == "1"  # every suite: tiny sizes, to check it runs
 SIZES = [int(s) for s in os.environ.get("BAYESKERN_BENCH_SIZES", f"{2**20},{2**24}").split(",")]
 
 

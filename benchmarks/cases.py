@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_utils import record, synchronize
+from bench_utils import QUICK, record, synchronize
 from memory import Step, peak_bytes
 
-QUICK = os.environ.get("BAYESKERN_BENCH_QUICK") == "1"
 NUM_CLASSES = 10
 NUM_DATA = 50_000  # N of the posteriors' data terms (its value does not change the cost)
 

@@ -2,8 +2,11 @@
 # Device check: on a CUDA machine, the op tests on CUDA tensors (compiled Triton kernels, and the
 # CUDA extension where nvcc is found) and the op benchmarks at 16M and 256M elements, with each
 # kernel's bandwidth as a fraction of a device-to-device copy; the JSON and the markdown table
-# land in the results folder.  On a machine without CUDA it skips those parts and runs the same
-# benchmark + report pipeline on tiny CPU sizes, so CI exercises the script.
+# land in the results folder.  Then the overhead suite (test_bench_methods.py, and the peer libraries
+# where installed) on ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
+# one pytest run (JSON + table) per model under a time limit, so a slow model cannot sink the rest.
+# On a machine without CUDA it skips the CUDA parts and runs the same benchmark + report pipelines
+# on tiny CPU sizes (the overhead suite in quick mode on the MLP), so CI exercises the script.
 #
 #   bash benchmarks/device_check.sh [RESULTS_DIR]      (default: benchmarks/results, or $OUT if set)
 #
@@ -32,6 +35,10 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   SIZES=${BAYESKERN_BENCH_SIZES:-16777216,268435456}
   BENCH_ARGS=()
+  export BAYESKERN_BENCH_MODELS=${BAYESKERN_BENCH_MODELS:-mlp,resnet50,vit_base}
+  export BAYESKERN_BENCH_BATCH=${BAYESKERN_BENCH_BATCH:-64} BAYESKERN_BENCH_AMP=${BAYESKERN_BENCH_AMP:-bf16}
+  export BAYESKERN_BENCH_ROUNDS=${BAYESKERN_BENCH_ROUNDS:-3}
+  MODEL_TIMEOUT=${BAYESKERN_BENCH_MODEL_TIMEOUT:-200}
   echo "== op tests on CUDA tensors"
   BAYESKERN_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
     tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py \
@@ -41,6 +48,8 @@ else
   echo "== no CUDA device: CUDA tests and GPU sizes skipped; tiny CPU run of the benchmark pipeline"
   SIZES=${BAYESKERN_BENCH_SIZES:-65536}
   BENCH_ARGS=(--benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-warmup=off)
+  export BAYESKERN_BENCH_QUICK=1 BAYESKERN_BENCH_MODELS=${BAYESKERN_BENCH_MODELS:-mlp}
+  MODEL_TIMEOUT=${BAYESKERN_BENCH_MODEL_TIMEOUT:-60}
 fi
 
 JSON="$RESULTS/ops-$DEVICE-$STAMP.json"
@@ -49,3 +58,21 @@ BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_SIZES=$SIZES $PY -m pytest -q -p 
   benchmarks/test_bench_ops.py --benchmark-json="$JSON" "${BENCH_ARGS[@]}" >"$RESULTS/ops-bench-$DEVICE-$STAMP.log" 2>&1 \
   || { tail -50 "$RESULTS/ops-bench-$DEVICE-$STAMP.log"; exit 1; }
 $PY benchmarks/report.py "$JSON" | tee "$RESULTS/ops-$DEVICE-$STAMP.md"
+
+PEERS=()
+for module in bayesian_torch ivon laplace; do
+  $PY -c "import $module" 2>/dev/null && PEERS=(benchmarks/test_bench_peers.py) && break
+done
+IFS=, read -ra MODELS <<<"$BAYESKERN_BENCH_MODELS"
+for model in "${MODELS[@]}"; do
+  JSON="$RESULTS/methods-$model-$DEVICE-$STAMP.json"
+  LOG="$RESULTS/methods-$model-$DEVICE-$STAMP.log"
+  echo "== overhead benchmarks on $DEVICE: $model (limit ${MODEL_TIMEOUT}s)"
+  if BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_MODELS=$model timeout "$MODEL_TIMEOUT" $PY -m pytest -q -p no:cacheprovider \
+      benchmarks/test_bench_methods.py "${PEERS[@]}" --benchmark-only --benchmark-json="$JSON" >"$LOG" 2>&1; then
+    $PY benchmarks/report.py "$JSON" | tee "$RESULTS/methods-$model-$DEVICE-$STAMP.md"
+  else
+    echo "overhead benchmarks of $model failed or ran out of time:"; tail -30 "$LOG"
+    [ "$DEVICE" = cuda ] || exit 1  # CI must pass; on the device machine the other models still run
+  fi
+done

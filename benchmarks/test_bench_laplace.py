@@ -14,11 +14,10 @@ baselines stay short; bayeskern's planning forward weighs more there, which only
 Targets (design.md sections 6-7): bayeskern <= 1.5x plain for the MLPs, <= 3x for ResNet-18 and
 the ViT; >= 20x faster than the loop.  ``extra_info`` names the model, batch size and batch count.
 
-``BAYESKERN_BENCH_LAPLACE=quick`` shrinks every model and batch for a smoke run.
+``BAYESKERN_BENCH_QUICK=1`` shrinks every model and batch for a smoke run.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
@@ -30,9 +29,7 @@ from torch.func import functional_call, grad, vmap
 
 from bayeskern.posteriors.laplace import DiagLaplace
 
-from bench_utils import record, synchronize
-
-QUICK = os.environ.get("BAYESKERN_BENCH_LAPLACE") == "quick"
+from bench_utils import QUICK, record, synchronize
 
 
 def _mlp(*widths: int) -> nn.Module:

@@ -24,7 +24,7 @@ import bayeskern.ops as ops
 from bayeskern.ops.sgld import sgld_step_
 from bayeskern.posteriors.sgld import BayesSGLD
 from bayeskern.posteriors.wrapper import philox_offsets
-from bench_utils import record, size_label, synchronize
+from bench_utils import QUICK, record, size_label, synchronize
 
 LR, NUM_DATA = 1e-6, 50_000
 NOISE_SCALE = math.sqrt(2 * LR / NUM_DATA)
@@ -37,7 +37,7 @@ def _resnet18_shapes() -> list[torch.Size]:
 
 
 def _parameter_sets() -> dict[str, list[torch.Size]]:
-    if os.environ.get("BAYESKERN_BENCH_QUICK") == "1":
+    if QUICK:
         return {"1M": [torch.Size((1000, 1000))]}
     sets = {"resnet18": _resnet18_shapes()}
     if os.environ.get("BAYESKERN_BENCH_SKIP_BIG") != "1":

@@ -1,34 +1,30 @@
-"""Training steps of the VI and MC-dropout wrappers, and the Monte-Carlo predictive engine.
+"""The Monte-Carlo predictive engine compiled vs eager, and the VI sampling op's backward.
 
-* ``train step <model>``: one optimizer step (forward, backward, SGD update) of VI (S = 1) and
-  MC-dropout against the deterministic step of the same model (the baseline).  Models: an MLP
-  784-1024-1024-10 at batch 512 and timm's resnet18 on 32x32 inputs at batch 32.
+(The training steps of every posterior against the deterministic network, with peak memory, are in
+test_bench_methods.py.)
+
 * ``predict S=32 <posterior> <model>``: ``bayeskern.predict`` compiled against the eager loop of S
   functional forwards (``compile=False``, the baseline); compilation happens before timing (it is
   paid once per model).  ``vi`` draws the S weight samples inside the call (end to end);
-  ``drawn`` predicts stored samples, timing the engine alone.  Models: the two above and a small
-  MLP 784-128-128-10 at batch 16, where per-call overhead matters most.
+  ``drawn`` predicts stored samples, timing the engine alone.  Models: an MLP 784-1024-1024-10 at
+  batch 512, timm's resnet18 on 32x32 inputs at batch 32 and a small MLP 784-128-128-10 at batch
+  16, where per-call overhead matters most.
 * ``eps regenerate vs keep <n>``: the rho-gradient of ``gaussian_sample`` with eps regenerated in
   the fused backward kernel (the baseline) against reading an eps kept from the forward.
 
 ``BAYESKERN_BENCH_QUICK=1`` shrinks models and batches to check the suite runs.
 """
-import os
-
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bayeskern.ops as ops
-from bayeskern.posteriors.mc_dropout import MCDropout
 from bayeskern.posteriors.vi import VI
 from bayeskern.predictive import predict
 
-from bench_utils import record, size_label
+from bench_utils import QUICK, record, size_label
 
-QUICK = os.environ.get("BAYESKERN_BENCH_QUICK") == "1"
 NUM_CLASSES = 10
 
 
@@ -48,43 +44,7 @@ def small_mlp_case():
     return model, torch.randn(16, 784)
 
 
-MODELS = {"mlp": mlp_case, "resnet18": resnet18_case}
-PREDICT_MODELS = {**MODELS, "small_mlp": small_mlp_case}
-
-
-def deterministic_step(model, x, y, opt):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-
-
-def posterior_step(post, x, y, opt):
-    loss = post.loss(x, y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-
-
-@pytest.mark.parametrize("model_name", list(MODELS))
-@pytest.mark.parametrize("impl", ["deterministic", "vi", "mc_dropout"])
-def test_train_step(benchmark, model_name, impl):
-    torch.manual_seed(0)
-    model, x = MODELS[model_name]()
-    y = torch.randint(0, NUM_CLASSES, (x.shape[0],))
-    model.train()
-    if impl == "deterministic":
-        trained, step = model, deterministic_step
-    elif impl == "vi":
-        trained, step = VI(model, init_std=1e-3, num_data=50_000, num_samples=1, seed=0), posterior_step
-    else:
-        trained, step = MCDropout(model, 0.1, num_data=50_000, seed=0), posterior_step
-    trained.train()
-    opt = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
-    step(trained, x, y, opt)  # warm-up: allocations, extension load
-    record(benchmark, f"train step {model_name} b{x.shape[0]}", impl, baseline=impl == "deterministic",
-           model=model_name, params=sum(p.numel() for p in model.parameters()))
-    benchmark(step, trained, x, y, opt)
+PREDICT_MODELS = {"mlp": mlp_case, "resnet18": resnet18_case, "small_mlp": small_mlp_case}
 
 
 class DrawnSamples:

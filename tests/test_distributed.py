@@ -6,7 +6,11 @@ against single-process oracles (no process group) on the whole data or on one sh
 from __future__ import annotations
 
 import copy
+import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bayeskern.posteriors.wrapper as wrapper
 from bayeskern import distributed
+from bayeskern.app.methods import METHODS
 from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, MCDropout, SampleBank
 
 WORLD = 2
@@ -201,3 +206,27 @@ def test_weight_posteriors_under_ddp(kind: str, weight_posterior_runs: list[dict
     trained.load_state_dict(results[1]["state"])
     monkeypatch.setattr(wrapper, "rank_stream", lambda s: s + (1 << distributed.RANK_STREAM_SHIFT))
     assert results[1]["same_data_loss"] == pytest.approx(_local_grads(trained, x[:BATCH], y[:BATCH])[0], rel=1e-6)
+
+
+# -- bayeskern-finetune under torchrun ---------------------------------------------------------
+def test_finetune_under_torchrun(tmp_path: Path) -> None:
+    """Every method trains on 2 gloo ranks; rank 0 alone logs, prints and writes the outputs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CLI as users run it on CPU
+    env["OMP_NUM_THREADS"] = "1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "-m", "bayeskern.app.finetune", "--epochs", "2", "--sgld-epochs", "2",
+        "--sgld-thin", "1", "--batch-size", "32", "--num-samples", "2", "--image-size", "8", "--quiet",
+        "--laplace-params", "last_layer", "--out", str(tmp_path), "--name", "run",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    methods = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
+    assert set(methods) == set(METHODS)
+    logged = [json.loads(line)["method"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    trained = [m for m in METHODS if m != "laplace"]
+    assert sorted(logged) == sorted(trained * 2)  # 2 epochs each, logged once (not once per rank)
+    assert done.stdout.count("| vanilla |") == 1

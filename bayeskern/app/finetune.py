@@ -5,17 +5,24 @@ prints a markdown table (error, ECE, MCE, NLL, Brier on the test split, ECE/NLL 
 scaling fitted on the validation split, train time, peak memory) and writes ``runs/<name>/``:
 ``metrics.json``, ``log.jsonl`` (one JSON line per epoch), a reliability diagram per method, a
 side-by-side diagram, and per-method checkpoints for ``--resume``.
+
+Data parallel: ``torchrun --nproc_per_node=K -m bayeskern.app.finetune ...`` (NCCL on CUDA, one GPU per
+rank by ``LOCAL_RANK``; gloo on CPU) trains every method on K ranks; rank 0 evaluates, prints and
+writes every file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from ..distributed import is_rank_zero
 from .data import DATASETS, DataOptions, load_dataset, targets_of
 from .errors import UsageError
 from .measure import measure
@@ -145,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.resume:
         _check_resumable(run_dir, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     if args.laplace_params and args.laplace_params != "last_layer":
         args.laplace_params = args.laplace_params.split(",")
 
@@ -170,18 +178,34 @@ def run(args: argparse.Namespace) -> int:
         method = METHODS[method_name](args, splits, make_backbone, make_loop, device, shared)
         with measure(device) as usage:
             method.train()
+        if not is_rank_zero():
+            continue
         val, test = method.predict(splits.val), method.predict(splits.test)
         results[method_name] = evaluate(val, val_targets, test, test_targets, usage.seconds, usage.peak_bytes)
         test_probs[method_name] = test
         save_method_result(run_dir / method_name, results[method_name], {"test": test, "shared": dict(shared)})
+    if not is_rank_zero():
+        return 0
     write_outputs(run_dir, config, results, test_probs, test_targets)
     print(markdown_table(results))
     print(f"\nwrote {run_dir}/metrics.json and reliability diagrams")
     return 0
 
 
+def _init_distributed(device: str) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); True if this call did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined = _init_distributed(args.device)
     try:
         return run(args)
     except UsageError as error:
@@ -190,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"bayeskern-finetune: {stop}; continue with --resume", file=sys.stderr)
         return 3
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

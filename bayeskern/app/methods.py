@@ -12,6 +12,10 @@ registry the CLI reads.
 
 The MAP is the vanilla fit: reused when ``vanilla`` ran first in the same invocation, otherwise
 trained once (checkpointed under ``map/``) and shared by the methods that need it.
+
+Under ``torchrun`` the trained modules run inside ``DistributedDataParallel`` (``Method.parallel``;
+VI and MC-dropout through ``forward(inputs, targets)``, their loss), the SGLD bank keeps samples on
+rank 0 only and Laplace fits each rank's shard of the training set (the Fisher is all-reduced).
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import bayeskern as bk
+from bayeskern.distributed import is_distributed, world_size
 
 from .data import Splits
 from .errors import UsageError
@@ -70,6 +76,10 @@ class Method:
         ]
         return [g for g in groups if g["params"]]
 
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` inside ``DistributedDataParallel`` under torch.distributed (gradients averaged)."""
+        return DistributedDataParallel(module) if is_distributed() else module
+
     def eval_loader(self, dataset: Dataset):
         return self.loop.loader(dataset, shuffle=False)
 
@@ -108,10 +118,11 @@ class Method:
     def train_map(self, loop: EpochLoop) -> None:
         """The deterministic fit of the backbone (Adam on the mean cross-entropy); shared as the MAP."""
         model = self.backbone.model
+        net = self.parallel(model)
         optimizer = torch.optim.Adam(self.param_groups(list(model.named_parameters()), self.args.lr))
         self.train_supervised(
             model, {"model": model, "optimizer": optimizer},
-            lambda x, y: F.cross_entropy(model(x), y), optimizer, loop=loop,
+            lambda x, y: F.cross_entropy(net(x), y), optimizer, loop=loop,
         )
         self.shared["map_state"] = copy.deepcopy(model.state_dict())
 
@@ -134,7 +145,8 @@ class Vanilla(Method):
 
 
 class _WeightPosteriorMethod(Method):
-    """VI and MC-dropout: an nn.Module posterior trained by Adam on ``posterior.loss``."""
+    """VI and MC-dropout: an nn.Module posterior trained by Adam on ``posterior.loss`` (called as
+    ``posterior(inputs, targets)``, so that it runs through DDP when distributed)."""
 
     def build(self) -> nn.Module:
         raise NotImplementedError
@@ -144,7 +156,7 @@ class _WeightPosteriorMethod(Method):
         optimizer = torch.optim.Adam(self.param_groups(list(self.posterior.named_parameters()), self.args.lr))
         self.train_supervised(
             self.posterior, {"posterior": self.posterior, "optimizer": optimizer},
-            self.posterior.loss, optimizer,
+            self.parallel(self.posterior), optimizer,
         )
 
     def predict(self, dataset: Dataset) -> Tensor:
@@ -187,16 +199,18 @@ class SGLD(Method):
             prior_std=a.prior_std, prior_mean="pretrained" if a.pretrained else None,
             temperature=a.sgld_temperature, seed=a.seed,
         )
-        steps = a.sgld_epochs * -(-self.num_data // a.batch_size)
+        per_rank = -(-self.num_data // world_size())  # DistributedSampler's share (all of it in one process)
+        steps = a.sgld_epochs * -(-per_rank // a.batch_size)
         burnin = int(a.sgld_burnin * steps)
         if steps - burnin < a.sgld_thin:
             raise UsageError(f"SGLD keeps no sample: {steps} steps, {burnin} of burn-in, thinning {a.sgld_thin}; "
                              "raise --sgld-epochs or lower --sgld-burnin / --sgld-thin")
         self.bank = bk.SampleBank(model, burnin=burnin, thin=a.sgld_thin,
-                                  max_samples=a.num_samples)
+                                  max_samples=a.num_samples, rank_zero_only=True)
+        net = self.parallel(model)
         self.train_supervised(
             model, {"model": model, "optimizer": optimizer, "bank": self.bank},
-            lambda x, y: F.cross_entropy(model(x), y), optimizer, after_step=self.bank.update,
+            lambda x, y: F.cross_entropy(net(x), y), optimizer, after_step=self.bank.update,
         )
 
     def predict(self, dataset: Dataset) -> Tensor:
@@ -214,7 +228,7 @@ class Laplace(Method):
                                       prior_mean=self.prior_mean if a.pretrained else None, fisher=a.laplace_fisher,
                                       params=a.laplace_params)
         model.eval()
-        self.laplace.fit(self.eval_loader(self.splits.train), progress=not a.quiet)
+        self.laplace.fit(self.eval_loader(self.loop.shard(self.splits.train)), progress=not a.quiet)
         if a.laplace_optimize != "none":
             self.laplace.optimize_prior_precision(method=a.laplace_optimize, val_loader=self.eval_loader(self.splits.val))
 

@@ -4,6 +4,10 @@ per epoch, a checkpoint of everything stateful after every epoch, and resume.
 A resumed run continues as if never stopped: epoch ``e`` shuffles with seed ``seed + e``, and the
 checkpoint holds the posterior, optimizer, scheduler and sample bank states (the posteriors keep
 their Philox counters in their own state) plus torch's global RNG state.
+
+Under ``torchrun`` (``torch.distributed`` initialised) each rank trains on its part of every epoch
+(``DistributedSampler``, epoch ``e`` shuffled with seed ``seed + e``; ``--batch-size`` is per rank),
+the logged loss is the mean over all ranks' examples, and only rank 0 logs and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
+from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank, world_size
 from .errors import UsageError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,11 +69,17 @@ class EpochLoop:
         dtype = AMP_DTYPES[self.amp]
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
-    def loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
+    def loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None,
+               sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
+            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
         )
+
+    @staticmethod
+    def shard(dataset: Dataset) -> Dataset:
+        """This rank's examples ``rank, rank + K, ...`` (every example exactly once over the K ranks)."""
+        return Subset(dataset, range(rank(), len(dataset), world_size())) if is_distributed() else dataset
 
     def _progress(self, iterable, **kwargs):
         return tqdm(iterable, disable=self.quiet or not sys.stderr.isatty(), leave=False, **kwargs)
@@ -93,26 +104,34 @@ class EpochLoop:
         torch.set_rng_state(payload["rng"])
         return payload["epoch"] + 1
 
+    def _log(self, log_path: Path, record: dict[str, Any]) -> None:
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        if not self.quiet:
+            print(json.dumps(record), flush=True)
+
     def run(self, dataset: Dataset, state: dict[str, Stateful], step: Callable[[Tensor, Tensor], float]) -> None:
         """Train ``epochs`` epochs of ``step(inputs, targets) -> loss`` over ``dataset``."""
         generator = torch.Generator()
-        loader = self.loader(dataset, shuffle=True, generator=generator)
+        sampler = DistributedSampler(dataset, shuffle=True, seed=self.seed) if is_distributed() else None
+        loader = self.loader(dataset, shuffle=sampler is None, generator=generator, sampler=sampler)
         log_path = self.directory.parent / "log.jsonl"
         for epoch in range(self._restore(state), self.epochs):
             generator.manual_seed(self.seed + epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             start, total, count = time.perf_counter(), 0.0, 0
             for inputs, targets in self._progress(loader, desc=f"{self.directory.name} epoch {epoch + 1}/{self.epochs}"):
                 inputs = inputs.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 total += step(inputs, targets) * len(targets)
                 count += len(targets)
+            total, count = all_reduce_sum({"sums": torch.tensor([total, count], dtype=torch.float64)})["sums"].tolist()
             record = {"method": self.directory.name, "epoch": epoch + 1, "loss": total / count,
                       "seconds": round(time.perf_counter() - start, 3)}
-            self.directory.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            if not self.quiet:
-                print(json.dumps(record), flush=True)
-            self._save(epoch, state)
+            if is_rank_zero():
+                self._log(log_path, record)
+                self._save(epoch, state)
             if self.stop_after is not None and epoch + 1 >= self.stop_after:
                 raise Interrupted(f"stopped after epoch {epoch + 1}")

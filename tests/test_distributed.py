@@ -160,7 +160,7 @@ def _weight_posterior_job(rank: int) -> dict:
         post = make()
         ddp = DDP(post)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        first = {}
+        first, synced = {}, []
         for step in range(STEPS):
             xs, ys = _shard(x, step, rank), _shard(y, step, rank)
             loss, local = _local_grads(post, xs, ys)
@@ -170,11 +170,12 @@ def _weight_posterior_job(rank: int) -> dict:
                 g /= WORLD
             opt.zero_grad()
             ddp(xs, ys).backward()  # forward(inputs, targets) = loss through DDP's hooks
+            synced.append((_grads(post), averaged))
             if step == 0:
-                first = {"loss": loss, "local": local, "averaged": averaged, "ddp": _grads(post)}
+                first = {"loss": loss, "local": local}
             opt.step()
         same_data_loss, _ = _local_grads(post, x[:BATCH], y[:BATCH])
-        out[kind] = {**first, "state": post.state_dict(), "same_data_loss": same_data_loss}
+        out[kind] = {**first, "synced": synced, "state": post.state_dict(), "same_data_loss": same_data_loss}
     return out
 
 
@@ -185,11 +186,15 @@ def weight_posterior_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict
 
 
 @pytest.mark.parametrize("kind", list(POSTERIORS))
-def test_weight_posteriors_under_ddp(kind: str, weight_posterior_runs: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weight_posteriors_under_ddp(
+    kind: str, weight_posterior_runs: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
     results = [r[kind] for r in weight_posterior_runs]
-    for result in results:  # DDP averaged the ranks' gradients of forward(inputs, targets)
-        for name, grad in result["averaged"].items():
-            torch.testing.assert_close(result["ddp"][name], grad, rtol=1e-5, atol=1e-7)
+    for result in results:  # at every step DDP averaged the ranks' gradients of forward(inputs, targets)
+        for ddp_grads, averaged in result["synced"]:
+            assert ddp_grads.keys() == averaged.keys()
+            for name, grad in averaged.items():
+                torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-5, atol=1e-7)
     for name, value in results[0]["state"].items():
         assert torch.equal(value, results[1]["state"][name]), f"replicas drifted apart in {name}"
 

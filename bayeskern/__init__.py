@@ -1,5 +1,5 @@
 """bayeskern: fast approximate Bayesian posteriors over the weights of any PyTorch nn.Module."""
-from . import metrics, ops, plots
+from . import distributed, metrics, ops, plots
 from .posteriors import (
     VI,
     BayesSGLD,
@@ -24,6 +24,7 @@ __all__ = [
     "SampleBank",
     "VI",
     "__version__",
+    "distributed",
     "metrics",
     "ops",
     "plots",

@@ -3,8 +3,9 @@
 # CUDA extension where nvcc is found) and the op benchmarks at 16M and 256M elements, with each
 # kernel's bandwidth as a fraction of a device-to-device copy; the JSON and the markdown table
 # land in the results folder.  Then the overhead suite (test_bench_methods.py, and the peer libraries
-# where installed) on ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
-# one pytest run (JSON + table) per model under a time limit, so a slow model cannot sink the rest.
+# where installed) on the MLP, ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
+# two pytest runs per model (JSON + table each) under time limits (BAYESKERN_BENCH_RUN_TIMEOUT per run,
+# BAYESKERN_BENCH_METHODS_BUDGET for all), so a slow model cannot sink the rest.
 # On a machine without CUDA it skips the CUDA parts and runs the same benchmark + report pipelines
 # on tiny CPU sizes (the overhead suite in quick mode on the MLP), so CI exercises the script.
 #
@@ -38,7 +39,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   export BAYESKERN_BENCH_MODELS=${BAYESKERN_BENCH_MODELS:-mlp,resnet50,vit_base}
   export BAYESKERN_BENCH_BATCH=${BAYESKERN_BENCH_BATCH:-64} BAYESKERN_BENCH_AMP=${BAYESKERN_BENCH_AMP:-bf16}
   export BAYESKERN_BENCH_ROUNDS=${BAYESKERN_BENCH_ROUNDS:-3}
-  MODEL_TIMEOUT=${BAYESKERN_BENCH_MODEL_TIMEOUT:-200}
+  RUN_TIMEOUT=${BAYESKERN_BENCH_RUN_TIMEOUT:-120} METHODS_BUDGET=${BAYESKERN_BENCH_METHODS_BUDGET:-300}
   echo "== op tests on CUDA tensors"
   BAYESKERN_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
     tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py \
@@ -49,7 +50,7 @@ else
   SIZES=${BAYESKERN_BENCH_SIZES:-65536}
   BENCH_ARGS=(--benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-warmup=off)
   export BAYESKERN_BENCH_QUICK=1 BAYESKERN_BENCH_MODELS=${BAYESKERN_BENCH_MODELS:-mlp}
-  MODEL_TIMEOUT=${BAYESKERN_BENCH_MODEL_TIMEOUT:-60}
+  RUN_TIMEOUT=${BAYESKERN_BENCH_RUN_TIMEOUT:-60} METHODS_BUDGET=${BAYESKERN_BENCH_METHODS_BUDGET:-100}
 fi
 
 JSON="$RESULTS/ops-$DEVICE-$STAMP.json"
@@ -63,16 +64,26 @@ PEERS=()
 for module in bayesian_torch ivon laplace; do
   $PY -c "import $module" 2>/dev/null && PEERS=(benchmarks/test_bench_peers.py) && break
 done
+# Per model, the training steps + Fisher epoch, then the predictions (the compilations), each a pytest
+# run with its own JSON, capped by the per-run limit and by what is left of the suite's budget.
+DEADLINE=$((SECONDS + METHODS_BUDGET))
 IFS=, read -ra MODELS <<<"$BAYESKERN_BENCH_MODELS"
 for model in "${MODELS[@]}"; do
-  JSON="$RESULTS/methods-$model-$DEVICE-$STAMP.json"
-  LOG="$RESULTS/methods-$model-$DEVICE-$STAMP.log"
-  echo "== overhead benchmarks on $DEVICE: $model (limit ${MODEL_TIMEOUT}s)"
-  if BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_MODELS=$model timeout "$MODEL_TIMEOUT" $PY -m pytest -q -p no:cacheprovider \
-      benchmarks/test_bench_methods.py "${PEERS[@]}" --benchmark-only --benchmark-json="$JSON" >"$LOG" 2>&1; then
-    $PY benchmarks/report.py "$JSON" | tee "$RESULTS/methods-$model-$DEVICE-$STAMP.md"
-  else
-    echo "overhead benchmarks of $model failed or ran out of time:"; tail -30 "$LOG"
-    [ "$DEVICE" = cuda ] || exit 1  # CI must pass; on the device machine the other models still run
-  fi
+  for part in train predict; do
+    select="train_step or fisher_epoch"
+    [ "$part" = predict ] && select=predict
+    left=$((DEADLINE - SECONDS))
+    limit=$((left < RUN_TIMEOUT ? left : RUN_TIMEOUT))
+    name="methods-$model-$part-$DEVICE-$STAMP"
+    if [ "$limit" -lt 20 ]; then echo "== $name skipped: the suite's ${METHODS_BUDGET}s budget is spent"; continue; fi
+    echo "== overhead benchmarks on $DEVICE: $model, $part (limit ${limit}s)"
+    if BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_MODELS=$model timeout "$limit" $PY -m pytest -q -p no:cacheprovider \
+        benchmarks/test_bench_methods.py "${PEERS[@]}" -k "$select" --benchmark-only \
+        --benchmark-json="$RESULTS/$name.json" >"$RESULTS/$name.log" 2>&1; then
+      $PY benchmarks/report.py "$RESULTS/$name.json" | tee "$RESULTS/$name.md"
+    else
+      echo "$name failed or ran out of time:"; tail -30 "$RESULTS/$name.log"
+      [ "$DEVICE" = cuda ] || exit 1  # CI must pass; on the device machine the other runs still go
+    fi
+  done
 done

@@ -4,7 +4,7 @@ Environment (every variable optional):
 
 * ``BAYESKERN_BENCH_QUICK=1``: tiny models and batches, to check a suite runs (all suites).
 * ``BAYESKERN_BENCH_MODELS``: comma-separated names from ``MODELS`` (default ``mlp,resnet18,vit_tiny``;
-  the device check uses ``mlp,resnet50,vit_base``).
+  the device check uses ``resnet50,vit_base``).
 * ``BAYESKERN_BENCH_BATCH``: batch size of every model (default: 256 for the MLP, 32 for images).
 * ``BAYESKERN_BENCH_AMP=bf16``: run steps and predictions under CUDA bf16 autocast.
 * ``BAYESKERN_BENCH_COMPILE``: ``1``/``0``, ``bayeskern.predict`` compiled (and the deterministic

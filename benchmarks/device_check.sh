@@ -3,7 +3,7 @@
 # CUDA extension where nvcc is found) and the op benchmarks at 16M and 256M elements, with each
 # kernel's bandwidth as a fraction of a device-to-device copy; the JSON and the markdown table
 # land in the results folder.  Then the overhead suite (test_bench_methods.py, and the peer libraries
-# where installed) on the MLP, ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
+# where installed) on ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
 # two pytest runs per model (JSON + table each) under time limits (BAYESKERN_BENCH_RUN_TIMEOUT per run,
 # BAYESKERN_BENCH_METHODS_BUDGET for all), so a slow model cannot sink the rest.
 # On a machine without CUDA it skips the CUDA parts and runs the same benchmark + report pipelines
@@ -36,10 +36,10 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   SIZES=${BAYESKERN_BENCH_SIZES:-16777216,268435456}
   BENCH_ARGS=()
-  export BAYESKERN_BENCH_MODELS=${BAYESKERN_BENCH_MODELS:-mlp,resnet50,vit_base}
+  export BAYESKERN_BENCH_MODELS=${BAYESKERN_BENCH_MODELS:-resnet50,vit_base}
   export BAYESKERN_BENCH_BATCH=${BAYESKERN_BENCH_BATCH:-64} BAYESKERN_BENCH_AMP=${BAYESKERN_BENCH_AMP:-bf16}
   export BAYESKERN_BENCH_ROUNDS=${BAYESKERN_BENCH_ROUNDS:-3}
-  RUN_TIMEOUT=${BAYESKERN_BENCH_RUN_TIMEOUT:-120} METHODS_BUDGET=${BAYESKERN_BENCH_METHODS_BUDGET:-300}
+  RUN_TIMEOUT=${BAYESKERN_BENCH_RUN_TIMEOUT:-130} METHODS_BUDGET=${BAYESKERN_BENCH_METHODS_BUDGET:-270}
   echo "== op tests on CUDA tensors"
   BAYESKERN_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
     tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py \

@@ -2,11 +2,20 @@
 
 Every benchmark records ``benchmark.extra_info``: ``group`` (what is compared), ``impl`` (which
 implementation) and, on the implementation every other in the group is compared against,
-``baseline=True``; ``bytes`` (memory traffic of one call) where bandwidth is reported.
+``baseline=True``; ``bytes`` (memory traffic of one call) where bandwidth is reported;
+``peak_bytes`` (memory.py) where peak memory is compared.
 ``python benchmarks/report.py results.json`` turns a ``--benchmark-json`` file into the README table.
 
+Run: ``pytest benchmarks/ --benchmark-only [--benchmark-json=results.json]`` (not part of the test
+run).  Suites: test_bench_ops.py / test_bench_sgld.py (kernels against the eager composition),
+test_bench_methods.py (each posterior against the deterministic network: training step, Fisher
+epoch, predict, peak memory; models and sizes in cases.py), test_bench_peers.py (bayesian-torch,
+IVON, laplace-torch in the same groups, where installed), test_bench_vi.py (predict compiled vs
+eager), test_bench_laplace.py (Fisher against the per-example prior art).
+
 Sizes: ``BAYESKERN_BENCH_SIZES`` (comma-separated element counts, default 1M and 16M);
-device: ``BAYESKERN_BENCH_DEVICE`` (default cpu).
+device: ``BAYESKERN_BENCH_DEVICE`` (default cpu); ``BAYESKERN_BENCH_QUICK=1``: every suite at tiny
+sizes, to check it runs.
 """
 import os
 
@@ -15,7 +24,6 @@ import torch
 
 if os.environ.get("BAYESKERN_BENCH_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton cases are skipped on CPU (too slow to time)
-
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,9 @@ it returns the peak of the bytes live during all that, counting only what the ca
   ``weakref.finalize`` on every tensor holding it decrements a per-storage reference count, and the
   storage's bytes leave the live total when the last of them dies.  PyTorch keeps a tensor's Python
   object alive as long as its C++ tensor is referenced (autograd's saved tensors included), so a
-  finalizer runs when the memory is actually released.  Tensors created outside the mode, and
+  finalizer runs when the memory is actually released.  An output sharing the storage of an input
+  created outside the mode (a view of a parameter, an optimizer's in-place update) allocates
+  nothing and is not counted.  Tensors created outside the mode, and
   memory that libraries allocate internally (e.g. oneDNN workspaces), are not seen.
 """
 from __future__ import annotations
@@ -27,6 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 Step = Callable[[], object]
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    return 0 if tensor.device.type == "meta" else tensor.untyped_storage().data_ptr()
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -45,7 +51,7 @@ class AllocationTracker(TorchDispatchMode):
             self.live -= entry[1]
             del self._refs[key]
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, inputs: set[int]) -> None:
         if tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()
@@ -54,6 +60,8 @@ class AllocationTracker(TorchDispatchMode):
             return
         entry = self._refs.get(key)
         if entry is None:
+            if key in inputs:  # a view or in-place result of a tensor created outside the mode
+                return
             entry = self._refs[key] = [0, nbytes]
             self.live += nbytes
             self.peak = max(self.peak, self.live)
@@ -62,9 +70,10 @@ class AllocationTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_ptr(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
-                self._track(leaf)
+                self._track(leaf, inputs)
         return out
 
 

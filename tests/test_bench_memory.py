@@ -24,6 +24,19 @@ def test_tracker_counts_live_storages_and_their_peak():
     assert tracker.live == 0
 
 
+def test_tracker_ignores_views_and_updates_of_outside_tensors():
+    outside = torch.zeros(1000)
+    with AllocationTracker() as tracker:
+        outside.add_(1.0)  # in place on a tensor created before: nothing allocated
+        view = outside[:10]
+        fresh = outside * 2  # 4000 B
+        fresh_view = fresh[:10]
+        del fresh
+    assert tracker.peak == tracker.live == 4000  # the view keeps fresh's storage alive
+    del view, fresh_view
+    assert tracker.live == 0
+
+
 def test_tracker_sees_tensors_autograd_saves():
     x = torch.randn(256, requires_grad=True)  # created outside: not counted
     with AllocationTracker() as tracker:

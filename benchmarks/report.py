@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,12 +48,13 @@ def _extras(entry: dict, bandwidth: float | None) -> str:
     return "; ".join(notes)
 
 
-def table(benchmarks: list[dict]) -> list[str]:
-    """Markdown rows, one per benchmark, grouped, with ratios to each group's baseline."""
+def table(benchmarks: list[dict], only: str | None = None) -> list[str]:
+    """Markdown rows, one per benchmark, grouped, with ratios to each group's baseline; ``only``
+    keeps the groups whose name matches that regular expression."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for entry in benchmarks:
         info = entry.get("extra_info", {})
-        if "group" in info and "impl" in info:
+        if "group" in info and "impl" in info and (only is None or re.search(only, info["group"])):
             groups[info["group"]].append(entry)
     rows = [
         "| benchmark | implementation | mean time | time / baseline | speed-up | peak memory / baseline | notes |",
@@ -78,13 +80,13 @@ def table(benchmarks: list[dict]) -> list[str]:
     return rows
 
 
-def render(paths: list[Path]) -> str:
+def render(paths: list[Path], only: str | None = None) -> str:
     lines = []
     for path in paths:
         data = json.loads(path.read_text())
         lines.append(f"Measured on {_machine(data)} ({data.get('datetime', '?')[:10]}), `{path.name}`:")
         lines.append("")
-        lines.extend(table(data["benchmarks"]))
+        lines.extend(table(data["benchmarks"], only))
         lines.append("")
     return "\n".join(lines)
 
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json output")
     parser.add_argument("--out", type=Path, help="write the markdown here instead of stdout")
+    parser.add_argument("--groups", help="only the groups matching this regular expression")
     args = parser.parse_args(argv)
-    text = render(args.json)
+    text = render(args.json, args.groups)
     if args.out:
         args.out.write_text(text)
     else:

@@ -2,7 +2,9 @@
 
 CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated at the start.  CPU: the
 process's resident set size (``/proc/self/statm``), sampled every 20 ms by a background thread,
-above its value at the start -- what the method added, including allocator caching.
+above its value at the start -- what the method added to the process.  Memory the allocator keeps
+from an earlier method is reused without growing the RSS, so on CPU the first method of a run also
+carries one-off costs (library workspaces, allocator arenas) and later ones read low.
 """
 from __future__ import annotations
 

@@ -228,7 +228,7 @@ class Laplace(Method):
                                       prior_mean=self.prior_mean if a.pretrained else None, fisher=a.laplace_fisher,
                                       params=a.laplace_params)
         model.eval()
-        self.laplace.fit(self.eval_loader(self.loop.shard(self.splits.train)), progress=not a.quiet)
+        self.laplace.fit(self.eval_loader(self.loop.shard(self.splits.train)), progress=self.loop.show_progress)
         if a.laplace_optimize != "none":
             self.laplace.optimize_prior_precision(method=a.laplace_optimize, val_loader=self.eval_loader(self.splits.val))
 

@@ -48,7 +48,7 @@ def _mib(n: int | None) -> str:
 
 
 def markdown_table(results: dict[str, MethodResult]) -> str:
-    head = [*COLUMNS, "ECE (TS)", "NLL (TS)", "T", "train s", "peak MiB"]
+    head = [*COLUMNS, "ECE (TS)", "NLL (TS)", "T", "train s", "peak MiB"]  # peak MiB: see bayeskern.app.measure
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, r in results.items():
         cells = [f"{r.test[c]:.4f}" for c in COLUMNS]

@@ -81,8 +81,13 @@ class EpochLoop:
         """This rank's examples ``rank, rank + K, ...`` (every example exactly once over the K ranks)."""
         return Subset(dataset, range(rank(), len(dataset), world_size())) if is_distributed() else dataset
 
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars only on an interactive terminal, and not under --quiet."""
+        return not self.quiet and sys.stderr.isatty()
+
     def _progress(self, iterable, **kwargs):
-        return tqdm(iterable, disable=self.quiet or not sys.stderr.isatty(), leave=False, **kwargs)
+        return tqdm(iterable, disable=not self.show_progress, leave=False, **kwargs)
 
     def _save(self, epoch: int, state: dict[str, Stateful]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

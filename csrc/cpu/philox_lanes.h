@@ -6,17 +6,10 @@
 #include "cpu/simd.h"  // the vector lane overloads must precede philox.h's templates
 #include "philox.h"
 
-#include <ATen/Dispatch.h>
+#include "kernel_args.h"
 
 namespace bayeskern {
 namespace cpu {
-
-// The kernels compute in float32; fp16/bf16 are converted on load and store.  float64 never
-// reaches them (bayeskern.ops runs the reference for it).
-#define BK_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // The four Philox words of blocks q0 .. q0 + 15 (lane i holds block q0 + i).
 inline void philox_step(uint64_t seed, uint64_t stream, uint64_t q0, u32v& w0, u32v& w1, u32v& w2, u32v& w3) {

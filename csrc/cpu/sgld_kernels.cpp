@@ -91,10 +91,8 @@ void sgld_steps(const std::vector<Slice<scalar_t>>& slices, int64_t total_steps,
 void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList prior_means,
                    at::TensorList square_avgs, double lr, double prior_precision, double noise_scale, double alpha,
                    double eps, int64_t seed, int64_t step, at::IntArrayRef offsets) {
+  check_sgld_lists(params, grads, prior_means, square_avgs, offsets);
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && offsets.size() == count, "bayeskern_cpp: sgld_step_ needs one grad and offset per param");
-  TORCH_CHECK(prior_means.empty() || prior_means.size() == count, "bayeskern_cpp: prior_means must be empty or match params");
-  TORCH_CHECK(square_avgs.empty() || square_avgs.size() == count, "bayeskern_cpp: square_avgs must be empty or match params");
   if (count == 0) return;
   const Hyper h{static_cast<float>(lr), static_cast<float>(prior_precision), static_cast<float>(noise_scale),
                 static_cast<float>(alpha), static_cast<float>(eps), static_cast<uint64_t>(seed),
@@ -106,13 +104,7 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList p
       const at::Tensor& p = params[i];
       const int64_t n = p.numel();
       if (n == 0) continue;
-      std::vector<const at::Tensor*> group = {&p, &grads[i]};
-      if (!prior_means.empty()) group.push_back(&prior_means[i]);
-      if (!square_avgs.empty()) group.push_back(&square_avgs[i]);
-      for (const at::Tensor* t : group) {
-        TORCH_CHECK(t->is_contiguous() && t->scalar_type() == p.scalar_type() && t->numel() == n && t->device().is_cpu(),
-                    "bayeskern_cpp: sgld_step_ needs contiguous CPU tensors of one dtype and matching sizes");
-      }
+      check_sgld_tensors(i, params, grads, prior_means, square_avgs);
       const uint64_t offset = static_cast<uint64_t>(offsets[i]);
       const uint64_t q_first = offset / 4;
       const uint64_t q_last = (offset + n - 1) / 4;

@@ -1,5 +1,6 @@
 // CUDA kernels of the noise ops: one thread per Philox block (four consecutive elements), grid-stride,
 // the same scalar maths as the CPU lanes (philox.h), float32 compute for fp32/fp16/bf16.
+#include "kernel_args.h"
 #include "philox.h"
 
 #include <ATen/ATen.h>
@@ -15,11 +16,6 @@
 namespace bayeskern {
 namespace cuda {
 namespace {
-
-#define BK_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                               \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)      \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 constexpr int kThreads = 256;
 

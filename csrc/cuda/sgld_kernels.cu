@@ -4,6 +4,7 @@
 // array; a thread takes one Philox block (four consecutive elements of one tensor), grid-stride over
 // the flat index, and finds its tensor by binary search.  Same scalar maths as the CPU lanes (philox.h),
 // float32 compute for fp32/fp16/bf16.
+#include "kernel_args.h"
 #include "philox.h"
 
 #include <ATen/ATen.h>
@@ -20,11 +21,6 @@
 namespace bayeskern {
 namespace cuda {
 namespace {
-
-#define BK_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)      \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 constexpr int kThreads = 256;
 
@@ -93,10 +89,8 @@ __global__ void sgld_kernel(const Record* records, int count, uint64_t total_blo
 void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList prior_means,
                     at::TensorList square_avgs, double lr, double prior_precision, double noise_scale, double alpha,
                     double eps, int64_t seed, int64_t step, at::IntArrayRef offsets) {
+  check_sgld_lists(params, grads, prior_means, square_avgs, offsets);
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && offsets.size() == count, "bayeskern_cpp: sgld_step_ needs one grad and offset per param");
-  TORCH_CHECK(prior_means.empty() || prior_means.size() == count, "bayeskern_cpp: prior_means must be empty or match params");
-  TORCH_CHECK(square_avgs.empty() || square_avgs.size() == count, "bayeskern_cpp: square_avgs must be empty or match params");
   if (count == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Hyper h{static_cast<float>(lr), static_cast<float>(prior_precision), static_cast<float>(noise_scale),
@@ -108,13 +102,7 @@ void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     const at::Tensor& p = params[i];
     const int64_t n = p.numel();
     if (n == 0) continue;
-    std::vector<const at::Tensor*> group = {&p, &grads[i]};
-    if (!prior_means.empty()) group.push_back(&prior_means[i]);
-    if (!square_avgs.empty()) group.push_back(&square_avgs[i]);
-    for (const at::Tensor* t : group) {
-      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == p.scalar_type() && t->numel() == n && t->device() == p.device(),
-                  "bayeskern_cpp: sgld_step_ needs contiguous tensors of one dtype and device and matching sizes");
-    }
+    check_sgld_tensors(i, params, grads, prior_means, square_avgs);
     const auto address = [](const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); };
     const int64_t q_first = offsets[i] / 4;
     const int64_t q_last = (offsets[i] + n - 1) / 4;

@@ -106,3 +106,10 @@ def test_state_dict_pretrained_weights_are_the_starting_point(tmp_path, capsys):
     assert _run(tmp_path, "--method", "vi", "--pretrained", str(tmp_path / "w.pt"), name="pre") == 0
     config = json.loads((tmp_path / "pre" / "metrics.json").read_text())["config"]
     assert config["pretrained"] == str(tmp_path / "w.pt")
+
+
+def test_a_diverged_method_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(METHODS["vanilla"], "predict", lambda self, data: torch.full((len(data), 10), float("nan")))
+    code = _run(tmp_path, "--method", "vanilla", name="nan")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not finite" in err[0]

@@ -217,6 +217,18 @@ def test_val_nll_picks_the_grid_value_with_the_lowest_predictive_nll():
     assert chosen == grid[scores.index(min(scores))]
 
 
+def test_val_nll_never_picks_a_precision_whose_predictive_overflows(monkeypatch):
+    model = mlp()
+    x, y = class_data(20)
+    la = DiagLaplace(model, seed=2).fit(batches(x[:10], y[:10], 5), progress=False)
+    scores = {0.01: float("nan"), 1.0: 0.7, 100.0: 0.9, 1e4: float("inf")}
+    monkeypatch.setattr(la, "validation_nll", lambda *args: scores[la.prior_precision])
+    assert la.optimize_prior_precision(method="val_nll", val_loader=[], grid=list(scores)) == 1.0
+    monkeypatch.setattr(la, "validation_nll", lambda *args: float("nan"))
+    with pytest.raises(ValueError, match="not finite for any prior precision"):
+        la.optimize_prior_precision(method="val_nll", val_loader=[], grid=[0.1, 1.0])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

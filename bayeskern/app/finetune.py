@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
         if not is_rank_zero():
             continue
         val, test = method.predict(splits.val), method.predict(splits.test)
+        if not (torch.isfinite(val).all() and torch.isfinite(test).all()):
+            raise UsageError(f"{method_name}: the predictive probabilities are not finite (the run diverged); "
+                             "lower its learning rate")
         results[method_name] = evaluate(val, val_targets, test, test_targets, usage.seconds, usage.peak_bytes)
         test_probs[method_name] = test
         save_method_result(run_dir / method_name, results[method_name], {"test": test, "shared": dict(shared)})

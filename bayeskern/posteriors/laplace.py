@@ -272,7 +272,8 @@ class DiagLaplace:
 
         ``"marglik"``: the maximiser of ``log_marginal_likelihood`` (bisection in log lambda).
         ``"val_nll"``: the value of ``grid`` (default ``logspace(-4, 4, 21)``) with the lowest
-        ``validation_nll(val_loader, num_samples)`` (the samples share their noise across the grid).
+        ``validation_nll(val_loader, num_samples)`` (the samples share their noise across the grid);
+        values whose predictive overflows (NaN or infinite NLL) are never chosen.
         """
         self._require_fit()
         if method not in METHODS:
@@ -288,7 +289,10 @@ class DiagLaplace:
         scores = []
         for value in grid:
             self.prior_precision = value
-            scores.append(self.validation_nll(val_loader, num_samples, compile))
+            score = self.validation_nll(val_loader, num_samples, compile)
+            scores.append(score if math.isfinite(score) else math.inf)  # a too-wide posterior overflows
+        if all(score == math.inf for score in scores):
+            raise ValueError("the validation NLL is not finite for any prior precision of the grid")
         self.prior_precision = grid[min(range(len(grid)), key=scores.__getitem__)]
         return self.prior_precision
 

@@ -9,7 +9,7 @@ from PIL import Image
 from bayeskern.app.finetune import main
 from bayeskern.app.methods import METHODS
 
-TINY = ["--epochs", "2", "--sgld-epochs", "2", "--sgld-thin", "1", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
+TINY = ["--model", "convnet", "--epochs", "2", "--sgld-epochs", "2", "--sgld-thin", "1", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
         "--laplace-params", "last_layer"]
 
 

@@ -25,6 +25,7 @@ def test_each_method_runs_end_to_end_on_digits(tmp_path, capsys, method):
     payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
     result = payload["methods"][method]
     assert set(result["test"]) >= {"error", "ece", "mce", "nll", "brier"}
+    assert set(result["val"]) >= {"error", "ece", "nll"}  # recorded for choosing settings on validation
     assert result["test"]["error"] < 0.9  # better than chance after two epochs
     assert result["temperature"] > 0 and result["train_seconds"] > 0
     assert (tmp_path / "run" / f"reliability_{method}.png").stat().st_size > 0

@@ -21,7 +21,7 @@ class MethodResult:
     temperature: float
     train_seconds: float
     peak_bytes: int | None
-    extra: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)  # the validation split, for choosing settings
 
 
 def _log_probs(probs: Tensor) -> Tensor:
@@ -40,6 +40,7 @@ def evaluate(val_probs: Tensor, val_targets: Tensor, test_probs: Tensor, test_ta
         temperature=float(temperature),
         train_seconds=train_seconds,
         peak_bytes=peak_bytes,
+        val=metrics.calibration_report(val_probs.double(), val_targets),
     )
 
 

@@ -14,6 +14,18 @@ namespace bayeskern {
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
+// The SGLD hyperparameters as the kernels read them (float32 maths; the stream is the step count).
+struct SgldHyper {
+  float lr, prior_precision, noise_scale, alpha, eps;
+  uint64_t seed, stream;
+};
+
+inline SgldHyper sgld_hyper(double lr, double prior_precision, double noise_scale, double alpha, double eps,
+                            int64_t seed, int64_t step) {
+  return {static_cast<float>(lr), static_cast<float>(prior_precision), static_cast<float>(noise_scale),
+          static_cast<float>(alpha), static_cast<float>(eps), static_cast<uint64_t>(seed), static_cast<uint64_t>(step)};
+}
+
 // One grad and offset per parameter; prior means and RMSprop averages absent or one per parameter.
 inline void check_sgld_lists(at::TensorList params, at::TensorList grads, at::TensorList prior_means,
                              at::TensorList square_avgs, at::IntArrayRef offsets) {

@@ -18,10 +18,7 @@ namespace {
 
 constexpr int64_t kGrainSteps = 256;  // SIMD steps per parallel chunk (16K elements)
 
-struct Hyper {
-  float lr, prior_precision, noise_scale, alpha, eps;
-  uint64_t seed, stream;
-};
+using Hyper = SgldHyper;
 
 // One tensor of the group: its pointers, size, Philox placement and first step in the flat list.
 template <class scalar_t>
@@ -94,9 +91,7 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList p
   check_sgld_lists(params, grads, prior_means, square_avgs, offsets);
   const size_t count = params.size();
   if (count == 0) return;
-  const Hyper h{static_cast<float>(lr), static_cast<float>(prior_precision), static_cast<float>(noise_scale),
-                static_cast<float>(alpha), static_cast<float>(eps), static_cast<uint64_t>(seed),
-                static_cast<uint64_t>(step)};
+  const Hyper h = sgld_hyper(lr, prior_precision, noise_scale, alpha, eps, seed, step);
   BK_DISPATCH_KERNEL_TYPES(params[0].scalar_type(), "sgld_step_cpu", [&] {
     std::vector<Slice<scalar_t>> slices;
     int64_t total_steps = 0;

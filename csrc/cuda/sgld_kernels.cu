@@ -31,10 +31,7 @@ struct Record {
 };
 static_assert(sizeof(Record) == 8 * sizeof(int64_t), "Record is packed as 8 int64 values");
 
-struct Hyper {
-  float lr, prior_precision, noise_scale, alpha, eps;
-  uint64_t seed, stream;
-};
+using Hyper = SgldHyper;
 
 __device__ int find_record(const Record* records, int count, uint64_t block) {
   int lo = 0, hi = count - 1;  // the last record whose first_block <= block
@@ -93,9 +90,7 @@ void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const size_t count = params.size();
   if (count == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const Hyper h{static_cast<float>(lr), static_cast<float>(prior_precision), static_cast<float>(noise_scale),
-                static_cast<float>(alpha), static_cast<float>(eps), static_cast<uint64_t>(seed),
-                static_cast<uint64_t>(step)};
+  const Hyper h = sgld_hyper(lr, prior_precision, noise_scale, alpha, eps, seed, step);
   std::vector<Record> records;
   int64_t total_blocks = 0;
   for (size_t i = 0; i < count; ++i) {

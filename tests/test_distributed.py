@@ -54,6 +54,7 @@ def _worker(rank: int, job: Callable, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         torch.save(job(rank), f"{out}/{rank}.pt")
+        dist.barrier()  # tearing gloo down while the peer is mid-collective aborts it
     finally:
         dist.destroy_process_group()
 

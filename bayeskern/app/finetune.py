@@ -211,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joined = _init_distributed(args.device)
     try:
-        return run(args)
+        code = run(args)
+        if joined:
+            dist.barrier()  # no rank tears the group down while a peer is still in a collective
+        return code
     except UsageError as error:
         print(f"bayeskern-finetune: error: {error}", file=sys.stderr)
         return 2

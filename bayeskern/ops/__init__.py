@@ -6,6 +6,7 @@ by (seed, offset + element index, stream), identical on every backend (``philox.
 """
 from . import noise, philox
 from .backend import BACKENDS, available_backends, use_backend
+from .draw import gaussian_sample_kl, weight_dropout_l2
 from .dropout import reference_weight_dropout, weight_dropout
 from .fisher import reference_sq_grad_accumulate, sq_grad_accumulate
 from .kl import gaussian_kl, reference_gaussian_kl
@@ -18,6 +19,7 @@ __all__ = [
     "first_nonfinite",
     "gaussian_kl",
     "gaussian_sample",
+    "gaussian_sample_kl",
     "noise",
     "philox",
     "reference_gaussian_kl",
@@ -29,4 +31,5 @@ __all__ = [
     "sq_grad_accumulate",
     "use_backend",
     "weight_dropout",
+    "weight_dropout_l2",
 ]

@@ -4,7 +4,8 @@ Each Bayesian weight is kept with probability ``1 - p`` (``bayeskern.ops.weight_
 regenerated in backward).  ``mode="scale"``: ``w = z * mu / (1 - p)``; ``mode="prior"``:
 ``w = z * mu + (1 - z) * theta0`` (dropped weights fall back to the prior mean, as in BayesDLL).
 Regulariser (in place of the KL): ``(1 - p) / (2 sp^2) * ||mu - theta0||^2``, added to the loss as
-``kl_weight * reg / N``.
+``kl_weight * reg / N``.  The first draw of a step and the regulariser come from one fused op over
+all tensors (``bayeskern.ops.draw.weight_dropout_l2``).
 
 Moments of one weight: scale mode ``E w = mu``, ``Var w = mu^2 p / (1 - p)``; prior mode
 ``E w = (1 - p) mu + p theta0``, ``Var w = p (1 - p) (mu - theta0)^2``.
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import weight_dropout
+from ..ops.draw import weight_dropout_l2
 from ..ops.dropout import check_probability
 from .prior import PriorMean, PriorStd, mangle
 from .wrapper import WeightPosterior
@@ -66,6 +68,17 @@ class MCDropout(WeightPosterior):
     def kl(self) -> Tensor:
         """``sum (1 - p) / (2 sp^2) * ||mu - theta0||^2`` over the Bayesian parameters."""
         return (1 - self.p) * self.prior.neg_log_prob({name: mu for name, mu, _ in self._mus()})
+
+    def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
+        """One draw and ``kl()`` from the fused ``weight_dropout_l2``."""
+        prior = self.prior
+        samples, l2 = weight_dropout_l2(
+            [mu for _, mu, _ in self._mus()], self.p,
+            [None if prior.is_zero_mean(name) else prior.mean(name) for name in self.names],
+            [prior.std(name) for name in self.names], seed, [self.offsets[name] for name in self.names],
+            fill_prior=self.mode == "prior", stream=stream,
+        )
+        return dict(zip(self.names, samples)), l2
 
     def mean(self) -> dict[str, Tensor]:
         """Expected weights (with the point estimates and buffers, ready for functional_call)."""

@@ -3,8 +3,9 @@
 ``q(w) = N(mu, s^2)``, ``s = softplus(rho)``, initialised at ``mu = current weights`` and
 ``s = init_std``.  The loss is the mean NLL over S reparameterised draws
 ``w_s = mu + s * eps_s`` (``bayeskern.ops.gaussian_sample``, eps regenerated in backward) plus
-``kl_weight * KL(q || p) / N`` with the Gaussian prior ``p = N(theta0, sp^2)`` (the fused
-``bayeskern.ops.kl.gaussian_kl``).
+``kl_weight * KL(q || p) / N`` with the Gaussian prior ``p = N(theta0, sp^2)`` (``gaussian_kl``).
+The first draw of a step and the KL come from one fused op over all tensors
+(``bayeskern.ops.draw.gaussian_sample_kl``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from ..ops import gaussian_sample
 from ..ops.kl import gaussian_kl
+from ..ops.draw import gaussian_sample_kl
 from .prior import PriorMean, PriorStd, mangle
 from .wrapper import WeightPosterior, check_positive
 
@@ -55,12 +57,27 @@ class VI(WeightPosterior):
             for name, mu, rho in self._pairs()
         }
 
+    def _prior_args(self) -> tuple[list[Tensor | None], list[float | Tensor]]:
+        """The prior means (None where zero) and stds of the Bayesian parameters, in order."""
+        prior = self.prior
+        return (
+            [None if prior.is_zero_mean(name) else prior.mean(name) for name in self.names],
+            [prior.std(name) for name in self.names],
+        )
+
+    def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
+        """One draw and ``kl()`` from the fused ``gaussian_sample_kl``."""
+        _, mus, rhos = zip(*self._pairs())
+        samples, kl = gaussian_sample_kl(
+            mus, rhos, *self._prior_args(), seed, [self.offsets[name] for name in self.names], stream=stream
+        )
+        return dict(zip(self.names, samples)), kl
+
     def kl(self) -> Tensor:
         """``KL(q || p)`` summed over all Bayesian parameters."""
-        prior = self.prior
+        prior_means, prior_stds = self._prior_args()
         return sum(
-            gaussian_kl(mu, rho, None if prior.is_zero_mean(name) else prior.mean(name), prior.std(name))
-            for name, mu, rho in self._pairs()
+            gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds)
         )
 
     def mean(self) -> dict[str, Tensor]:

@@ -30,6 +30,7 @@ every rank.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -166,6 +167,10 @@ class WeightPosterior(nn.Module):
         """The regulariser added to the loss as ``kl_weight * kl() / num_data``."""
         raise NotImplementedError
 
+    def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
+        """``(_draw(seed, stream), kl())``; a subclass may fuse the two (VI does)."""
+        return self._draw(seed, stream), self.kl()
+
     def mean(self) -> dict[str, Tensor]:
         """The expected weights, with the point estimates and buffers (ready for functional_call)."""
         raise NotImplementedError
@@ -229,11 +234,10 @@ class WeightPosterior(nn.Module):
         statistics update once per draw.
         """
         seed = self._next_seed()
-        nll = sum(
-            criterion(self.functional_forward(self._draw(seed, rank_stream(s)), inputs), targets)
-            for s in range(self.num_samples)
-        ) / self.num_samples
-        return nll + (self.kl_weight / self.num_data) * self.kl()
+        first, regulariser = self._draw_with_kl(seed, rank_stream(0))
+        draws = itertools.chain([first], (self._draw(seed, rank_stream(s)) for s in range(1, self.num_samples)))
+        nll = sum(criterion(self.functional_forward(weights, inputs), targets) for weights in draws) / self.num_samples
+        return nll + (self.kl_weight / self.num_data) * regulariser
 
     @torch.no_grad()
     def sample(self, index: int) -> dict[str, Tensor]:

@@ -1,11 +1,9 @@
 // CPU kernels of the Gaussian KL between a mean-field posterior N(mu, s^2), s = softplus(rho), and
-// the prior N(m0, sp^2) (bayeskern/ops/kl.py holds the specification):
-//   KL = sum_j log(sp / s_j) + (s_j^2 + (mu_j - m0_j)^2) / (2 sp^2) - 1/2
-//   dKL/dmu = (mu - m0) / sp^2,   dKL/drho = (s / sp^2 - 1 / s) * sigmoid(rho)
+// the prior N(m0, sp^2) (bayeskern/ops/kl.py holds the specification, kl_math.h the element maths).
 // One pass over (mu, rho, m0) each way, SIMD lanes from csrc/cpu/simd.h, softplus and sigmoid from
 // one shared exp.  Partial sums are taken over fixed chunks and added in order, so the value does
 // not depend on the number of threads.  float32 only (bayeskern.ops.kl runs the reference otherwise).
-#include "cpu/philox_lanes.h"
+#include "cpu/kl_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,35 +17,21 @@ namespace bayeskern {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 16384;              // elements per partial sum
-constexpr float kMinNormal = 1.17549435e-38f;  // s is clamped here before 1/s and log s
-
-// softplus(x) and sigmoid(x) from one exp(-|x|).
-template <class F, class U>
-inline void softplus_sigmoid(F x, F& softplus_x, F& sigmoid_x) {
-  const auto positive = x > 0.0f;
-  const F e = exp_nonpositive<F, U>(select(positive, -x, x));
-  softplus_x = select(positive, x, F{}) + log1p_unit<F, U>(e);
-  const F inv = 1.0f / (e + 1.0f);
-  sigmoid_x = select(positive, inv, e * inv);
-}
+constexpr int64_t kChunk = 16384;  // elements per partial sum
 
 template <class F, class U>
-inline F kl_term(F mu, F rho, F m0, float inv_two_var) {
+inline F kl_value(F mu, F rho, F m0, float inv_two_var) {
   F s, sig;
   softplus_sigmoid<F, U>(rho, s, sig);
-  const F d = mu - m0;
-  const F s_safe = select(s > kMinNormal, s, F{} + kMinNormal);
-  return (s * s + d * d) * inv_two_var - log_positive<F, U>(s_safe);
+  return kl_term<F, U>(s, mu - m0, inv_two_var);
 }
 
 template <class F, class U>
 inline void kl_grads(F mu, F rho, F m0, float g, float inv_var, F& grad_mu, F& grad_rho) {
   F s, sig;
   softplus_sigmoid<F, U>(rho, s, sig);
-  const F s_safe = select(s > kMinNormal, s, F{} + kMinNormal);
   grad_mu = (mu - m0) * (g * inv_var);
-  grad_rho = (s * inv_var - 1.0f / s_safe) * sig * g;
+  grad_rho = kl_rho_factor(s, inv_var) * sig * g;
 }
 
 // Runs body(begin, end) over fixed chunks of n elements in parallel.
@@ -85,11 +69,11 @@ at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& rho, const st
     int64_t i = begin;
     for (; i + kLanes <= end; i += kLanes) {
       const f32v m0 = m0_p ? load(m0_p + i) : f32v{};
-      acc += kl_term<f32v, u32v>(load(mu_p + i), load(rho_p + i), m0, inv_two_var);
+      acc += kl_value<f32v, u32v>(load(mu_p + i), load(rho_p + i), m0, inv_two_var);
     }
     double sum = 0.0;
     for (int k = 0; k < kLanes; ++k) sum += acc[k];
-    for (; i < end; ++i) sum += kl_term<float, uint32_t>(mu_p[i], rho_p[i], m0_p ? m0_p[i] : 0.0f, inv_two_var);
+    for (; i < end; ++i) sum += kl_value<float, uint32_t>(mu_p[i], rho_p[i], m0_p ? m0_p[i] : 0.0f, inv_two_var);
     partial[c] = sum;
   });
   double total = static_cast<double>(n) * (std::log(prior_std) - 0.5);

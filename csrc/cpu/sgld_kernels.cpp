@@ -1,9 +1,8 @@
 // CPU kernel of the fused SGLD / pSGLD update (bayeskern/ops/sgld.py has the maths), in place over
-// every tensor of a parameter group.  The work is one flat list of SIMD steps (16 Philox blocks = 64
-// consecutive global indices of one tensor) over all tensors, split over threads by at::parallel_for,
-// so many small tensors balance like one large one.  Elements are staged through float buffers so
-// fp16/bf16 tensors share the float32 vector maths.
+// every tensor of a parameter group, as one flat list of SIMD steps over all tensors (tensor_steps.h).
+// fp16/bf16 tensors are staged through float buffers to share the float32 vector maths.
 #include "cpu/philox_lanes.h"
+#include "cpu/tensor_steps.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,24 +15,19 @@ namespace bayeskern {
 namespace cpu {
 namespace {
 
-constexpr int64_t kGrainSteps = 256;  // SIMD steps per parallel chunk (16K elements)
-
 using Hyper = SgldHyper;
 
-// One tensor of the group: its pointers, size, Philox placement and first step in the flat list.
+// One tensor of the group.
 template <class scalar_t>
 struct Slice {
   scalar_t* theta;
   const scalar_t* grad;
   const scalar_t* mean;  // null: zero prior mean
   scalar_t* avg;         // null: no preconditioner
-  int64_t n;
-  uint64_t offset, q_first;
-  int64_t first_step;
 };
 
-// One SIMD step of the update on the staged elements (all kBlockElements lanes; the caller stores
-// only the valid ones).
+// One SIMD step of the update on float32 lanes (all kBlockElements of them; the caller keeps only
+// the valid ones).
 void update_lanes(const Hyper& h, bool has_mean, bool precondition, bool noise, float* theta, const float* grad,
                   const float* mean, float* avg, const float* xi) {
   for (int v = 0; v < kBlockElements; v += kLanes) {
@@ -56,32 +50,19 @@ void update_lanes(const Hyper& h, bool has_mean, bool precondition, bool noise, 
 }
 
 template <class scalar_t>
-void sgld_steps(const std::vector<Slice<scalar_t>>& slices, int64_t total_steps, const Hyper& h) {
+void sgld_steps(const std::vector<Slice<scalar_t>>& slices, const StepPlan& plan, const Hyper& h) {
   const bool noise = h.noise_scale != 0.0f;
-  at::parallel_for(0, total_steps, kGrainSteps, [&](int64_t begin, int64_t end) {
-    alignas(64) float theta[kBlockElements], grad[kBlockElements], mean[kBlockElements], avg[kBlockElements],
-        xi[kBlockElements];
-    // the slice holding step `begin`: the last one starting at or before it
-    auto it = std::upper_bound(slices.begin(), slices.end(), begin,
-                               [](int64_t s, const Slice<scalar_t>& x) { return s < x.first_step; }) - 1;
-    for (int64_t flat = begin; flat < end; ++flat) {
-      while (it + 1 != slices.end() && (it + 1)->first_step <= flat) ++it;
-      const Slice<scalar_t>& x = *it;
-      const uint64_t q0 = x.q_first + static_cast<uint64_t>(flat - x.first_step) * kLanes;
-      const int64_t base = static_cast<int64_t>(4 * q0) - static_cast<int64_t>(x.offset);
-      const int64_t lo = std::max<int64_t>(0, -base);
-      const int64_t hi = std::min<int64_t>(kBlockElements, x.n - base);
-      for (int64_t i = lo; i < hi; ++i) {
-        theta[i] = static_cast<float>(x.theta[base + i]);
-        grad[i] = static_cast<float>(x.grad[base + i]);
-      }
-      if (x.mean) for (int64_t i = lo; i < hi; ++i) mean[i] = static_cast<float>(x.mean[base + i]);
-      if (x.avg) for (int64_t i = lo; i < hi; ++i) avg[i] = static_cast<float>(x.avg[base + i]);
-      if (noise) NormalNoise{}(h.seed, h.stream, q0, xi);
-      update_lanes(h, x.mean != nullptr, x.avg != nullptr, noise, theta, grad, mean, avg, xi);
-      for (int64_t i = lo; i < hi; ++i) x.theta[base + i] = static_cast<scalar_t>(theta[i]);
-      if (x.avg) for (int64_t i = lo; i < hi; ++i) x.avg[base + i] = static_cast<scalar_t>(avg[i]);
-    }
+  plan.run([&](int64_t, const Step& s) {
+    alignas(64) float theta_buf[kBlockElements], grad_buf[kBlockElements], mean_buf[kBlockElements],
+        avg_buf[kBlockElements], xi[kBlockElements];
+    const Slice<scalar_t>& x = slices[s.tensor];
+    float* theta = view_mut(x.theta, s, theta_buf);
+    float* avg = x.avg ? view_mut(x.avg, s, avg_buf) : nullptr;
+    const float* mean = x.mean ? view(x.mean, s, mean_buf) : nullptr;
+    if (noise) NormalNoise{}(h.seed, h.stream, s.q0, xi);
+    update_lanes(h, mean != nullptr, avg != nullptr, noise, theta, view(x.grad, s, grad_buf), mean, avg, xi);
+    store_back(theta, s, x.theta);
+    if (avg) store_back(avg, s, x.avg);
   });
 }
 
@@ -94,22 +75,16 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList p
   const Hyper h = sgld_hyper(lr, prior_precision, noise_scale, alpha, eps, seed, step);
   BK_DISPATCH_KERNEL_TYPES(params[0].scalar_type(), "sgld_step_cpu", [&] {
     std::vector<Slice<scalar_t>> slices;
-    int64_t total_steps = 0;
+    StepPlan plan;
     for (size_t i = 0; i < count; ++i) {
       const at::Tensor& p = params[i];
-      const int64_t n = p.numel();
-      if (n == 0) continue;
-      check_sgld_tensors(i, params, grads, prior_means, square_avgs);
-      const uint64_t offset = static_cast<uint64_t>(offsets[i]);
-      const uint64_t q_first = offset / 4;
-      const uint64_t q_last = (offset + n - 1) / 4;
+      if (p.numel() > 0) check_sgld_tensors(i, params, grads, prior_means, square_avgs);
       slices.push_back({p.mutable_data_ptr<scalar_t>(), grads[i].const_data_ptr<scalar_t>(),
                         prior_means.empty() ? nullptr : prior_means[i].const_data_ptr<scalar_t>(),
-                        square_avgs.empty() ? nullptr : square_avgs[i].mutable_data_ptr<scalar_t>(), n, offset,
-                        q_first, total_steps});
-      total_steps += static_cast<int64_t>((q_last - q_first) / kLanes + 1);
+                        square_avgs.empty() ? nullptr : square_avgs[i].mutable_data_ptr<scalar_t>()});
+      plan.add(i, p.numel(), static_cast<uint64_t>(offsets[i]));
     }
-    if (total_steps > 0) sgld_steps(slices, total_steps, h);
+    sgld_steps(slices, plan, h);
   });
 }
 

@@ -1,0 +1,254 @@
+"""The training draws of VI and MC-dropout, each one op over every Bayesian tensor with its prior term.
+
+Tensor k sits at Philox element ``offsets[k]`` (noise as in ``gaussian_sample`` / ``weight_dropout``),
+has prior ``N(m0_k, sp_k^2)`` (``m0_k`` None: zero) and receives the gradient ``g_k``; the prior
+term receives ``g_t``.
+
+``gaussian_sample_kl`` (VI), with ``s_k = softplus(rho_k)`` and normals ``eps_k``:
+
+    w_k = mu_k + s_k * eps_k,        term = sum_k KL(N(mu_k, s_k^2) || N(m0_k, sp_k^2))   (``gaussian_kl``)
+    grad_mu_k  = g_k + g_t * (mu_k - m0_k) / sp_k^2
+    grad_rho_k = sigmoid(rho_k) * (g_k * eps_k + g_t * (s_k / sp_k^2 - 1 / s_k))
+
+``weight_dropout_l2`` (MC-dropout), with ``keep_k = u_k >= p``:
+
+    w_k = keep_k * mu_k / (1 - p)  or, with ``fill_prior``, keep_k * mu_k + (1 - keep_k) * m0_k
+    term = sum_k (1 - p) ||mu_k - m0_k||^2 / (2 sp_k^2)
+    grad_mu_k = keep_k * scale * g_k + g_t * (1 - p) * (mu_k - m0_k) / sp_k^2     (scale 1 with fill_prior)
+
+The C++ CPU kernels (``csrc/cpu/draw_kernels.cpp``) make one pass over all tensors each way: drawing
+and regularising separately reads the parameters four times, adds two gradients per parameter and
+dispatches 4K ops instead of 2.  The noise is regenerated in the backward.  Elsewhere (other devices,
+float64, tensor-valued ``sp``, the ``reference`` backend) the per-tensor ops give the same values.
+The prior term is float32 (float64 for float64 tensors): a sum over millions of weights overflows
+float16.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import philox
+from .backend import kernels, resolve
+from .checks import check_floating, check_index, check_same_layout
+from .dropout import check_probability, weight_dropout
+from .kl import gaussian_kl
+from .sample import gaussian_sample
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# -- VI ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("bayeskern::gaussian_sample_kl", mutates_args=())
+def _gaussian_sample_kl(
+    mus: list[Tensor], rhos: list[Tensor], prior_means: list[Optional[Tensor]], prior_stds: list[float],
+    seed: Tensor, offsets: list[int], stream: int,
+) -> tuple[list[Tensor], Tensor]:
+    return kernels("cpp").gaussian_sample_kl(mus, rhos, prior_means, prior_stds, int(seed), offsets, stream)
+
+
+@_gaussian_sample_kl.register_fake
+def _(mus, rhos, prior_means, prior_stds, seed, offsets, stream):
+    return [mu.new_empty(mu.shape) for mu in mus], mus[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("bayeskern::gaussian_sample_kl_backward", mutates_args=())
+def _gaussian_sample_kl_backward(
+    grads: list[Tensor], grad_kl: Tensor, mus: list[Tensor], rhos: list[Tensor],
+    prior_means: list[Optional[Tensor]], prior_stds: list[float], seed: Tensor, offsets: list[int], stream: int,
+) -> tuple[list[Tensor], list[Tensor]]:
+    return kernels("cpp").gaussian_sample_kl_backward(
+        [g.contiguous() for g in grads], grad_kl, mus, rhos, prior_means, prior_stds, int(seed), offsets, stream
+    )
+
+
+@_gaussian_sample_kl_backward.register_fake
+def _(grads, grad_kl, mus, rhos, prior_means, prior_stds, seed, offsets, stream):
+    return [mu.new_empty(mu.shape) for mu in mus], [rho.new_empty(rho.shape) for rho in rhos]
+
+
+def _setup_gaussian(ctx, inputs, output):
+    mus, rhos, prior_means, prior_stds, seed, offsets, stream = inputs
+    _save(ctx, [*mus, *rhos], prior_means, seed)
+    ctx.prior_stds, ctx.offsets, ctx.stream = prior_stds, offsets, stream
+
+
+def _backward_gaussian(ctx, grads, grad_kl):
+    tensors, prior_means, seed = _saved(ctx)
+    k = len(prior_means)
+    grad_mus, grad_rhos = _gaussian_sample_kl_backward(
+        grads, grad_kl, tensors[:k], tensors[k:], prior_means, ctx.prior_stds, seed, ctx.offsets, ctx.stream
+    )
+    return grad_mus, grad_rhos, _no_grad_means(ctx), None, None, None, None
+
+
+_gaussian_sample_kl.register_autograd(_backward_gaussian, setup_context=_setup_gaussian)
+
+
+# -- MC-dropout -------------------------------------------------------------------------------------
+@torch.library.custom_op("bayeskern::weight_dropout_l2", mutates_args=())
+def _weight_dropout_l2(
+    mus: list[Tensor], p: float, fill_prior: bool, prior_means: list[Optional[Tensor]], prior_stds: list[float],
+    seed: Tensor, offsets: list[int], stream: int,
+) -> tuple[list[Tensor], Tensor]:
+    return kernels("cpp").weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream)
+
+
+@_weight_dropout_l2.register_fake
+def _(mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream):
+    return [mu.new_empty(mu.shape) for mu in mus], mus[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("bayeskern::weight_dropout_l2_backward", mutates_args=())
+def _weight_dropout_l2_backward(
+    grads: list[Tensor], grad_l2: Tensor, mus: list[Tensor], p: float, fill_prior: bool,
+    prior_means: list[Optional[Tensor]], prior_stds: list[float], seed: Tensor, offsets: list[int], stream: int,
+) -> list[Tensor]:
+    return kernels("cpp").weight_dropout_l2_backward(
+        [g.contiguous() for g in grads], grad_l2, mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream
+    )
+
+
+@_weight_dropout_l2_backward.register_fake
+def _(grads, grad_l2, mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream):
+    return [mu.new_empty(mu.shape) for mu in mus]
+
+
+def _setup_dropout(ctx, inputs, output):
+    mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream = inputs
+    _save(ctx, mus, prior_means, seed)
+    ctx.p, ctx.fill_prior, ctx.prior_stds, ctx.offsets, ctx.stream = p, fill_prior, prior_stds, offsets, stream
+
+
+def _backward_dropout(ctx, grads, grad_l2):
+    mus, prior_means, seed = _saved(ctx)
+    grad_mus = _weight_dropout_l2_backward(
+        grads, grad_l2, mus, ctx.p, ctx.fill_prior, prior_means, ctx.prior_stds, seed, ctx.offsets, ctx.stream
+    )
+    return grad_mus, None, None, _no_grad_means(ctx), None, None, None, None
+
+
+_weight_dropout_l2.register_autograd(_backward_dropout, setup_context=_setup_dropout)
+
+
+# -- shared machinery -------------------------------------------------------------------------------
+def _save(ctx, tensors: list[Tensor], prior_means: list[Tensor | None], seed: Tensor) -> None:
+    ctx.count = len(tensors)
+    ctx.has_mean = [m is not None for m in prior_means]
+    ctx.save_for_backward(*tensors, *[m for m in prior_means if m is not None], seed)
+
+
+def _saved(ctx) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+    saved = ctx.saved_tensors
+    given = iter(saved[ctx.count:-1])
+    return list(saved[:ctx.count]), [next(given) if has else None for has in ctx.has_mean], saved[-1]
+
+
+def _no_grad_means(ctx) -> list[None] | None:
+    # custom_op's structure check: a list holding None is one leaf, a list of tensors is a list
+    return [None] * len(ctx.has_mean) if all(ctx.has_mean) else None
+
+
+def _check_lists(mus, prior_means, prior_stds, offsets, stream, **paired: Sequence[Tensor]) -> None:
+    if not mus:
+        raise ValueError("mus must hold at least one tensor")
+    lengths = {"prior_means": len(prior_means), "prior_stds": len(prior_stds), "offsets": len(offsets)}
+    lengths.update((name, len(values)) for name, values in paired.items())
+    for name, count in lengths.items():
+        if count != len(mus):
+            raise ValueError(f"{name} has {count} entries but mus has {len(mus)}")
+    for k, (mu, m0, sp, offset) in enumerate(zip(mus, prior_means, prior_stds, offsets)):
+        check_floating(mu, f"mus[{k}]")
+        for name, values in paired.items():
+            check_same_layout(mu, values[k], f"mus[{k}]", f"{name}[{k}]")
+        if m0 is not None:
+            check_same_layout(mu, m0, f"mus[{k}]", f"prior_means[{k}]")
+        if not isinstance(sp, Tensor) and not (isinstance(sp, (int, float)) and math.isfinite(sp) and sp > 0):
+            raise ValueError(f"prior_stds[{k}] must be positive, got {sp!r}")
+        check_index(offset, f"offsets[{k}]")
+    check_index(stream, "stream")
+
+
+def _kernel_args(mus, prior_means, prior_stds, seed: Tensor, offsets, stream) -> tuple | None:
+    """The fused kernel's list arguments, or None where the per-tensor ops must serve."""
+    first = mus[0]
+    serves = (
+        first.device.type == "cpu"
+        and first.dtype in _KERNEL_DTYPES
+        and all(t.dtype == first.dtype and t.device == first.device for t in (*mus, *(m for m in prior_means if m is not None)))
+        and not any(isinstance(sp, Tensor) for sp in prior_stds)
+        and resolve(first) == "cpp"
+    )
+    if not serves:
+        return None
+    philox.check_key(int(seed), max(o + mu.numel() for o, mu in zip(offsets, mus)), stream)
+    means = [None if m is None else m.contiguous() for m in prior_means]
+    return means, [float(sp) for sp in prior_stds], seed, list(offsets), stream
+
+
+def _term_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def gaussian_sample_kl(
+    mus: Sequence[Tensor],
+    rhos: Sequence[Tensor],
+    prior_means: Sequence[Tensor | None],
+    prior_stds: Sequence[float | Tensor],
+    seed: int | Tensor,
+    offsets: Sequence[int],
+    *,
+    stream: int = 0,
+) -> tuple[list[Tensor], Tensor]:
+    """Draw ``w_k = mu_k + softplus(rho_k) * eps_k`` for every k and sum ``KL(q_k || N(m0_k, sp_k^2))``.
+
+    ``prior_means[k]`` None means zero; ``prior_stds[k]`` is a positive float or a tensor
+    broadcastable to ``mu_k``.  Returns the samples (contiguous, of ``mu_k``'s dtype) and the KL,
+    differentiable in every ``mu_k`` and ``rho_k`` (see the module docstring).
+    """
+    _check_lists(mus, prior_means, prior_stds, offsets, stream, rhos=rhos)
+    seed = philox.seed_tensor(seed)
+    fused = _kernel_args(mus, prior_means, prior_stds, seed, offsets, stream)
+    if fused is not None:
+        samples, kl = _gaussian_sample_kl([mu.contiguous() for mu in mus], [rho.contiguous() for rho in rhos], *fused)
+        return list(samples), kl
+    samples = [gaussian_sample(mu, rho, seed, offset, stream=stream) for mu, rho, offset in zip(mus, rhos, offsets)]
+    kl = sum(gaussian_kl(mu, rho, m0, sp).to(_term_dtype(mu)) for mu, rho, m0, sp in zip(mus, rhos, prior_means, prior_stds))
+    return samples, kl
+
+
+def weight_dropout_l2(
+    mus: Sequence[Tensor],
+    p: float,
+    prior_means: Sequence[Tensor | None],
+    prior_stds: Sequence[float | Tensor],
+    seed: int | Tensor,
+    offsets: Sequence[int],
+    *,
+    fill_prior: bool = False,
+    stream: int = 0,
+) -> tuple[list[Tensor], Tensor]:
+    """Drop each weight of every ``mu_k`` with probability ``p`` and sum ``(1 - p) ||mu_k - m0_k||^2 / (2 sp_k^2)``.
+
+    Kept weights are scaled by ``1 / (1 - p)``, or, with ``fill_prior``, unscaled with dropped ones
+    taking the prior mean.  Returns the dropped-out tensors and the prior term, differentiable in
+    every ``mu_k`` (see the module docstring).
+    """
+    check_probability(p)
+    _check_lists(mus, prior_means, prior_stds, offsets, stream)
+    seed = philox.seed_tensor(seed)
+    fused = _kernel_args(mus, prior_means, prior_stds, seed, offsets, stream)
+    if fused is not None:
+        samples, l2 = _weight_dropout_l2([mu.contiguous() for mu in mus], float(p), fill_prior, *fused)
+        return list(samples), l2
+    fills = [(torch.zeros_like(mu) if m0 is None else m0) if fill_prior else None for mu, m0 in zip(mus, prior_means)]
+    samples = [weight_dropout(mu, p, seed, offset, fill, stream=stream) for mu, offset, fill in zip(mus, offsets, fills)]
+    l2 = sum(
+        ((mu if m0 is None else mu - m0).to(_term_dtype(mu)).square() / (2 * sp**2)).sum()
+        for mu, m0, sp in zip(mus, prior_means, prior_stds)
+    )
+    return samples, (1 - p) * l2

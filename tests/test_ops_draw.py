@@ -1,0 +1,171 @@
+"""The fused training draws (gaussian_sample_kl, weight_dropout_l2): the C++ kernels against the
+per-tensor composition on the reference backend (values and gradients), the composition against
+float64 finite differences, thread-count independence, opcheck and bad input."""
+import pytest
+import torch
+
+import bayeskern.ops as ops
+from bayeskern.ops import philox
+from bayeskern.ops.draw import _gaussian_sample_kl, _weight_dropout_l2
+
+# a tensor spanning several parallel chunks (16384 elements each) and offsets that cut SIMD steps
+SHAPES = [(37, 5), (3,), (40_000,), (64, 3, 3, 3), (1,)]
+PRIOR_STDS = [1.0, 0.5, 2.0, 0.1, 3.0]
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def _offsets(shapes, start=6):
+    offsets = []
+    for shape in shapes:
+        offsets.append(start)
+        start += -(-torch.Size(shape).numel() // 4) * 4 + 4
+    return offsets
+
+
+def _case(dtype=torch.float32, means="mixed", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mus = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+    rhos = [(torch.randn(s, generator=g) - 4).to(dtype).requires_grad_() for s in SHAPES]
+    given = {"none": [], "all": range(len(SHAPES)), "mixed": [1, 2]}[means]
+    prior_means = [torch.randn(s, generator=g).to(dtype) if k in given else None for k, s in enumerate(SHAPES)]
+    upstream = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+    return mus, rhos, prior_means, upstream
+
+
+def _run(draw, params, upstream, term_grad=0.37):
+    """Values of a draw and the gradients of sum_k <w_k, upstream_k> + term_grad * term."""
+    samples, term = draw()
+    loss = sum((w.float() * u.float()).sum() for w, u in zip(samples, upstream)) + term_grad * term
+    grads = torch.autograd.grad(loss, params)
+    return [w.detach() for w in samples], term.detach(), grads
+
+
+def _gaussian(mus, rhos, prior_means, seed=11, stream=3):
+    return lambda: ops.gaussian_sample_kl(mus, rhos, prior_means, PRIOR_STDS, seed, _offsets(SHAPES), stream=stream)
+
+
+def _dropout(mus, prior_means, fill_prior, p=0.3, seed=11, stream=3):
+    return lambda: ops.weight_dropout_l2(mus, p, prior_means, PRIOR_STDS, seed, _offsets(SHAPES),
+                                         fill_prior=fill_prior, stream=stream)
+
+
+def _float32(tensors):
+    """float32 copies (exact for bf16 values): the composition's float32 maths is the specification
+    the kernels follow for every dtype."""
+    return [None if t is None else t.detach().float().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _assert_same(got, expected, tol):
+    for a, b in zip(got[0], expected[0]):
+        torch.testing.assert_close(a.float(), b, **tol)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-2)
+    for a, b in zip(got[2], expected[2]):
+        torch.testing.assert_close(a.float(), b, **tol)
+
+
+@pytest.fixture
+def cpp():
+    if "cpp" not in ops.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("means", ["none", "all", "mixed"])
+def test_gaussian_kernel_matches_composition(cpp, dtype, means):
+    mus, rhos, prior_means, upstream = _case(dtype, means)
+    with ops.use_backend("cpp"):
+        got = _run(_gaussian(mus, rhos, prior_means), [*mus, *rhos], upstream)
+    mus32, rhos32, means32 = _float32(mus), _float32(rhos), _float32(prior_means)
+    with ops.use_backend("reference"):
+        expected = _run(_gaussian(mus32, rhos32, means32), [*mus32, *rhos32], upstream)
+    assert got[1].dtype == torch.float32 and all(w.dtype == dtype for w in got[0])
+    _assert_same(got, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("means", ["none", "all", "mixed"])
+@pytest.mark.parametrize("fill_prior", [False, True])
+def test_dropout_kernel_matches_composition(cpp, dtype, means, fill_prior):
+    mus, _, prior_means, upstream = _case(dtype, means)
+    with ops.use_backend("cpp"):
+        got = _run(_dropout(mus, prior_means, fill_prior), mus, upstream)
+    mus32, means32 = _float32(mus), _float32(prior_means)
+    with ops.use_backend("reference"):
+        expected = _run(_dropout(mus32, means32, fill_prior), mus32, upstream)
+    _assert_same(got, expected, TOL[dtype])
+
+
+def test_composition_is_the_sum_of_the_per_tensor_ops():
+    mus, rhos, prior_means, _ = _case()
+    samples, kl = _gaussian(mus, rhos, prior_means)()
+    offsets = _offsets(SHAPES)
+    for k, (mu, rho, m0, sp) in enumerate(zip(mus, rhos, prior_means, PRIOR_STDS)):
+        torch.testing.assert_close(samples[k], ops.reference_gaussian_sample(mu, rho, 11, offsets[k], stream=3))
+    expected = sum(ops.reference_gaussian_kl(mu, rho, m0, sp) for mu, rho, m0, sp in zip(mus, rhos, prior_means, PRIOR_STDS))
+    torch.testing.assert_close(kl, expected)
+    dropped, l2 = _dropout(mus, prior_means, True)()
+    for k, (mu, m0) in enumerate(zip(mus, prior_means)):
+        fill = torch.zeros_like(mu) if m0 is None else m0
+        torch.testing.assert_close(dropped[k], ops.reference_weight_dropout(mu, 0.3, 11, offsets[k], fill, stream=3))
+    squared = sum(((mu if m0 is None else mu - m0) ** 2).sum() / (2 * sp**2) for mu, m0, sp in zip(mus, prior_means, PRIOR_STDS))
+    torch.testing.assert_close(l2, 0.7 * squared)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "dropout"])
+def test_gradcheck_float64(kind):
+    """float64 runs the composition: its gradients against finite differences."""
+    g = torch.Generator().manual_seed(2)
+    mus = [torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True), torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)]
+    rhos = [(torch.randn(m.shape, generator=g, dtype=torch.float64) - 1).requires_grad_() for m in mus]
+    prior_means = [torch.randn(3, 4, generator=g, dtype=torch.float64), None]
+
+    def gaussian(*tensors):
+        samples, kl = ops.gaussian_sample_kl(tensors[:2], tensors[2:], prior_means, [0.7, 1.3], 5, [0, 12])
+        return (*samples, kl)
+
+    def dropout(*tensors):
+        samples, l2 = ops.weight_dropout_l2(tensors, 0.4, prior_means, [0.7, 1.3], 5, [0, 12], fill_prior=True)
+        return (*samples, l2)
+
+    if kind == "gaussian":
+        assert torch.autograd.gradcheck(gaussian, (*mus, *rhos))
+    else:
+        assert torch.autograd.gradcheck(dropout, tuple(mus))
+
+
+def test_term_does_not_depend_on_the_thread_count(cpp):
+    mus, rhos, prior_means, _ = _case()
+    threads = torch.get_num_threads()
+    values = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            with torch.no_grad():
+                values.append((_gaussian(mus, rhos, prior_means)()[1], _dropout(mus, prior_means, False)()[1]))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])
+
+
+def test_kernels_pass_opcheck(cpp):
+    mus = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    rhos = [torch.full(m.shape, -3.0, requires_grad=True) for m in mus]
+    prior_means = [torch.randn(5, 3), None]
+    seed = philox.seed_tensor(4)
+    torch.library.opcheck(_gaussian_sample_kl, (mus, rhos, prior_means, [1.0, 0.5], seed, [0, 16], 2))
+    torch.library.opcheck(_weight_dropout_l2, (mus, 0.2, True, prior_means, [1.0, 0.5], seed, [0, 16], 2))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, r: ops.gaussian_sample_kl([m], [r, r], [None], [1.0], 0, [0]), "rhos has 2 entries"),
+    (lambda m, r: ops.gaussian_sample_kl([m], [r], [None], [-1.0], 0, [0]), r"prior_stds\[0\] must be positive"),
+    (lambda m, r: ops.gaussian_sample_kl([m], [r], [torch.zeros(2)], [1.0], 0, [0]), r"prior_means\[0\]"),
+    (lambda m, r: ops.gaussian_sample_kl([m], [r.t()[:1]], [None], [1.0], 0, [0]), r"rhos\[0\]"),
+    (lambda m, r: ops.gaussian_sample_kl([], [], [], [], 0, []), "mus must hold"),
+    (lambda m, r: ops.weight_dropout_l2([m], 1.0, [None], [1.0], 0, [0]), "p must be a probability"),
+    (lambda m, r: ops.weight_dropout_l2([m], 0.1, [None], [1.0], 0, [-4]), "offsets"),
+    (lambda m, r: ops.weight_dropout_l2([m], 0.1, [None, None], [1.0], 0, [0]), "prior_means has 2 entries"),
+])
+def test_bad_input_raises_naming_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(4, 3), torch.randn(4, 3))

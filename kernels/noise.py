@@ -19,8 +19,15 @@ UNIFORM = tl.constexpr(4)      # out = u
 
 
 @triton.jit
+def _log1p(y):
+    """log(1 + y), corrected for the rounding of 1 + y (exact to float32 for tiny y, like csrc/philox.h)."""
+    u = 1.0 + y
+    return tl.log(u) - ((u - 1.0) - y) / u
+
+
+@triton.jit
 def _softplus(x):
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit

@@ -1,6 +1,6 @@
-"""The fused training draws (gaussian_sample_kl, weight_dropout_l2): the C++ kernels against the
-per-tensor composition on the reference backend (values and gradients), the composition against
-float64 finite differences, thread-count independence, opcheck and bad input."""
+"""The fused training draws (gaussian_sample_kl, weight_dropout_l2): the Triton and C++ kernels
+against the per-tensor composition on the reference backend (values and gradients), the composition
+against float64 finite differences, thread-count independence, opcheck and bad input."""
 import pytest
 import torch
 
@@ -22,13 +22,17 @@ def _offsets(shapes, start=6):
     return offsets
 
 
-def _case(dtype=torch.float32, means="mixed", seed=0):
+def _case(dtype=torch.float32, means="mixed", seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    mus = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
-    rhos = [(torch.randn(s, generator=g) - 4).to(dtype).requires_grad_() for s in SHAPES]
+
+    def make(shape, shift=0.0):
+        return (torch.randn(shape, generator=g) + shift).to(device=device, dtype=dtype)
+
+    mus = [make(s).requires_grad_() for s in SHAPES]
+    rhos = [make(s, -4.0).requires_grad_() for s in SHAPES]
     given = {"none": [], "all": range(len(SHAPES)), "mixed": [1, 2]}[means]
-    prior_means = [torch.randn(s, generator=g).to(dtype) if k in given else None for k, s in enumerate(SHAPES)]
-    upstream = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+    prior_means = [make(s) if k in given else None for k, s in enumerate(SHAPES)]
+    upstream = [make(s) for s in SHAPES]
     return mus, rhos, prior_means, upstream
 
 
@@ -71,9 +75,9 @@ def cpp():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("means", ["none", "all", "mixed"])
-def test_gaussian_kernel_matches_composition(cpp, dtype, means):
-    mus, rhos, prior_means, upstream = _case(dtype, means)
-    with ops.use_backend("cpp"):
+def test_gaussian_kernel_matches_composition(kernel_backend, device, dtype, means):
+    mus, rhos, prior_means, upstream = _case(dtype, means, device=device)
+    with ops.use_backend(kernel_backend):
         got = _run(_gaussian(mus, rhos, prior_means), [*mus, *rhos], upstream)
     mus32, rhos32, means32 = _float32(mus), _float32(rhos), _float32(prior_means)
     with ops.use_backend("reference"):
@@ -85,9 +89,9 @@ def test_gaussian_kernel_matches_composition(cpp, dtype, means):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("means", ["none", "all", "mixed"])
 @pytest.mark.parametrize("fill_prior", [False, True])
-def test_dropout_kernel_matches_composition(cpp, dtype, means, fill_prior):
-    mus, _, prior_means, upstream = _case(dtype, means)
-    with ops.use_backend("cpp"):
+def test_dropout_kernel_matches_composition(kernel_backend, device, dtype, means, fill_prior):
+    mus, _, prior_means, upstream = _case(dtype, means, device=device)
+    with ops.use_backend(kernel_backend):
         got = _run(_dropout(mus, prior_means, fill_prior), mus, upstream)
     mus32, means32 = _float32(mus), _float32(prior_means)
     with ops.use_backend("reference"):
@@ -147,13 +151,14 @@ def test_term_does_not_depend_on_the_thread_count(cpp):
     assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])
 
 
-def test_kernels_pass_opcheck(cpp):
-    mus = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
-    rhos = [torch.full(m.shape, -3.0, requires_grad=True) for m in mus]
-    prior_means = [torch.randn(5, 3), None]
+def test_kernels_pass_opcheck(kernel_backend, device):
+    mus = [torch.randn(5, 3, device=device, requires_grad=True), torch.randn(7, device=device, requires_grad=True)]
+    rhos = [torch.full(m.shape, -3.0, device=device, requires_grad=True) for m in mus]
+    prior_means = [torch.randn(5, 3, device=device), None]
     seed = philox.seed_tensor(4)
-    torch.library.opcheck(_gaussian_sample_kl, (mus, rhos, prior_means, [1.0, 0.5], seed, [0, 16], 2))
-    torch.library.opcheck(_weight_dropout_l2, (mus, 0.2, True, prior_means, [1.0, 0.5], seed, [0, 16], 2))
+    with ops.use_backend(kernel_backend):
+        torch.library.opcheck(_gaussian_sample_kl, (mus, rhos, prior_means, [1.0, 0.5], seed, [0, 16], 2))
+        torch.library.opcheck(_weight_dropout_l2, (mus, 0.2, True, prior_means, [1.0, 0.5], seed, [0, 16], 2))
 
 
 @pytest.mark.parametrize("call, match", [

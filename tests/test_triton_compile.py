@@ -19,7 +19,7 @@ CASES = textwrap.dedent(
     """
     import itertools
     import triton.language as tl
-    from bayeskern.kernels import fisher, noise, sgld
+    from bayeskern.kernels import draw, fisher, noise, sgld
 
     def noise_variants():
         for dtype, op, has_b in itertools.product(("fp32", "fp16", "bf16"), range(5), (False, True)):
@@ -42,6 +42,17 @@ CASES = textwrap.dedent(
             constexprs = dict(zip(("HAS_MEAN", "PRECONDITION", "NOISE"), flags), DTYPE=dtype, QBLOCK=256, SEARCH_STEPS=6)
             yield sgld.sgld_kernel, signature, constexprs
 
+    def draw_variants():
+        kinds = [(0, False), (1, False), (1, True)]  # (KIND, FILL_PRIOR): Gaussian, dropout scaled / filled
+        for dtype, (kind, fill), backward in itertools.product((tl.float32, tl.float16, tl.bfloat16), kinds, (False, True)):
+            signature = {
+                "records_ptr": "*i64", "inv_var_ptr": "*fp32", "partial_ptr": "*fp32", "count": "i32", "seed": "i64",
+                "stream_lo": "i32", "stream_hi": "i32", "p": "fp32", "scale": "fp32", "grad_term": "fp32",
+                **{name: "constexpr" for name in ("DTYPE", "KIND", "BACKWARD", "FILL_PRIOR", "QBLOCK", "SEARCH_STEPS")},
+            }
+            constexprs = dict(DTYPE=dtype, KIND=kind, BACKWARD=backward, FILL_PRIOR=fill, QBLOCK=256, SEARCH_STEPS=6)
+            yield draw.draw_kernel, signature, constexprs
+
     def fisher_variants():
         for dtype, dot_f32, precision in itertools.product(("fp32", "bf16", "fp16"), (True, False), ("ieee", "tf32")):
             if dtype == "fp32" and not dot_f32:
@@ -54,7 +65,7 @@ CASES = textwrap.dedent(
             constexprs = {"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_T": 32, "DOT_F32": dot_f32, "PRECISION": precision}
             yield fisher.sq_grad_tile_kernel, signature, constexprs
 
-    CASES = {"noise": noise_variants, "sgld": sgld_variants, "fisher": fisher_variants}
+    CASES = {"noise": noise_variants, "sgld": sgld_variants, "draw": draw_variants, "fisher": fisher_variants}
     """
 )
 
@@ -76,7 +87,7 @@ COMPILE = CASES + textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, variants", [("noise", 30), ("sgld", 24), ("fisher", 10)])
+@pytest.mark.parametrize("case, variants", [("noise", 30), ("sgld", 24), ("draw", 18), ("fisher", 10)])
 def test_kernels_compile_for_sm90(case, variants):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(

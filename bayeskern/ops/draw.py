@@ -16,10 +16,11 @@ term receives ``g_t``.
     term = sum_k (1 - p) ||mu_k - m0_k||^2 / (2 sp_k^2)
     grad_mu_k = keep_k * scale * g_k + g_t * (1 - p) * (mu_k - m0_k) / sp_k^2     (scale 1 with fill_prior)
 
-The C++ CPU kernels (``csrc/cpu/draw_kernels.cpp``) make one pass over all tensors each way: drawing
-and regularising separately reads the parameters four times, adds two gradients per parameter and
-dispatches 4K ops instead of 2.  The noise is regenerated in the backward.  Elsewhere (other devices,
-float64, tensor-valued ``sp``, the ``reference`` backend) the per-tensor ops give the same values.
+The kernels make one pass over all tensors each way (Triton: ``kernels/draw.py``, one launch; C++ CPU:
+``csrc/cpu/draw_kernels.cpp``): drawing and regularising separately reads the parameters four times,
+adds two gradients per parameter and dispatches 4K ops instead of 2.  The noise is regenerated in the
+backward.  Elsewhere (float64, tensor-valued ``sp``, the ``reference`` backend, the C++ backend on
+CUDA) the per-tensor ops give the same values.
 The prior term is float32 (float64 for float64 tensors): a sum over millions of weights overflows
 float16.
 """
@@ -48,7 +49,7 @@ def _gaussian_sample_kl(
     mus: list[Tensor], rhos: list[Tensor], prior_means: list[Optional[Tensor]], prior_stds: list[float],
     seed: Tensor, offsets: list[int], stream: int,
 ) -> tuple[list[Tensor], Tensor]:
-    return kernels("cpp").gaussian_sample_kl(mus, rhos, prior_means, prior_stds, int(seed), offsets, stream)
+    return _kernels(mus[0]).gaussian_sample_kl(mus, rhos, prior_means, prior_stds, int(seed), offsets, stream)
 
 
 @_gaussian_sample_kl.register_fake
@@ -61,7 +62,7 @@ def _gaussian_sample_kl_backward(
     grads: list[Tensor], grad_kl: Tensor, mus: list[Tensor], rhos: list[Tensor],
     prior_means: list[Optional[Tensor]], prior_stds: list[float], seed: Tensor, offsets: list[int], stream: int,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    return kernels("cpp").gaussian_sample_kl_backward(
+    return _kernels(mus[0]).gaussian_sample_kl_backward(
         [g.contiguous() for g in grads], grad_kl, mus, rhos, prior_means, prior_stds, int(seed), offsets, stream
     )
 
@@ -95,7 +96,7 @@ def _weight_dropout_l2(
     mus: list[Tensor], p: float, fill_prior: bool, prior_means: list[Optional[Tensor]], prior_stds: list[float],
     seed: Tensor, offsets: list[int], stream: int,
 ) -> tuple[list[Tensor], Tensor]:
-    return kernels("cpp").weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream)
+    return _kernels(mus[0]).weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream)
 
 
 @_weight_dropout_l2.register_fake
@@ -108,7 +109,7 @@ def _weight_dropout_l2_backward(
     grads: list[Tensor], grad_l2: Tensor, mus: list[Tensor], p: float, fill_prior: bool,
     prior_means: list[Optional[Tensor]], prior_stds: list[float], seed: Tensor, offsets: list[int], stream: int,
 ) -> list[Tensor]:
-    return kernels("cpp").weight_dropout_l2_backward(
+    return _kernels(mus[0]).weight_dropout_l2_backward(
         [g.contiguous() for g in grads], grad_l2, mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream
     )
 
@@ -136,6 +137,23 @@ _weight_dropout_l2.register_autograd(_backward_dropout, setup_context=_setup_dro
 
 
 # -- shared machinery -------------------------------------------------------------------------------
+def _fused_backend(t: Tensor) -> str | None:
+    """The backend whose fused kernels serve tensors like ``t``: Triton, or the C++ CPU kernels (the
+    CUDA build has none); None where the per-tensor ops must serve."""
+    backend = resolve(t)
+    if backend == "triton" or (backend == "cpp" and t.device.type == "cpu"):
+        return backend
+    return None
+
+
+def _kernels(t: Tensor):
+    if _fused_backend(t) == "triton":
+        from bayeskern.kernels import draw
+
+        return draw
+    return kernels("cpp")
+
+
 def _save(ctx, tensors: list[Tensor], prior_means: list[Tensor | None], seed: Tensor) -> None:
     ctx.count = len(tensors)
     ctx.has_mean = [m is not None for m in prior_means]
@@ -177,11 +195,10 @@ def _kernel_args(mus, prior_means, prior_stds, seed: Tensor, offsets, stream) ->
     """The fused kernel's list arguments, or None where the per-tensor ops must serve."""
     first = mus[0]
     serves = (
-        first.device.type == "cpu"
-        and first.dtype in _KERNEL_DTYPES
+        first.dtype in _KERNEL_DTYPES
         and all(t.dtype == first.dtype and t.device == first.device for t in (*mus, *(m for m in prior_means if m is not None)))
         and not any(isinstance(sp, Tensor) for sp in prior_stds)
-        and resolve(first) == "cpp"
+        and _fused_backend(first) is not None
     )
     if not serves:
         return None

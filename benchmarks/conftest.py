@@ -7,8 +7,8 @@ implementation) and, on the implementation every other in the group is compared 
 ``python benchmarks/report.py results.json`` turns a ``--benchmark-json`` file into the README table.
 
 Run: ``pytest benchmarks/ --benchmark-only [--benchmark-json=results.json]`` (not part of the test
-run).  Suites: test_bench_ops.py / test_bench_sgld.py (kernels against the eager composition),
-test_bench_methods.py (each posterior against the deterministic network: training step, Fisher
+run).  Suites: test_bench_ops.py / test_bench_draw.py / test_bench_sgld.py (kernels against the eager
+composition), test_bench_methods.py (each posterior against the deterministic network: training step, Fisher
 epoch, predict, peak memory; models and sizes in cases.py), test_bench_peers.py (bayesian-torch,
 IVON, laplace-torch in the same groups, where installed), test_bench_vi.py (predict compiled vs
 eager), test_bench_laplace.py (Fisher against the per-example prior art).

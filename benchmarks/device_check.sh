@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device check: on a CUDA machine, the op tests on CUDA tensors (compiled Triton kernels, and the
 # CUDA extension where nvcc is found) and the op benchmarks at 16M and 256M elements, with each
-# kernel's bandwidth as a fraction of a device-to-device copy; the JSON and the markdown table
+# kernel's bandwidth as a fraction of a device-to-device copy, plus the fused training draws over
+# ResNet-50's parameters; the JSON and the markdown table
 # land in the results folder.  Then the overhead suite (test_bench_methods.py, and the peer libraries
 # where installed) on ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
 # two pytest runs per model (JSON + table each) under time limits (BAYESKERN_BENCH_RUN_TIMEOUT per run,
@@ -42,7 +43,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   RUN_TIMEOUT=${BAYESKERN_BENCH_RUN_TIMEOUT:-130} METHODS_BUDGET=${BAYESKERN_BENCH_METHODS_BUDGET:-270}
   echo "== op tests on CUDA tensors"
   BAYESKERN_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
-    tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py \
+    tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_draw.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py \
     2>&1 | tee "$RESULTS/ops-tests-cuda-$STAMP.log"
 else
   DEVICE=cpu
@@ -56,7 +57,7 @@ fi
 JSON="$RESULTS/ops-$DEVICE-$STAMP.json"
 echo "== op benchmarks on $DEVICE, sizes $SIZES"
 BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_SIZES=$SIZES $PY -m pytest -q -p no:cacheprovider \
-  benchmarks/test_bench_ops.py --benchmark-json="$JSON" "${BENCH_ARGS[@]}" >"$RESULTS/ops-bench-$DEVICE-$STAMP.log" 2>&1 \
+  benchmarks/test_bench_ops.py benchmarks/test_bench_draw.py --benchmark-json="$JSON" "${BENCH_ARGS[@]}" >"$RESULTS/ops-bench-$DEVICE-$STAMP.log" 2>&1 \
   || { tail -50 "$RESULTS/ops-bench-$DEVICE-$STAMP.log"; exit 1; }
 $PY benchmarks/report.py "$JSON" | tee "$RESULTS/ops-$DEVICE-$STAMP.md"
 

@@ -2,7 +2,8 @@
 # Device check: on a CUDA machine, the op tests on CUDA tensors (compiled Triton kernels, and the
 # CUDA extension where nvcc is found) and the op benchmarks at 16M and 256M elements, with each
 # kernel's bandwidth as a fraction of a device-to-device copy, plus the fused training draws over
-# ResNet-50's parameters; the JSON and the markdown table
+# ResNet-50's parameters; the diagonal-Fisher fit against the per-example loop and vmap (ResNet-50,
+# ViT-B/16, batch 64, at most BAYESKERN_BENCH_LAPLACE_TIMEOUT s); the JSON and the markdown tables
 # land in the results folder.  Then the overhead suite (test_bench_methods.py, and the peer libraries
 # where installed) on ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
 # two pytest runs per model (JSON + table each) under time limits (BAYESKERN_BENCH_RUN_TIMEOUT per run,
@@ -60,6 +61,13 @@ BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_SIZES=$SIZES $PY -m pytest -q -p 
   benchmarks/test_bench_ops.py benchmarks/test_bench_draw.py --benchmark-json="$JSON" "${BENCH_ARGS[@]}" >"$RESULTS/ops-bench-$DEVICE-$STAMP.log" 2>&1 \
   || { tail -50 "$RESULTS/ops-bench-$DEVICE-$STAMP.log"; exit 1; }
 $PY benchmarks/report.py "$JSON" | tee "$RESULTS/ops-$DEVICE-$STAMP.md"
+
+JSON="$RESULTS/laplace-$DEVICE-$STAMP.json"
+echo "== diagonal-Fisher benchmarks on $DEVICE (against the per-example loop and vmap)"
+BAYESKERN_BENCH_DEVICE=$DEVICE timeout "${BAYESKERN_BENCH_LAPLACE_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_laplace.py \
+  --benchmark-only --benchmark-json="$JSON" >"$RESULTS/laplace-bench-$DEVICE-$STAMP.log" 2>&1 \
+  && $PY benchmarks/report.py "$JSON" | tee "$RESULTS/laplace-$DEVICE-$STAMP.md" \
+  || { tail -30 "$RESULTS/laplace-bench-$DEVICE-$STAMP.log"; [ "$DEVICE" = cuda ] || exit 1; }
 
 PEERS=()
 for module in bayesian_torch ivon laplace; do

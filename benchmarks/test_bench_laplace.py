@@ -14,10 +14,13 @@ baselines stay short; bayeskern's planning forward weighs more there, which only
 Targets (design.md sections 6-7): bayeskern <= 1.5x plain for the MLPs, <= 3x for ResNet-18 and
 the ViT; >= 20x faster than the loop.  ``extra_info`` names the model, batch size and batch count.
 
-``BAYESKERN_BENCH_QUICK=1`` shrinks every model and batch for a smoke run.
+On CUDA (``BAYESKERN_BENCH_DEVICE=cuda``, as the device check runs it) the models are timm's
+ResNet-50 and ViT-B/16 at 224 px, batch 64.  ``BAYESKERN_BENCH_QUICK=1`` shrinks every model and batch
+for a smoke run.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -53,6 +56,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, int]
     "resnet18-32px": (lambda: timm.create_model("resnet18", num_classes=10), (3, 32, 32), 64, 4, 1),
     "vit-small-32px": (_vit, (3, 32, 32), 64, 4, 1),
 }
+if os.environ.get("BAYESKERN_BENCH_DEVICE", "cpu") == "cuda":  # the device check's sizes
+    MODELS = {
+        "resnet50-224px": (lambda: timm.create_model("resnet50", num_classes=10), (3, 224, 224), 64, 2, 1),
+        "vit-b16-224px": (lambda: timm.create_model("vit_base_patch16_224", num_classes=10), (3, 224, 224), 64, 2, 1),
+    }
 if QUICK:
     MODELS = {
         "mlp-64-512-512-10": (lambda: _mlp(64, 32, 32, 10), (64,), 8, 2, 1),

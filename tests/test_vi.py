@@ -144,6 +144,20 @@ def test_initialisation_and_deterministic_samples():
     torch.testing.assert_close(eps, philox.normal(3, 0, 15, 4).view(5, 3), rtol=1e-3, atol=1e-3)
 
 
+def test_sample_is_the_reparameterised_draw_and_follows_updates_of_rho():
+    post = VI(mlp(), init_std=0.05, num_data=10, seed=3)
+    mu, rho = post.mu.get_parameter("0/weight"), post.rho.get_parameter("0/weight")
+
+    def expected():
+        seed = int(post.rng_state[0])
+        return ops.reference_gaussian_sample(mu.detach(), rho.detach(), seed, post.offsets["0.weight"], stream=2)
+
+    torch.testing.assert_close(post.sample(2)["0.weight"], expected())
+    with torch.no_grad():
+        rho.add_(1.0)  # as an optimizer step does: the cached std must follow
+    torch.testing.assert_close(post.sample(2)["0.weight"], expected())
+
+
 def test_batchnorm_running_stats_update_on_the_wrapper_only():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     before, ids = snapshot(model), {n: id(p) for n, p in model.named_parameters()}

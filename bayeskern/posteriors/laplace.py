@@ -8,7 +8,7 @@ precision lambda (isotropic, ``sp = lambda^-1/2``) and temperature T:
   own predictive (``fisher="mc"``: an unbiased estimate of the diagonal of the GGN);
 * posterior ``q(theta) = N(theta*, diag(1 / P))``, ``P = F / T + lambda``;
 * sample s: ``theta* + eps_s / sqrt(P)``, ``eps_s`` the Philox normals of (seed, element offset,
-  stream = s) -- drawn through ``ops.gaussian_sample`` with ``softplus(rho) = P^-1/2``;
+  stream = s) -- drawn through ``ops.noise.gaussian`` with ``P^-1/2`` computed once for all samples;
 * log marginal likelihood (Laplace evidence, the tempered likelihood ``log p(D | theta*) / T``)::
 
       log Z(lambda) = log p(D | theta*) / T - lambda/2 ||theta* - theta0||^2
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..curvature import squared_gradients
 from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, shared_seed
-from ..ops import gaussian_sample, philox
+from ..ops import noise, philox
 from .prior import GaussianPrior, PriorMean
 from .selection import ParamSelection
 from .wrapper import LIKELIHOODS, check_positive, philox_offsets
@@ -47,12 +47,6 @@ from .wrapper import LIKELIHOODS, check_positive, philox_offsets
 FISHERS = ("empirical", "mc")
 METHODS = ("marglik", "val_nll")
 LOG_LAMBDA_RANGE = (-12 * math.log(10), 12 * math.log(10))  # marglik search interval for log lambda
-
-
-def _inverse_softplus(std: Tensor) -> Tensor:
-    """``rho`` with ``softplus(rho) = std``, stable for tiny and large std."""
-    std = std.double()
-    return std + torch.log(-torch.expm1(-std))
 
 
 class DiagLaplace:
@@ -122,7 +116,7 @@ class DiagLaplace:
     @prior_precision.setter
     def prior_precision(self, value: float) -> None:
         self._prior_precision = check_positive(value, "prior_precision")
-        self._rho: dict[str, Tensor] | None = None
+        self._std: dict[str, Tensor] | None = None  # std(), computed once for all samples
 
     # -- fitting -------------------------------------------------------------------------------
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
@@ -169,7 +163,7 @@ class DiagLaplace:
         self._map = {name: params[name].detach().clone() for name in self.names}
         self.log_likelihood = -float(totals[0])
         self.num_data = int(totals[1])
-        self._rho = None
+        self._std = None
         return self
 
     def _require_fit(self) -> dict[str, Tensor]:
@@ -199,10 +193,10 @@ class DiagLaplace:
 
     def sample(self, index: int) -> dict[str, Tensor]:
         """The index-th posterior sample ``theta* + eps / sqrt(P)`` (deterministic in ``index``)."""
-        if self._rho is None:
-            self._rho = {n: _inverse_softplus(s).to(self._map[n].dtype) for n, s in self.std().items()}
+        if self._std is None:
+            self._std = {n: s.to(self._map[n].dtype) for n, s in self.std().items()}
         return {
-            name: gaussian_sample(self._map[name], self._rho[name], self.seed, self.offsets[name], stream=index)
+            name: noise.gaussian(self._map[name], self._std[name], self.seed, self.offsets[name], stream=index)
             for name in self.names
         }
 

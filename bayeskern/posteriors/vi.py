@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import gaussian_sample
+from ..ops import gaussian_sample, noise
 from ..ops.kl import gaussian_kl
 from ..ops.draw import gaussian_sample_kl
 from .prior import PriorMean, PriorStd, mangle
@@ -41,6 +41,7 @@ class VI(WeightPosterior):
         **options: Any,
     ) -> None:
         self.init_rho = math.log(math.expm1(check_positive(init_std, "init_std")))
+        self._std_cache: tuple[list[int], dict[str, Tensor]] | None = None  # (rho versions, std())
         super().__init__(model, prior_mean, prior_std, **options)
 
     def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
@@ -87,3 +88,16 @@ class VI(WeightPosterior):
     def std(self) -> dict[str, Tensor]:
         """Posterior stds ``softplus(rho)`` of the Bayesian parameters."""
         return {name: F.softplus(rho.detach()) for name, _, rho in self._pairs()}
+
+    @torch.no_grad()
+    def sample(self, index: int) -> dict[str, Tensor]:
+        """The index-th posterior sample (see ``WeightPosterior.sample``), drawn as ``mu + std * eps``
+        with ``std()`` computed once while rho is unchanged (prediction draws many samples)."""
+        versions = [rho._version for _, _, rho in self._pairs()]
+        if self._std_cache is None or self._std_cache[0] != versions:
+            self._std_cache = (versions, self.std())
+        stds, seed = self._std_cache[1], self._eval_seed()
+        return self._full({
+            name: noise.gaussian(mu.detach(), stds[name], seed, self.offsets[name], stream=int(index))
+            for name, mu, _ in self._pairs()
+        })

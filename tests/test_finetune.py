@@ -1,15 +1,18 @@
 """bayeskern-finetune end to end on tiny settings: every method, resume, bad input, ImageFolder."""
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
+import bayeskern as bk
 from bayeskern.app.finetune import main
 from bayeskern.app.methods import METHODS
 
-TINY = ["--model", "convnet", "--epochs", "2", "--sgld-epochs", "2", "--sgld-thin", "1", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
+TINY = ["--model", "convnet", "--epochs", "2", "--sgld-epochs", "2", "--sgld-thin", "1", "--dropout-epochs", "2", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
         "--laplace-params", "last_layer"]
 
 
@@ -34,6 +37,74 @@ def test_each_method_runs_end_to_end_on_digits(tmp_path, capsys, method):
     assert [r["epoch"] for r in log if r["method"] == trained] == [1, 2]
 
 
+def _checkpoint_state(run_dir, method):
+    return torch.load(run_dir / method / "checkpoint.pt", weights_only=False)["state"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_adam_learning_rate_follows_the_schedule(tmp_path, schedule):
+    code = _run(tmp_path, "--method", "vanilla", "--epochs", "4", "--lr", "0.01", "--lr-schedule", schedule,
+                "--stop-after-epoch", "1", name=schedule)
+    assert code == 3
+    state = _checkpoint_state(tmp_path / schedule, "vanilla")
+    # digits keeps 100 training examples: one step per epoch at --batch-size 128, four steps in all
+    expected = 0.01 * (1 + math.cos(math.pi * 1 / 4)) / 2 if schedule == "cosine" else 0.01
+    rates = [g["lr"] for g in state["optimizer"]["param_groups"]]  # the body's and the head's
+    assert rates == pytest.approx([expected] * 2, rel=1e-9)
+    assert ("scheduler" in state) == (schedule == "cosine")
+
+
+def test_mc_dropout_starts_from_the_map_with_norm_layers_as_point_estimates(tmp_path):
+    assert _run(tmp_path, "--method", "vanilla,mc_dropout", "--dropout-lr", "1e-12", name="mcd") == 0
+    map_weights = _checkpoint_state(tmp_path / "mcd", "vanilla")["model"]
+    posterior = _checkpoint_state(tmp_path / "mcd", "mc_dropout")["posterior"]
+
+    def store(prefix):
+        return {k[len(prefix):].replace("/", "."): v for k, v in posterior.items() if k.startswith(prefix)}
+
+    means = store("mu.")
+    assert means and all(torch.allclose(v, map_weights[k], rtol=0, atol=1e-9) for k, v in means.items())
+    from bayeskern.app.models import create_backbone
+
+    model = create_backbone("convnet", 10).model
+    norm = {f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)
+            for p, _ in module.named_parameters()}
+    assert norm and set(store("point.")) == norm and norm.isdisjoint(means)
+
+
+def test_methods_refining_the_map_keep_the_pretrained_weights_as_prior_mean(tmp_path, monkeypatch):
+    from bayeskern.app.models import create_backbone
+
+    weights = create_backbone("convnet", 10).model.state_dict()
+    torch.save(weights, tmp_path / "w.pt")
+    laplace_means = {}
+    fit = bk.DiagLaplace.fit
+
+    def spy(self, *args, **kwargs):
+        laplace_means.update((name, self.prior.mean(name)) for name in self.names)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(bk.DiagLaplace, "fit", spy)
+    assert _run(tmp_path, "--method", "mc_dropout,laplace", "--pretrained", str(tmp_path / "w.pt"), name="pre") == 0
+    posterior = _checkpoint_state(tmp_path / "pre", "mc_dropout")["posterior"]
+    dropout_means = {k[len("prior."):].replace("/", "."): v for k, v in posterior.items() if k.startswith("prior.")}
+    for means in (dropout_means, laplace_means):  # not the MAP both start from
+        assert means and all(torch.equal(value, weights[name]) for name, value in means.items())
+
+
+def test_laplace_searches_prior_precisions_upward_from_the_prior(tmp_path, monkeypatch):
+    grids = []
+    search = bk.DiagLaplace.optimize_prior_precision
+
+    def spy(self, *args, **kwargs):
+        grids.append(kwargs["grid"])
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(bk.DiagLaplace, "optimize_prior_precision", spy)
+    assert _run(tmp_path, "--method", "laplace", "--prior-std", "0.5", name="lap") == 0
+    assert grids == [pytest.approx([10 ** (k / 2) / 0.5**2 for k in range(17)], rel=1e-5)]
+
+
 def test_resume_after_interruption_gives_the_same_metrics(tmp_path):
     args = ("--method", "vanilla,vi,sgld")
     assert _run(tmp_path, *args, name="whole") == 0
@@ -54,6 +125,7 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path):
         (["--dataset", "imagefolder:/no/such/folder"], "not a directory"),
         (["--dataset", "cifar10", "--data-dir", "/no/such/data"], "--download"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--dropout-epochs", "0"], "--dropout-epochs must be at least 1"),
         (["--dropout-p", "1.5"], "--dropout-p"),
         (["--method", "sgld", "--sgld-thin", "5"], "SGLD keeps no sample"),
         (["--learning-rate", "1"], "unrecognized arguments"),

@@ -52,18 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="training examples kept per class (default: 10 for digits, all otherwise; 0 = all)")
     add("--epochs", type=int, default=60)
     add("--batch-size", type=int, default=32)
-    add("--lr", type=float, default=3e-3, help="learning rate of vanilla/VI/MC-dropout (Adam)")
+    add("--lr", type=float, default=3e-3, help="learning rate of vanilla/VI (Adam)")
+    add("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+        help="Adam's learning rate: decayed to zero by a cosine over each method's steps, or constant")
     add("--lr-head", type=float, default=None, help="learning rate of the classifier head (default: --lr)")
     add("--num-samples", type=int, default=16, help="Monte-Carlo samples of the predictive")
-    add("--prior-std", type=float, default=1.0, help="prior standard deviation (VI, MC-dropout, SGLD)")
+    add("--prior-std", type=float, default=1.0,
+        help="prior standard deviation sp (VI, MC-dropout, SGLD); Laplace searches precisions from 1/sp^2 up")
     add("--vi-init-std", type=float, default=1e-3)
-    add("--vi-kl-weight", type=float, default=0.1, help="1 is the ELBO; below 1 tempers the posterior")
+    add("--vi-kl-weight", type=float, default=1.0, help="1 is the ELBO; below 1 tempers the posterior")
     add("--vi-train-samples", type=int, default=1, help="weight samples per VI training step")
-    add("--dropout-p", type=float, default=0.05)
+    add("--dropout-p", type=float, default=0.01, help="MC-dropout's drop probability of each weight")
     add("--dropout-mode", choices=("scale", "prior"), default="scale")
-    add("--sgld-epochs", type=int, default=20, help="epochs of sampling, started from the MAP")
+    add("--dropout-epochs", type=int, default=10, help="epochs of MC-dropout training, started from the MAP")
+    add("--dropout-lr", type=float, default=3e-4, help="learning rate of MC-dropout (Adam)")
+    add("--dropout-norm", action=argparse.BooleanOptionalAction, default=False,
+        help="drop normalisation-layer scales and shifts too (default: they stay point estimates)")
+    add("--sgld-epochs", type=int, default=40, help="epochs of sampling, started from the MAP")
     add("--sgld-lr", type=float, default=0.002)
-    add("--sgld-temperature", type=float, default=0.1, help="1 samples the posterior; below 1 a cold one")
+    add("--sgld-temperature", type=float, default=0.03, help="1 samples the posterior; below 1 a cold one")
     add("--sgld-burnin", type=float, default=0.5, help="fraction of the training steps discarded as burn-in")
     add("--sgld-thin", type=int, default=5)
     add("--laplace-prior-precision", type=float, default=1.0)
@@ -118,7 +125,8 @@ def _transforms(args: argparse.Namespace) -> tuple:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "num_samples", "image_size", "vi_train_samples", "sgld_epochs", "sgld_thin"):
+    for name in ("epochs", "batch_size", "num_samples", "image_size", "vi_train_samples", "dropout_epochs",
+                 "sgld_epochs", "sgld_thin"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.dropout_p < 1:

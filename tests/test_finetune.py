@@ -75,7 +75,8 @@ def test_mc_dropout_starts_from_the_map_with_norm_layers_as_point_estimates(tmp_
 def test_methods_refining_the_map_keep_the_pretrained_weights_as_prior_mean(tmp_path, monkeypatch):
     from bayeskern.app.models import create_backbone
 
-    weights = create_backbone("convnet", 10).model.state_dict()
+    model = create_backbone("convnet", 10).model
+    weights = model.state_dict()
     torch.save(weights, tmp_path / "w.pt")
     laplace_means = {}
     fit = bk.DiagLaplace.fit
@@ -85,10 +86,14 @@ def test_methods_refining_the_map_keep_the_pretrained_weights_as_prior_mean(tmp_
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(bk.DiagLaplace, "fit", spy)
-    assert _run(tmp_path, "--method", "mc_dropout,laplace", "--pretrained", str(tmp_path / "w.pt"), name="pre") == 0
+    code = _run(tmp_path, "--method", "mc_dropout,sgld,laplace", "--pretrained", str(tmp_path / "w.pt"), name="pre")
+    assert code == 0
     posterior = _checkpoint_state(tmp_path / "pre", "mc_dropout")["posterior"]
     dropout_means = {k[len("prior."):].replace("/", "."): v for k, v in posterior.items() if k.startswith("prior.")}
-    for means in (dropout_means, laplace_means):  # not the MAP both start from
+    sgld_state = _checkpoint_state(tmp_path / "pre", "sgld")["optimizer"]["state"]
+    in_group_order = sorted((n for n, _ in model.named_parameters()), key=lambda n: n.startswith("head."))  # body, head
+    sgld_means = {name: sgld_state[i]["prior_mean"] for i, name in enumerate(in_group_order)}
+    for means in (dropout_means, sgld_means, laplace_means):  # not the MAP they start from
         assert means and all(torch.equal(value, weights[name]) for name, value in means.items())
 
 

@@ -241,8 +241,7 @@ class SGLD(Method):
         a, model = self.args, self.backbone.model
         self.start_from_map()
         optimizer = bk.BayesSGLD(
-            self.param_groups(list(model.named_parameters()), a.sgld_lr), lr=a.sgld_lr, num_data=self.num_data,
-            prior_std=a.prior_std, prior_mean="pretrained" if a.pretrained else None,
+            self.groups_with_prior_means(), lr=a.sgld_lr, num_data=self.num_data, prior_std=a.prior_std,
             temperature=a.sgld_temperature, seed=a.seed,
         )
         steps = self.steps(a.sgld_epochs)
@@ -257,6 +256,19 @@ class SGLD(Method):
             model, {"model": model, "optimizer": optimizer, "bank": self.bank},
             lambda x, y: F.cross_entropy(net(x), y), optimizer, after_step=self.bank.update,
         )
+
+    def groups_with_prior_means(self) -> list[dict]:
+        """``param_groups`` at ``--sgld-lr``; with pretrained weights each group carries its prior means
+        (the pretrained tensors, zero for new parameters), not a snapshot of the MAP SGLD starts from."""
+        named = list(self.backbone.model.named_parameters())
+        groups = self.param_groups(named, self.args.sgld_lr)
+        if self.pretrained_weights is not None:
+            name_of, fresh = {id(p): n for n, p in named}, set(self.backbone.new_params)
+            for group in groups:
+                names = [name_of[id(p)] for p in group["params"]]
+                group["prior_mean"] = [p.new_zeros(p.shape) if n in fresh else self.pretrained_weights[n]
+                                       for n, p in zip(names, group["params"])]
+        return groups
 
     def predict(self, dataset: Dataset) -> Tensor:
         self.backbone.model.eval()
@@ -275,8 +287,9 @@ class Laplace(Method):
         model.eval()
         self.laplace.fit(self.eval_loader(self.loop.shard(self.splits.train)), progress=self.loop.show_progress)
         if a.laplace_optimize != "none":
-            self.laplace.optimize_prior_precision(method=a.laplace_optimize, val_loader=self.eval_loader(self.splits.val),
-                                                  grid=self.precision_grid())
+            self.laplace.optimize_prior_precision(
+                method=a.laplace_optimize, val_loader=self.eval_loader(self.splits.val), grid=self.precision_grid()
+            )
 
     def precision_grid(self) -> list[float]:
         """The ``val_nll`` search: half-decade steps from the other methods' prior precision ``1 / sp^2``

@@ -224,7 +224,7 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-        "--master_port", str(port), "-m", "bayeskern.app.finetune", "--epochs", "2", "--sgld-epochs", "2",
+        "--master_port", str(port), "-m", "bayeskern.app.finetune", "--epochs", "2", "--sgld-epochs", "2", "--dropout-epochs", "2",
         "--sgld-thin", "1", "--batch-size", "32", "--num-samples", "2", "--image-size", "8", "--quiet",
         "--laplace-params", "last_layer", "--out", str(tmp_path), "--name", "run",
     ]

@@ -30,7 +30,7 @@ def _pointer(records_ptr, index, k, DTYPE: tl.constexpr):
 
 @triton.jit
 def draw_kernel(
-    records_ptr, inv_var_ptr, partial_ptr, count, seed, stream_lo, stream_hi, p, scale, grad_term,
+    records_ptr, inv_var_ptr, partial_ptr, grad_term_ptr, count, seed, stream_lo, stream_hi, p, scale,
     DTYPE: tl.constexpr, KIND: tl.constexpr, BACKWARD: tl.constexpr, FILL_PRIOR: tl.constexpr,
     QBLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
@@ -49,6 +49,7 @@ def draw_kernel(
         s = _softplus(rho)
         s_safe = tl.maximum(s, MIN_NORMAL).to(tl.float32)
         if BACKWARD:
+            grad_term = tl.load(grad_term_ptr)
             g = tl.load(_pointer(records_ptr, index, 3, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
             grad_rho = _sigmoid(rho) * (g * eps + grad_term * (s * inv_var - 1.0 / s_safe))
             tl.store(_pointer(records_ptr, index, 4, DTYPE) + j, (g + (grad_term * inv_var) * d).to(DTYPE), mask=mask)
@@ -60,6 +61,7 @@ def draw_kernel(
     else:
         keep = uniforms4(seed, q, stream_lo, stream_hi) >= p
         if BACKWARD:
+            grad_term = tl.load(grad_term_ptr)
             g = tl.load(_pointer(records_ptr, index, 3, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
             grad_mu = tl.where(keep, g * scale, 0.0) + (grad_term * (1.0 - p) * inv_var) * d
             tl.store(_pointer(records_ptr, index, 4, DTYPE) + j, grad_mu.to(DTYPE), mask=mask)
@@ -71,7 +73,7 @@ def draw_kernel(
 
 
 def _launch(kind, mus, rhos, prior_means, prior_stds, seed, offsets, stream, outs_a, outs_b=None, grads=None,
-            grad_term=0.0, p=0.0, fill_prior=False):
+            grad_term=None, p=0.0, fill_prior=False):
     """One launch over every tensor; returns the per-program partial sums of the prior term (forward)."""
     qblock = _qblock()
     backward = grads is not None
@@ -88,9 +90,11 @@ def _launch(kind, mus, rhos, prior_means, prior_stds, seed, offsets, stream, out
         return partials
     inv_var = torch.tensor([1.0 / sp**2 for sp in prior_stds], dtype=torch.float32, device=device)
     scale = 1.0 if kind == DROPOUT and fill_prior else 1.0 / (1.0 - p)
+    # the prior term's gradient stays on the device (read by the kernel: no host synchronisation)
+    grad_term = inv_var if grad_term is None else grad_term.to(device=device, dtype=torch.float32).reshape(1)
     draw_kernel[(programs,)](
-        table, inv_var, partials, len(table), seed, stream & 0xFFFFFFFF, stream >> 32, float(p), float(scale),
-        float(grad_term), DTYPE=TRITON_DTYPES[mus[0].dtype], KIND=kind, BACKWARD=backward,
+        table, inv_var, partials, grad_term, len(table), seed, stream & 0xFFFFFFFF, stream >> 32, float(p),
+        float(scale), DTYPE=TRITON_DTYPES[mus[0].dtype], KIND=kind, BACKWARD=backward,
         FILL_PRIOR=fill_prior, QBLOCK=qblock, SEARCH_STEPS=search_steps,
     )
     return partials
@@ -111,7 +115,7 @@ def gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, prior_means, prior_st
     grad_mus = [torch.empty_like(mu) for mu in mus]
     grad_rhos = [torch.empty_like(rho) for rho in rhos]
     _launch(GAUSSIAN, mus, rhos, prior_means, prior_stds, seed, offsets, stream, grad_mus, grad_rhos, grads,
-            grad_term=float(grad_kl))
+            grad_term=grad_kl)
     return grad_mus, grad_rhos
 
 
@@ -125,5 +129,5 @@ def weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, seed, offsets
 def weight_dropout_l2_backward(grads, grad_l2, mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream):
     grad_mus = [torch.empty_like(mu) for mu in mus]
     _launch(DROPOUT, mus, None, prior_means, prior_stds, seed, offsets, stream, grad_mus, grads=grads,
-            grad_term=float(grad_l2), p=p, fill_prior=fill_prior)
+            grad_term=grad_l2, p=p, fill_prior=fill_prior)
     return grad_mus

@@ -46,8 +46,8 @@ CASES = textwrap.dedent(
         kinds = [(0, False), (1, False), (1, True)]  # (KIND, FILL_PRIOR): Gaussian, dropout scaled / filled
         for dtype, (kind, fill), backward in itertools.product((tl.float32, tl.float16, tl.bfloat16), kinds, (False, True)):
             signature = {
-                "records_ptr": "*i64", "inv_var_ptr": "*fp32", "partial_ptr": "*fp32", "count": "i32", "seed": "i64",
-                "stream_lo": "i32", "stream_hi": "i32", "p": "fp32", "scale": "fp32", "grad_term": "fp32",
+                "records_ptr": "*i64", "inv_var_ptr": "*fp32", "partial_ptr": "*fp32", "grad_term_ptr": "*fp32",
+                "count": "i32", "seed": "i64", "stream_lo": "i32", "stream_hi": "i32", "p": "fp32", "scale": "fp32",
                 **{name: "constexpr" for name in ("DTYPE", "KIND", "BACKWARD", "FILL_PRIOR", "QBLOCK", "SEARCH_STEPS")},
             }
             constexprs = dict(DTYPE=dtype, KIND=kind, BACKWARD=backward, FILL_PRIOR=fill, QBLOCK=256, SEARCH_STEPS=6)

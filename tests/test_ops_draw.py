@@ -8,9 +8,9 @@ import bayeskern.ops as ops
 from bayeskern.ops import philox
 from bayeskern.ops.draw import _gaussian_sample_kl, _weight_dropout_l2
 
-# a tensor spanning several parallel chunks (16384 elements each) and offsets that cut SIMD steps
-SHAPES = [(37, 5), (3,), (40_000,), (64, 3, 3, 3), (1,)]
-PRIOR_STDS = [1.0, 0.5, 2.0, 0.1, 3.0]
+# a tensor spanning several parallel chunks (16384 elements each), offsets that cut SIMD steps, an empty one
+SHAPES = [(37, 5), (3,), (40_000,), (64, 3, 3, 3), (1,), (0, 3)]
+PRIOR_STDS = [1.0, 0.5, 2.0, 0.1, 3.0, 1.5]
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 
 

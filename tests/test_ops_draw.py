@@ -22,14 +22,14 @@ def _offsets(shapes, start=6):
     return offsets
 
 
-def _case(dtype=torch.float32, means="mixed", seed=0, device="cpu"):
+def _case(dtype=torch.float32, means="mixed", seed=0, device="cpu", rho_shift=-4.0):
     g = torch.Generator().manual_seed(seed)
 
     def make(shape, shift=0.0):
         return (torch.randn(shape, generator=g) + shift).to(device=device, dtype=dtype)
 
     mus = [make(s).requires_grad_() for s in SHAPES]
-    rhos = [make(s, -4.0).requires_grad_() for s in SHAPES]
+    rhos = [make(s, rho_shift).requires_grad_() for s in SHAPES]
     given = {"none": [], "all": range(len(SHAPES)), "mixed": [1, 2]}[means]
     prior_means = [make(s) if k in given else None for k, s in enumerate(SHAPES)]
     upstream = [make(s) for s in SHAPES]
@@ -75,8 +75,11 @@ def cpp():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("means", ["none", "all", "mixed"])
-def test_gaussian_kernel_matches_composition(kernel_backend, device, dtype, means):
-    mus, rhos, prior_means, upstream = _case(dtype, means, device=device)
+@pytest.mark.parametrize("rho_shift", [-4.0, -8.0], ids=["general", "series"])
+def test_gaussian_kernel_matches_composition(kernel_backend, device, dtype, means, rho_shift):
+    """rho around -4 mixes lanes on either side of the C++ kernels' series threshold; around -8 whole
+    vectors take the series path (small stds)."""
+    mus, rhos, prior_means, upstream = _case(dtype, means, device=device, rho_shift=rho_shift)
     with ops.use_backend(kernel_backend):
         got = _run(_gaussian(mus, rhos, prior_means), [*mus, *rhos], upstream)
     mus32, rhos32, means32 = _float32(mus), _float32(rhos), _float32(prior_means)

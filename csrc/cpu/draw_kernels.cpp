@@ -54,19 +54,35 @@ inline f32v mask_outside(f32v x, const Step& s, int v) {
   return load(lanes);
 }
 
-// VI: the reparameterised Gaussian draw and its KL (kl_math.h).
+// VI: the reparameterised Gaussian draw and its KL (kl_math.h; the series path where every lane of
+// rho is below kSeriesRho).
 struct GaussianDraw {
   using Noise = NormalNoise;
   static double constant(int64_t n, double prior_std) { return static_cast<double>(n) * (std::log(prior_std) - 0.5); }
   void forward(f32v eps, f32v mu, f32v rho, f32v m0, float inv_var, f32v& w, f32v& term) const {
+    const f32v d = mu - m0;
+    if (all_below(rho, kSeriesRho)) {
+      const f32v e = exp_nonpositive<f32v, u32v>(rho);
+      const f32v q = softplus_q(e);
+      const f32v sp = e + e * q;
+      w = mu + sp * eps;
+      term = (sp * sp + d * d) * (0.5f * inv_var) - (rho + log1p_series(q));
+      return;
+    }
     const f32v sp = softplus<f32v, u32v>(rho);
     w = mu + sp * eps;
-    term = kl_term<f32v, u32v>(sp, mu - m0, 0.5f * inv_var);
+    term = kl_term<f32v, u32v>(sp, d, 0.5f * inv_var);
   }
   void backward(f32v eps, f32v g, f32v mu, f32v rho, f32v m0, float inv_var, float gk, f32v& grad_mu,
                 f32v& grad_rho) const {
     f32v sp, sig;
-    softplus_sigmoid<f32v, u32v>(rho, sp, sig);
+    if (all_below(rho, kSeriesRho)) {
+      const f32v e = exp_nonpositive<f32v, u32v>(rho);
+      sp = e + e * softplus_q(e);
+      sig = sigmoid_series(e);
+    } else {
+      softplus_sigmoid<f32v, u32v>(rho, sp, sig);
+    }
     grad_mu = g + (gk * inv_var) * (mu - m0);
     grad_rho = sig * (g * eps + gk * kl_rho_factor(sp, inv_var));
   }

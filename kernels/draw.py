@@ -14,18 +14,13 @@ import triton.language as tl
 
 from .noise import _qblock, _sigmoid, _softplus
 from .philox import log_positive, normals4, uniforms4
-from .records import SHARED_FIELDS, field, find_tile, pack
+from .records import SHARED_FIELDS, field, find_tile, pack, pointer
 from .sgld import TRITON_DTYPES
 
 RECORD = tl.constexpr(8 + SHARED_FIELDS)  # mu, rho, m0, grad, out_a, out_b, n, prior index; shared fields
 GAUSSIAN = tl.constexpr(0)  # VI: w = mu + softplus(rho) * eps, term = KL
 DROPOUT = tl.constexpr(1)   # MC-dropout: w = keep ? mu * scale : fill, term = (1 - p) |mu - m0|^2 / (2 sp^2)
 MIN_NORMAL = tl.constexpr(1.17549435e-38)  # s is clamped here before 1/s and log s
-
-
-@triton.jit
-def _pointer(records_ptr, index, k, DTYPE: tl.constexpr):
-    return field(records_ptr, index, k, RECORD).to(tl.pointer_type(DTYPE))
 
 
 @triton.jit
@@ -36,7 +31,7 @@ def draw_kernel(
 ):
     index, q, j = find_tile(records_ptr, count, RECORD, QBLOCK, SEARCH_STEPS)
     mask = (j >= 0) & (j < field(records_ptr, index, 6, RECORD))
-    mu_ptr = _pointer(records_ptr, index, 0, DTYPE)
+    mu_ptr = pointer(records_ptr, index, 0, RECORD, DTYPE)
     mu = tl.load(mu_ptr + j, mask=mask, other=0.0).to(tl.float32)
     m0_address = field(records_ptr, index, 2, RECORD)
     m0_ptr = tl.where(m0_address != 0, m0_address, field(records_ptr, index, 0, RECORD)).to(tl.pointer_type(DTYPE))
@@ -45,30 +40,30 @@ def draw_kernel(
     d = mu - m0
     if KIND == GAUSSIAN:
         eps = normals4(seed, q, stream_lo, stream_hi)
-        rho = tl.load(_pointer(records_ptr, index, 1, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
+        rho = tl.load(pointer(records_ptr, index, 1, RECORD, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
         s = _softplus(rho)
         s_safe = tl.maximum(s, MIN_NORMAL).to(tl.float32)
         if BACKWARD:
             grad_term = tl.load(grad_term_ptr)
-            g = tl.load(_pointer(records_ptr, index, 3, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(pointer(records_ptr, index, 3, RECORD, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
             grad_rho = _sigmoid(rho) * (g * eps + grad_term * (s * inv_var - 1.0 / s_safe))
-            tl.store(_pointer(records_ptr, index, 4, DTYPE) + j, (g + (grad_term * inv_var) * d).to(DTYPE), mask=mask)
-            tl.store(_pointer(records_ptr, index, 5, DTYPE) + j, grad_rho.to(DTYPE), mask=mask)
+            tl.store(pointer(records_ptr, index, 4, RECORD, DTYPE) + j, (g + (grad_term * inv_var) * d).to(DTYPE), mask=mask)
+            tl.store(pointer(records_ptr, index, 5, RECORD, DTYPE) + j, grad_rho.to(DTYPE), mask=mask)
         else:
             term = (s * s + d * d) * (0.5 * inv_var) - log_positive(s_safe)
-            tl.store(_pointer(records_ptr, index, 4, DTYPE) + j, (mu + s * eps).to(DTYPE), mask=mask)
+            tl.store(pointer(records_ptr, index, 4, RECORD, DTYPE) + j, (mu + s * eps).to(DTYPE), mask=mask)
             tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(tl.where(mask, term, 0.0), axis=1), axis=0))
     else:
         keep = uniforms4(seed, q, stream_lo, stream_hi) >= p
         if BACKWARD:
             grad_term = tl.load(grad_term_ptr)
-            g = tl.load(_pointer(records_ptr, index, 3, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(pointer(records_ptr, index, 3, RECORD, DTYPE) + j, mask=mask, other=0.0).to(tl.float32)
             grad_mu = tl.where(keep, g * scale, 0.0) + (grad_term * (1.0 - p) * inv_var) * d
-            tl.store(_pointer(records_ptr, index, 4, DTYPE) + j, grad_mu.to(DTYPE), mask=mask)
+            tl.store(pointer(records_ptr, index, 4, RECORD, DTYPE) + j, grad_mu.to(DTYPE), mask=mask)
         else:
             fill = m0 if FILL_PRIOR else tl.zeros_like(m0)
             term = (0.5 * (1.0 - p) * inv_var) * (d * d)
-            tl.store(_pointer(records_ptr, index, 4, DTYPE) + j, tl.where(keep, mu * scale, fill).to(DTYPE), mask=mask)
+            tl.store(pointer(records_ptr, index, 4, RECORD, DTYPE) + j, tl.where(keep, mu * scale, fill).to(DTYPE), mask=mask)
             tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(tl.where(mask, term, 0.0), axis=1), axis=0))
 
 

@@ -19,6 +19,12 @@ def field(records_ptr, index, k, RECORD: tl.constexpr):
 
 
 @triton.jit
+def pointer(records_ptr, index, k, RECORD: tl.constexpr, DTYPE: tl.constexpr):
+    """Field k of record ``index`` as a pointer to DTYPE."""
+    return field(records_ptr, index, k, RECORD).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
 def find_tile(records_ptr, count, RECORD: tl.constexpr, QBLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
     """This program's record index, its Philox blocks q (QBLOCK,) and its tile's element indices
     j (QBLOCK, 4) relative to the tensor (valid where 0 <= j < n)."""

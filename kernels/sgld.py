@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .noise import _qblock
 from .philox import normals4
-from .records import SHARED_FIELDS, field, find_tile, pack
+from .records import SHARED_FIELDS, field, find_tile, pack, pointer
 
 RECORD = tl.constexpr(5 + SHARED_FIELDS)  # theta, grad, mean, avg addresses, n; then the shared fields
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -22,19 +22,19 @@ def sgld_kernel(
     QBLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     lo, q, j = find_tile(records_ptr, count, RECORD, QBLOCK, SEARCH_STEPS)
-    theta_ptr = field(records_ptr, lo, 0, RECORD).to(tl.pointer_type(DTYPE))
-    grad_ptr = field(records_ptr, lo, 1, RECORD).to(tl.pointer_type(DTYPE))
+    theta_ptr = pointer(records_ptr, lo, 0, RECORD, DTYPE)
+    grad_ptr = pointer(records_ptr, lo, 1, RECORD, DTYPE)
     n = field(records_ptr, lo, 4, RECORD)
     mask = (j >= 0) & (j < n)
     theta = tl.load(theta_ptr + j, mask=mask, other=0.0).to(tl.float32)
     grad = tl.load(grad_ptr + j, mask=mask, other=0.0).to(tl.float32)
     diff = theta
     if HAS_MEAN:
-        mean_ptr = field(records_ptr, lo, 2, RECORD).to(tl.pointer_type(DTYPE))
+        mean_ptr = pointer(records_ptr, lo, 2, RECORD, DTYPE)
         diff = theta - tl.load(mean_ptr + j, mask=mask, other=0.0).to(tl.float32)
     g_tot = grad + prior_precision * diff
     if PRECONDITION:
-        avg_ptr = field(records_ptr, lo, 3, RECORD).to(tl.pointer_type(DTYPE))
+        avg_ptr = pointer(records_ptr, lo, 3, RECORD, DTYPE)
         v = alpha * tl.load(avg_ptr + j, mask=mask, other=0.0).to(tl.float32) + (1.0 - alpha) * (g_tot * g_tot)
         precond = tl.math.div_rn(1.0, eps + tl.sqrt_rn(v))
         theta = theta - lr * (precond * g_tot)

@@ -177,3 +177,14 @@ def test_kernels_pass_opcheck(kernel_backend, device):
 def test_bad_input_raises_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_noise_gaussian_is_mean_plus_std_times_the_philox_normal():
+    g = torch.Generator().manual_seed(5)
+    mean, std = torch.randn(7, 9, generator=g), torch.rand(7, 9, generator=g)
+    eps = philox.normal(3, 12, 63, stream=4).view(7, 9)
+    torch.testing.assert_close(ops.noise.gaussian(mean, std, 3, 12, stream=4), mean + std * eps)
+    with pytest.raises(ValueError, match="std has shape"):
+        ops.noise.gaussian(mean, std[:2], 3)
+    with pytest.raises(ValueError, match="mean must be a floating-point tensor"):
+        ops.noise.gaussian(torch.zeros(3, dtype=torch.int64), std, 3)

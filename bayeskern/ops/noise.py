@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import philox
 from .backend import dispatch
-from .checks import check_index
+from .checks import check_floating, check_index, check_same_layout
 
 
 @torch.library.custom_op("bayeskern::normal", mutates_args=())
@@ -52,5 +52,7 @@ def gaussian(mean: Tensor, std: Tensor, seed: int | Tensor, offset: int = 0, *, 
     draw as ``gaussian_sample(mean, rho, ...)`` with ``std = softplus(rho)`` (up to rounding) at about
     3/4 of its cost on CPU, where the softplus of every weight weighs as much as the noise.
     """
+    check_floating(mean, "mean")
+    check_same_layout(mean, std, "mean", "std")
     eps = normal(mean.shape, seed, offset, stream=stream, device=mean.device)
     return eps.to(mean.dtype).mul_(std).add_(mean)

@@ -71,11 +71,9 @@ class MCDropout(WeightPosterior):
 
     def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
         """One draw and ``kl()`` from the fused ``weight_dropout_l2``."""
-        prior = self.prior
+        prior_means, prior_stds, offsets = self._fused_args()
         samples, l2 = weight_dropout_l2(
-            [mu for _, mu, _ in self._mus()], self.p,
-            [None if prior.is_zero_mean(name) else prior.mean(name) for name in self.names],
-            [prior.std(name) for name in self.names], seed, [self.offsets[name] for name in self.names],
+            [mu for _, mu, _ in self._mus()], self.p, prior_means, prior_stds, seed, offsets,
             fill_prior=self.mode == "prior", stream=stream,
         )
         return dict(zip(self.names, samples)), l2

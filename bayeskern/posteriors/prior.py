@@ -151,6 +151,10 @@ class GaussianPrior(nn.Module):
     def is_zero_mean(self, name: str) -> bool:
         return name in self._zero
 
+    def mean_std_lists(self) -> tuple[list[Tensor | None], list[float | Tensor]]:
+        """The means (None where zero) and stds of ``names``, in order: the fused ops' prior arguments."""
+        return [None if self.is_zero_mean(n) else self.mean(n) for n in self.names], [self.std(n) for n in self.names]
+
     def items(self) -> Iterator[tuple[str, Tensor, float | Tensor]]:
         """``(name, theta0, sp)`` for every parameter the prior covers."""
         for name in self.names:

@@ -58,25 +58,16 @@ class VI(WeightPosterior):
             for name, mu, rho in self._pairs()
         }
 
-    def _prior_args(self) -> tuple[list[Tensor | None], list[float | Tensor]]:
-        """The prior means (None where zero) and stds of the Bayesian parameters, in order."""
-        prior = self.prior
-        return (
-            [None if prior.is_zero_mean(name) else prior.mean(name) for name in self.names],
-            [prior.std(name) for name in self.names],
-        )
-
     def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
         """One draw and ``kl()`` from the fused ``gaussian_sample_kl``."""
         _, mus, rhos = zip(*self._pairs())
-        samples, kl = gaussian_sample_kl(
-            mus, rhos, *self._prior_args(), seed, [self.offsets[name] for name in self.names], stream=stream
-        )
+        prior_means, prior_stds, offsets = self._fused_args()
+        samples, kl = gaussian_sample_kl(mus, rhos, prior_means, prior_stds, seed, offsets, stream=stream)
         return dict(zip(self.names, samples)), kl
 
     def kl(self) -> Tensor:
         """``KL(q || p)`` summed over all Bayesian parameters."""
-        prior_means, prior_stds = self._prior_args()
+        prior_means, prior_stds = self.prior.mean_std_lists()
         return sum(
             gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds)
         )

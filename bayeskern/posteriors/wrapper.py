@@ -168,8 +168,12 @@ class WeightPosterior(nn.Module):
         raise NotImplementedError
 
     def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
-        """``(_draw(seed, stream), kl())``; a subclass may fuse the two (VI does)."""
+        """``(_draw(seed, stream), kl())``; a subclass may fuse the two (VI and MC-dropout do)."""
         return self._draw(seed, stream), self.kl()
+
+    def _fused_args(self) -> tuple[list[Tensor | None], list[float | Tensor], list[int]]:
+        """Prior means, prior stds and Philox offsets of the Bayesian parameters: the fused draws' lists."""
+        return (*self.prior.mean_std_lists(), [self.offsets[name] for name in self.names])
 
     def mean(self) -> dict[str, Tensor]:
         """The expected weights, with the point estimates and buffers (ready for functional_call)."""

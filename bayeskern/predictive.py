@@ -18,8 +18,9 @@ Speed: one single-sample function ``(model, params, x) -> outputs`` is compiled 
 recompile (a last, smaller batch may compile once more with a dynamic batch size).  If compilation
 fails the engine warns and runs eagerly.  Memory: inputs run in batches of ``batch_size`` (or as
 the loader yields them); the S samples are drawn once and reused for every batch when they fit in
-``SAMPLE_CACHE_BYTES``, otherwise redrawn per batch (``sample`` is deterministic in its index), so at
-most one sample's parameters need be held.
+``SAMPLE_CACHE_BYTES``; beyond it, the first samples that fit stay cached and the others are redrawn
+for every batch (``sample`` is deterministic in its index), so memory stays within the budget plus one
+sample.
 """
 from __future__ import annotations
 
@@ -106,29 +107,32 @@ def _batches(inputs: Tensor | Iterable[Any], batch_size: int | None) -> Iterator
 
 
 class _Samples:
-    """``posterior.sample(s)`` merged over the model's parameters and buffers; cached while the
-    samples fit in ``SAMPLE_CACHE_BYTES``."""
+    """``posterior.sample(s)`` merged over the model's parameters and buffers; the first samples are
+    cached while they fit in ``SAMPLE_CACHE_BYTES`` together, the rest are redrawn for every batch."""
 
     def __init__(self, posterior: Posterior, base: dict[str, Tensor], num_samples: int) -> None:
         self.posterior, self.base, self.num_samples = posterior, base, num_samples
-        self.cache: list[dict[str, Tensor]] | None = []
+        self.cache: list[dict[str, Tensor]] = []
+        self.cache_full = False
+        self.cached_bytes = 0
         # where the samples live: the model's device until the posterior's first sample says otherwise
         self.device = next((t.device for t in base.values()), torch.device("cpu"))
         self.device_known = False
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        if self.cache is not None and index < len(self.cache):
+        if index < len(self.cache):
             return self.cache[index]
         drawn = self.posterior.sample(index)
         if not self.device_known and drawn:
             self.device, self.device_known = next(iter(drawn.values())).device, True
         params = {**self.base, **drawn}
-        if self.cache is not None:
+        if not self.cache_full and index == len(self.cache):
             size = sum(t.numel() * t.element_size() for t in drawn.values())
-            if size * self.num_samples <= SAMPLE_CACHE_BYTES:
+            if self.cached_bytes + size <= SAMPLE_CACHE_BYTES:
                 self.cache.append(params)
+                self.cached_bytes += size
             else:
-                self.cache = None
+                self.cache_full = True
         return params
 
 

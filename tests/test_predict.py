@@ -92,6 +92,20 @@ def test_samples_are_redrawn_identically_when_they_do_not_fit_the_cache(monkeypa
     torch.testing.assert_close(redrawn.probs, cached.probs)
 
 
+def test_the_samples_that_fit_the_cache_are_kept_and_only_the_rest_redrawn(monkeypatch):
+    post = table()
+    x = torch.randn(10, 3)
+    everything = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    sample_bytes = sum(t.numel() * t.element_size() for t in post.sample(0).values())
+    monkeypatch.setattr(engine, "SAMPLE_CACHE_BYTES", 2 * sample_bytes + sample_bytes // 2)
+    calls = []
+    original = post.sample
+    post.sample = lambda i: calls.append(i) or original(i)
+    partly = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    assert calls == [0, 1, 2, 3, 4] + [2, 3, 4] * 2  # samples 0 and 1 cached, three batches
+    torch.testing.assert_close(partly.probs, everything.probs)
+
+
 def test_vi_and_batchnorm_model_predict_in_eval_mode_with_the_posteriors_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))

@@ -218,6 +218,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> draw_backward(
       const float* grad = view(x.grad, s, buf.grad);
       float* grad_mu = target(x.out_a, s, buf.a);
       float* grad_rho = x.out_b ? target(x.out_b, s, buf.b) : buf.b;
+      prefetch_ahead(x.grad, s);  // the upstream gradient adds an input stream the forward lacks
+      prefetch_ahead(x.mu, s);
+      prefetch_ahead(x.rho, s);
+      prefetch_ahead(x.m0, s);
       typename Draw::Noise{}(seed, stream, s.q0, buf.noise);
       for (int v = 0; v < kBlockElements; v += kLanes) {
         f32v gm, gr{};

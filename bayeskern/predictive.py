@@ -13,17 +13,29 @@ Classification (``p_s = softmax(f_s(x))``, S samples):
 Regression: ``mean = (1/S) sum_s f_s(x)``, ``variance = (1/S) sum_s (f_s(x) - mean)^2 + noise_std^2``
 (Welford's running update).
 
-Speed: one single-sample function ``(model, params, x) -> outputs`` is compiled with
+Speed: one single-sample function ``(module, params, inputs) -> outputs`` is compiled with
 ``torch.compile`` once and called S times; parameters enter as tensors, so new samples never
 recompile (a last, smaller batch may compile once more with a dynamic batch size).  If compilation
-fails the engine warns and runs eagerly.  Memory: inputs run in batches of ``batch_size`` (or as
-the loader yields them); the S samples are drawn once and reused for every batch when they fit in
-``SAMPLE_CACHE_BYTES``; beyond it, the first samples that fit stay cached and the others are redrawn
-for every batch (``sample`` is deterministic in its index), so memory stays within the budget plus one
-sample.
+fails the engine warns and runs eagerly.
+
+Last-layer posteriors: the tensors that differ between samples (those whose storage differs
+between samples 0 and 1; a VI posterior's point estimates and buffers are the same tensors in every
+sample) often all lie in one submodule, the head.  When the model returns that submodule's output
+untouched, the rest of the network does not depend on the sample: it runs once per batch, the
+head's inputs are captured with a forward hook, and only the head runs S times.  Checked on every
+batch: the head must run exactly once, its output must be the model's output, unmodified, and its
+inputs must hold no NaN with the random tensors set to NaN for that forward (so the rest of the
+network did not read them); otherwise the whole network runs per sample, for this batch and the
+next ones.  ``sample(s)`` must return tensors that later calls do not overwrite.
+
+Memory: inputs run in batches of ``batch_size`` (or as the loader yields them); the S samples are
+drawn once and reused for every batch when they fit in ``SAMPLE_CACHE_BYTES``; beyond it, the first
+samples that fit stay cached and the others are redrawn for every batch (``sample`` is deterministic
+in its index), so memory stays within the budget plus at most three samples.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +44,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
 
 from .posteriors.base import Posterior
 
@@ -52,9 +65,11 @@ class Prediction:
     variance: Tensor | None = None  # regression: (N, ...) predictive variance
 
 
-def _forward(model: nn.Module, params: dict[str, Tensor], x: Tensor, classification: bool) -> tuple[Tensor, ...]:
+def _forward(
+    module: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict[str, Any], classification: bool
+) -> tuple[Tensor, ...]:
     """One posterior sample: outputs and, for classification, probabilities and their entropy."""
-    out = functional_call(model, params, (x,))
+    out = functional_call(module, params, args, kwargs)
     if not classification:
         return (out,)
     log_p = torch.log_softmax(out.float(), dim=-1)
@@ -107,33 +122,126 @@ def _batches(inputs: Tensor | Iterable[Any], batch_size: int | None) -> Iterator
 
 
 class _Samples:
-    """``posterior.sample(s)`` merged over the model's parameters and buffers; the first samples are
-    cached while they fit in ``SAMPLE_CACHE_BYTES`` together, the rest are redrawn for every batch."""
+    """``posterior.sample(s)``; the first samples are cached while they fit in ``SAMPLE_CACHE_BYTES``
+    together, the rest are redrawn for every batch (the latest one drawn is held until the next).
 
-    def __init__(self, posterior: Posterior, base: dict[str, Tensor], num_samples: int) -> None:
-        self.posterior, self.base, self.num_samples = posterior, base, num_samples
+    ``random`` names the tensors that differ between samples 0 and 1 (a different storage; the
+    others, e.g. a VI posterior's point estimates, are the same tensors in every sample)."""
+
+    def __init__(self, posterior: Posterior, num_samples: int, model_device: torch.device) -> None:
+        self.posterior, self.num_samples = posterior, num_samples
         self.cache: list[dict[str, Tensor]] = []
         self.cache_full = False
         self.cached_bytes = 0
-        # where the samples live: the model's device until the posterior's first sample says otherwise
-        self.device = next((t.device for t in base.values()), torch.device("cpu"))
-        self.device_known = False
+        self.held: dict[int, dict[str, Tensor]] = {}
+        first = self[0]
+        if num_samples > 1:
+            held = dict(self.held)
+            second = self[1]
+            self.held.update(held)
+            self.random = {n for n, t in first.items() if n not in second or t.data_ptr() != second[n].data_ptr()}
+        else:
+            self.random = set(first)
+        self.first = first
+        # where the samples live, which may differ from the model's device
+        self.device = next(iter(first.values())).device if first else model_device
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if index < len(self.cache):
             return self.cache[index]
+        if index in self.held:
+            return self.held[index]
         drawn = self.posterior.sample(index)
-        if not self.device_known and drawn:
-            self.device, self.device_known = next(iter(drawn.values())).device, True
-        params = {**self.base, **drawn}
         if not self.cache_full and index == len(self.cache):
             size = sum(t.numel() * t.element_size() for t in drawn.values())
             if self.cached_bytes + size <= SAMPLE_CACHE_BYTES:
-                self.cache.append(params)
+                self.cache.append(drawn)
                 self.cached_bytes += size
-            else:
-                self.cache_full = True
-        return params
+                return drawn
+            self.cache_full = True
+        self.held = {index: drawn}
+        return drawn
+
+
+def _state(module: nn.Module) -> dict[str, Tensor]:
+    return {name: t.detach() for name, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _owner(names: Iterable[str]) -> str:
+    """The dotted path of the deepest module holding every named tensor ("" for the root)."""
+    paths = [name.split(".")[:-1] for name in names]
+    common = paths[0] if paths else []
+    for path in paths[1:]:
+        k = 0
+        while k < min(len(common), len(path)) and common[k] == path[k]:
+            k += 1
+        common = common[:k]
+    return ".".join(common)
+
+
+@dataclass
+class _PerSample:
+    """One batch's per-sample call: ``module(*args, **kwargs)`` with ``base`` updated by a sample's
+    tensors under ``prefix`` (the module's path in the model, with its dot; "" for the model)."""
+
+    module: nn.Module
+    base: dict[str, Tensor]
+    prefix: str
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def params(self, drawn: dict[str, Tensor]) -> dict[str, Tensor]:
+        cut = len(self.prefix)
+        return {**self.base, **{name[cut:]: t for name, t in drawn.items() if name.startswith(self.prefix)}}
+
+
+class _Target:
+    """What runs per sample: the whole model on the batch, or (see the module docstring) the
+    submodule owning every random tensor of the samples on the inputs it gets in one forward."""
+
+    def __init__(self, model: nn.Module, samples: _Samples, model_device: torch.device) -> None:
+        self.model, self.base = model, _state(model)
+        path = _owner(samples.random)
+        floating = all(samples.first[n].is_floating_point() for n in samples.random)
+        self.head = model.get_submodule(path) if path and floating and model_device == samples.device else None
+        if self.head is not None:
+            # the body runs with the random tensors all NaN: a head input with a NaN used them
+            poisoned = {n: torch.full_like(t, math.nan) for n, t in samples.first.items() if n in samples.random}
+            fixed = {n: t for n, t in samples.first.items() if n not in samples.random}
+            self.body_params = {**self.base, **fixed, **poisoned}
+            self.head_base, self.prefix = _state(self.head), path + "."
+
+    def per_sample(self, x: Tensor) -> _PerSample:
+        if self.head is not None:
+            captured = _submodule_inputs(self.model, self.body_params, self.head, x)
+            if captured is not None:
+                return _PerSample(self.head, self.head_base, self.prefix, *captured)
+            self.head = None  # the check failed: run the whole network from now on
+        return _PerSample(self.model, self.base, "", (x,), {})
+
+
+def _submodule_inputs(
+    model: nn.Module, params: dict[str, Tensor], head: nn.Module, x: Tensor
+) -> tuple[tuple, dict[str, Any]] | None:
+    """The args and kwargs ``head`` gets in one forward of ``model`` (with ``params``) on ``x``, if
+    the model returns the output of that one call of ``head`` unmodified and its inputs hold no NaN;
+    else None."""
+    calls: list[tuple[tuple, dict[str, Any], Any, int]] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        calls.append((args, kwargs, output, getattr(output, "_version", -1)))
+
+    handle = head.register_forward_hook(capture, with_kwargs=True)
+    try:
+        out = functional_call(model, params, (x,))
+    finally:
+        handle.remove()
+    if len(calls) != 1 or calls[0][2] is not out or not isinstance(out, Tensor) or out._version != calls[0][3]:
+        return None
+    args, kwargs = calls[0][0], calls[0][1]
+    if any(t.is_floating_point() and t.isnan().any() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)):
+        return None
+    return args, kwargs
 
 
 def _check(num_samples: int, batch_size: int | None, likelihood: str) -> None:
@@ -170,14 +278,15 @@ def predict(
     likelihood = likelihood or getattr(posterior, "likelihood", "classification")
     _check(num_samples, batch_size, likelihood)
     model = posterior.model
-    base = {name: t.detach() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    samples, run = _Samples(posterior, base, num_samples), _Runner(compile)
     classification = likelihood == "classification"
     was_training = model.training
     model.eval()
     try:
+        model_device = next((t.device for t in _state(model).values()), torch.device("cpu"))
+        samples = _Samples(posterior, num_samples, model_device)
+        target, run = _Target(model, samples, model_device), _Runner(compile)
         parts = [
-            _predict_batch(x, samples, run, model, classification, return_logits)
+            _predict_batch(x.to(samples.device), samples, run, target, classification, return_logits)
             for x in _batches(inputs, batch_size)
         ]
     finally:
@@ -191,16 +300,15 @@ def predict(
 
 
 def _predict_batch(
-    x: Tensor, samples: _Samples, run: _Runner, model: nn.Module, classification: bool, return_logits: bool
+    x: Tensor, samples: _Samples, run: _Runner, target: _Target, classification: bool, return_logits: bool
 ) -> dict[str, Tensor]:
     S = samples.num_samples
     outputs: list[Tensor] = []
     total: Tensor | float = 0.0
     second: Tensor | float = 0.0  # classification: sum of H[p_s]; regression: Welford's M2
+    call = target.per_sample(x)
     for s in range(S):
-        params = samples[s]
-        x = x.to(samples.device)  # the posterior's device, which may differ from the model's
-        result = run(model, params, x, classification)
+        result = run(call.module, call.params(samples[s]), call.args, call.kwargs, classification)
         if return_logits:
             outputs.append(result[0])
         if classification:

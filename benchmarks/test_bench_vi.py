@@ -9,6 +9,10 @@ test_bench_methods.py.)
   ``drawn`` predicts stored samples, timing the engine alone.  Models: an MLP 784-1024-1024-10 at
   batch 512, timm's resnet18 on 32x32 inputs at batch 32 and a small MLP 784-128-128-10 at batch
   16, where per-call overhead matters most.
+* ``predict S=32 last-layer vi <model>``: a VI posterior over the classifier only, predicted by
+  ``bayeskern.predict`` (compiled; the network up to the classifier runs once per batch) against the
+  loop a user writes without it, S eager ``functional_call`` forwards of the whole network with
+  ``post.sample(s)`` (the baseline).
 * ``eps regenerate vs keep <n>``: the rho-gradient of ``gaussian_sample`` with eps regenerated in
   the fused backward kernel (the baseline) against reading an eps kept from the forward.
 
@@ -18,6 +22,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.func import functional_call
 
 import bayeskern.ops as ops
 from bayeskern.posteriors.vi import VI
@@ -74,6 +79,34 @@ def test_predict(benchmark, model_name, posterior, impl):
     record(benchmark, f"predict S={num_samples} {posterior} {model_name} b{x.shape[0]}", impl, baseline=not compiled,
            model=model_name, samples=num_samples)
     benchmark(predict, post, x, num_samples, compile=compiled)
+
+
+def full_forwards(post, x, num_samples):
+    total = 0
+    with torch.no_grad():
+        for s in range(num_samples):
+            total = total + functional_call(post.model, post.sample(s), (x,)).softmax(-1)
+    return total / num_samples
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "resnet18"])
+@pytest.mark.parametrize("impl", ["full_forwards", "predict"])
+def test_predict_last_layer(benchmark, model_name, impl):
+    torch.manual_seed(0)
+    model, x = PREDICT_MODELS[model_name]()
+    model.eval()
+    num_samples = 4 if QUICK else 32
+    post = VI(model, init_std=1e-2, num_data=50_000, params="last_layer", seed=0)
+    if impl == "predict":
+        predict(post, x, num_samples)  # compile once, outside the timing
+        run = lambda: predict(post, x, num_samples)  # noqa: E731
+    else:
+        run = lambda: full_forwards(post, x, num_samples)  # noqa: E731
+    torch.testing.assert_close(predict(post, x, num_samples).probs, full_forwards(post, x, num_samples),
+                               rtol=1e-4, atol=1e-5)
+    record(benchmark, f"predict S={num_samples} last-layer vi {model_name} b{x.shape[0]}", impl,
+           baseline=impl == "full_forwards", model=model_name, samples=num_samples)
+    benchmark(run)
 
 
 @pytest.mark.parametrize("numel", [2**16 if QUICK else 2**22], ids=size_label)

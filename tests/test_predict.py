@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bayeskern import predictive as engine
 from bayeskern.posteriors.base import Posterior
+from bayeskern.posteriors.laplace import DiagLaplace
 from bayeskern.posteriors.mc_dropout import MCDropout
 from bayeskern.posteriors.vi import VI
 from bayeskern.predictive import predict
@@ -174,3 +175,88 @@ def test_compiled_and_eager_predictions_agree_and_compile_once():
     for key in ("logits", "probs", "entropy", "expected_entropy", "mutual_info"):
         torch.testing.assert_close(getattr(compiled, key), getattr(eager, key), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again.probs, eager.probs, rtol=1e-5, atol=1e-6)
+
+
+class Counted(nn.Module):
+    """A body that counts its forwards, then a head; ``after`` post-processes the head's output."""
+
+    def __init__(self, after: str = "none") -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.head = nn.Linear(8, 8) if after == "head twice" else nn.Linear(8, 3)
+        self.after, self.body_calls = after, 0
+        self.body.register_forward_hook(lambda *_: setattr(self, "body_calls", self.body_calls + 1))
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.after == "head weight in body":
+            h = h + self.head.weight.sum()
+        out = self.head(h)
+        if self.after == "scaled":
+            return out * 2
+        if self.after == "in place":
+            return out.mul_(2)
+        if self.after == "head twice":
+            return self.head(torch.tanh(out))
+        return out
+
+
+def full_forwards(post, x, num_samples):
+    post.model.eval()
+    return torch.stack([functional_call(post.model, post.sample(s), (x,)) for s in range(num_samples)])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_last_layer_posterior_runs_the_body_once_per_batch(compile):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Counted()
+    post = VI(model, init_std=0.3, num_data=10, params="last_layer", seed=3)
+    with torch.no_grad():  # the body's point estimates now differ from the model's own weights
+        for name, p in post.named_parameters():
+            if name.startswith("point."):
+                p.add_(0.5)
+    x = torch.randn(10, 4)
+    expected = full_forwards(post, x, 6)
+    model.body_calls = 0
+    pred = predict(post, x, num_samples=6, compile=compile, batch_size=5, return_logits=True)
+    assert model.body_calls == 2  # once per batch, not once per sample
+    torch.testing.assert_close(pred.logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred.probs, expected.softmax(-1).mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("after", ["scaled", "in place", "head twice", "head weight in body"])
+def test_the_whole_network_runs_per_sample_when_the_head_output_is_not_the_models(after):
+    torch.manual_seed(0)
+    model = Counted(after)
+    post = VI(model, init_std=0.3, num_data=10, params=["head.weight", "head.bias"], seed=3)
+    x = torch.randn(10, 4)
+    expected = full_forwards(post, x, 4)
+    model.body_calls = 0
+    pred = predict(post, x, num_samples=4, compile=False, return_logits=True, batch_size=5)
+    assert model.body_calls == 1 + 4 + 4  # the failed check on the first batch, then one per sample
+    torch.testing.assert_close(pred.logits, expected)
+
+
+def test_a_posterior_over_the_whole_network_runs_it_per_sample():
+    torch.manual_seed(0)
+    model = Counted()
+    post = VI(model, init_std=0.3, num_data=10, seed=3)
+    x = torch.randn(5, 4)
+    model.body_calls = 0
+    pred = predict(post, x, num_samples=4, compile=False, return_logits=True)
+    assert model.body_calls == 4
+    torch.testing.assert_close(pred.logits, full_forwards(post, x, 4))
+
+
+def test_a_last_layer_laplace_posterior_runs_the_body_once():
+    torch.manual_seed(0)
+    model = Counted()
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    la = DiagLaplace(model, params="last_layer", prior_precision=0.5, seed=1).fit([(x, y)], progress=False)
+    assert set(la.sample(0)) == {"head.weight", "head.bias"}
+    expected = full_forwards(la, x, 5)
+    model.body_calls = 0
+    pred = predict(la, x, num_samples=5, compile=False, return_logits=True)
+    assert model.body_calls == 1
+    torch.testing.assert_close(pred.logits, expected)

@@ -199,8 +199,10 @@ class _Target:
     """What runs per sample: the whole model on the batch, or (see the module docstring) the
     submodule owning every random tensor of the samples on the inputs it gets in one forward."""
 
-    def __init__(self, model: nn.Module, samples: _Samples, model_device: torch.device) -> None:
-        self.model, self.base = model, _state(model)
+    def __init__(
+        self, model: nn.Module, base: dict[str, Tensor], samples: _Samples, model_device: torch.device
+    ) -> None:
+        self.model, self.base = model, base
         path = _owner(samples.random)
         floating = all(samples.first[n].is_floating_point() for n in samples.random)
         self.head = model.get_submodule(path) if path and floating and model_device == samples.device else None
@@ -282,9 +284,10 @@ def predict(
     was_training = model.training
     model.eval()
     try:
-        model_device = next((t.device for t in _state(model).values()), torch.device("cpu"))
+        base = _state(model)
+        model_device = next((t.device for t in base.values()), torch.device("cpu"))
         samples = _Samples(posterior, num_samples, model_device)
-        target, run = _Target(model, samples, model_device), _Runner(compile)
+        target, run = _Target(model, base, samples, model_device), _Runner(compile)
         parts = [
             _predict_batch(x.to(samples.device), samples, run, target, classification, return_logits)
             for x in _batches(inputs, batch_size)

@@ -5,6 +5,8 @@ forward+backward; weight_dropout: eager ``w * bernoulli_(1-p) / (1-p)`` vs each 
 ``clone()`` of the same tensor in each group gives the achievable bandwidth.  The Triton backend is
 timed only on CUDA (the CPU interpreter is a correctness tool).  Retained bytes between forward
 and backward (what autograd keeps alive, inputs excluded) are recorded as ``saved_bytes``.
+``add into a new vs an existing tensor``: ``torch.add(a, b)`` against ``torch.add(a, b, out=c)``, the
+cost of faulting in a fresh output's pages (glibc hands large freed blocks back to the kernel).
 """
 import pytest
 import torch
@@ -139,4 +141,14 @@ def test_normal_generator(benchmark, bench_device, numel, impl):
         fn = lambda: kernels(impl).fill_normal_(out, 1, 0, 0)  # noqa: E731
     record(benchmark, f"normal noise {size_label(numel)} fp32 {bench_device.type}", impl,
            baseline=impl == "torch.randn", bytes=4 * numel, numel=numel)
+    _run(benchmark, bench_device, fn)
+
+
+@pytest.mark.parametrize("numel", SIZES, ids=size_label)
+@pytest.mark.parametrize("impl", ["existing", "new"])
+def test_add_into_new_or_existing_tensor(benchmark, bench_device, numel, impl):
+    a, b, out = (torch.randn(numel, device=bench_device) for _ in range(3))
+    fn = (lambda: torch.add(a, b, out=out)) if impl == "existing" else (lambda: torch.add(a, b))  # noqa: E731
+    record(benchmark, f"add into a new vs an existing tensor {size_label(numel)} fp32 {bench_device.type}", impl,
+           baseline=impl == "existing", numel=numel)
     _run(benchmark, bench_device, fn)

@@ -15,9 +15,14 @@ test_bench_methods.py.)
   ``post.sample(s)`` (the baseline).
 * ``eps regenerate vs keep <n>``: the rho-gradient of ``gaussian_sample`` with eps regenerated in
   the fused backward kernel (the baseline) against reading an eps kept from the forward.
+* ``vi fused backward resnet18 params``: the C++ backward of ``gaussian_sample_kl`` over resnet18's
+  parameters (posterior std 1e-3, prior mean the weights) regenerating the noise (the baseline)
+  against recovering it from the drawn weights (what a float32 training step does).
 
 ``BAYESKERN_BENCH_QUICK=1`` shrinks models and batches to check the suite runs.
 """
+import math
+
 import pytest
 import timm
 import torch
@@ -26,6 +31,7 @@ from torch.func import functional_call
 
 import bayeskern.ops as ops
 from bayeskern.posteriors.vi import VI
+from bayeskern.posteriors.wrapper import philox_offsets
 from bayeskern.predictive import predict
 
 from bench_utils import QUICK, record, size_label
@@ -130,3 +136,21 @@ def test_eps_regenerate_vs_keep(benchmark, numel, impl):
 
     record(benchmark, f"eps regenerate vs keep {size_label(numel)}", impl, baseline=impl == "regenerate", numel=numel)
     benchmark(regenerate if impl == "regenerate" else keep)
+
+
+@pytest.mark.parametrize("impl", ["regenerate", "from_samples"])
+def test_fused_backward_noise(benchmark, impl):
+    kernel = ops.backend.kernels("cpp") if "cpp" in ops.available_backends("cpu") else None
+    if kernel is None:
+        pytest.skip("the C++ extension is not built")
+    model, _ = resnet18_case()
+    mus = [p.detach() for p in model.parameters()]
+    rhos = [torch.full_like(mu, math.log(math.expm1(1e-3))) for mu in mus]
+    args = ([mu.clone() for mu in mus], [1.0] * len(mus), 1, philox_offsets([mu.shape for mu in mus]), 0)
+    samples, _ = kernel.gaussian_sample_kl(mus, rhos, *args)
+    grads = [torch.randn_like(mu) for mu in mus]
+    grad_kl = torch.tensor(1e-5)
+    given = samples if impl == "from_samples" else []
+    record(benchmark, "vi fused backward resnet18 params", impl,
+           baseline=impl == "regenerate", numel=sum(mu.numel() for mu in mus))
+    benchmark(kernel.gaussian_sample_kl_backward, grads, grad_kl, mus, rhos, given, *args)

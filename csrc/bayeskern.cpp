@@ -15,7 +15,7 @@ TORCH_LIBRARY(bayeskern_cpp, m) {
   m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> (Tensor, Tensor)");
   m.def("first_nonfinite(Tensor[] tensors) -> int");
   m.def("gaussian_sample_kl(Tensor[] mus, Tensor[] rhos, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
-  m.def("gaussian_sample_kl_backward(Tensor[] grads, Tensor grad_kl, Tensor[] mus, Tensor[] rhos, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor[])");
+  m.def("gaussian_sample_kl_backward(Tensor[] grads, Tensor grad_kl, Tensor[] mus, Tensor[] rhos, Tensor[] samples, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor[])");
   m.def("weight_dropout_l2(Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
   m.def("weight_dropout_l2_backward(Tensor[] grads, Tensor grad_l2, Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> Tensor[]");
 }

@@ -164,6 +164,62 @@ def test_kernels_pass_opcheck(kernel_backend, device):
         torch.library.opcheck(_weight_dropout_l2, (mus, 0.2, True, prior_means, [1.0, 0.5], seed, [0, 16], 2))
 
 
+def _cpp_gaussian_backward(grad, mu, rho, samples, seed=5):
+    """The C++ kernel's (grad_mu, grad_rho) for one tensor at offset 0, stream 0, zero prior mean, sp = 1."""
+    kernel = ops.backend.kernels("cpp")
+    grad_mus, grad_rhos = kernel.gaussian_sample_kl_backward(
+        [grad], torch.zeros(()), [mu], [rho], samples, [None], [1.0], seed, [0], 0
+    )
+    return grad_mus[0], grad_rhos[0]
+
+
+def test_cpp_backward_takes_the_noise_from_the_samples_where_exact_enough(cpp):
+    """float32: eps = (w - mu) / s over each SIMD step (64 elements) whose every |w| <= 256 s, Philox
+    elsewhere.  Passing mu as the samples (eps = 0) shows which steps used them: their rho-gradient
+    from the data term is zero; the other steps match the regenerating kernel bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(64 * 6, generator=g) * 0.1
+    rho = torch.full_like(mu, -3.0)  # s = 0.049: 256 s = 12.4 > |mu|
+    rho[128:192] = -20.0  # s = 2e-9: 256 s < |mu|, the step regenerates
+    mu[200] = 13.0  # one lane over 256 s: its whole step (192..255) regenerates
+    grad = torch.randn(mu.shape, generator=g)
+    _, from_mu = _cpp_gaussian_backward(grad, mu, rho, [mu])
+    _, regenerated = _cpp_gaussian_backward(grad, mu, rho, [])
+    served = torch.ones_like(mu, dtype=torch.bool)
+    served[128:256] = False
+    assert torch.all(from_mu[served] == 0) and torch.all(regenerated[served] != 0)
+    assert torch.equal(from_mu[~served], regenerated[~served])
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
+def test_cpp_backward_noise_from_the_samples_is_within_its_bound(cpp, scale):
+    """With the real samples, the eps the backward recovers differs from the regenerated one by at
+    most 2^-16 + 2^-22 |eps| (the bound in ops/draw.py); |w| / s reaches 200 here."""
+    g = torch.Generator().manual_seed(1)
+    n = 64 * 64
+    mu = torch.randn(n, generator=g) * scale
+    std = mu.abs() / torch.empty(n).uniform_(1.0, 200.0, generator=g) + 1e-30
+    rho = torch.log(torch.expm1(std.double())).float()
+    kernel = ops.backend.kernels("cpp")
+    samples, _ = kernel.gaussian_sample_kl([mu], [rho], [None], [1.0], 5, [0], 0)
+    grad = torch.ones(n)
+    _, from_samples = _cpp_gaussian_backward(grad, mu, rho, samples)
+    _, regenerated = _cpp_gaussian_backward(grad, mu, rho, [])
+    eps = philox.normal(5, 0, n)
+    sig = torch.sigmoid(rho)  # grad_rho = sig * (eps + 0 * KL-part) with grad = 1, grad_kl = 0
+    assert (from_samples != regenerated).any()  # the samples served
+    bound = sig * (2.0**-16 + 2.0**-22 * eps.abs()) + 1e-6 * regenerated.abs()
+    assert torch.all((from_samples - regenerated).abs() <= bound)
+
+
+def test_cpp_backward_regenerates_the_noise_in_half_precision(cpp):
+    """bf16 samples are rounded to 2^-8 of |w|: the backward ignores them and regenerates."""
+    mu = (torch.randn(256) * 0.01).bfloat16()
+    rho = torch.full_like(mu, -3.0)
+    grad = torch.randn(256).bfloat16()
+    assert torch.equal(_cpp_gaussian_backward(grad, mu, rho, [mu])[1], _cpp_gaussian_backward(grad, mu, rho, [])[1])
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda m, r: ops.gaussian_sample_kl([m], [r, r], [None], [1.0], 0, [0]), "rhos has 2 entries"),
     (lambda m, r: ops.gaussian_sample_kl([m], [r], [None], [-1.0], 0, [0]), r"prior_stds\[0\] must be positive"),

@@ -2,7 +2,7 @@
 
 ``q(w) = N(mu, s^2)``, ``s = softplus(rho)``, initialised at ``mu = current weights`` and
 ``s = init_std``.  The loss is the mean NLL over S reparameterised draws
-``w_s = mu + s * eps_s`` (``bayeskern.ops.gaussian_sample``, eps regenerated in backward) plus
+``w_s = mu + s * eps_s`` (``bayeskern.ops.gaussian_sample``, no eps kept for the backward) plus
 ``kl_weight * KL(q || p) / N`` with the Gaussian prior ``p = N(theta0, sp^2)`` (``gaussian_kl``).
 The first draw of a step and the KL come from one fused op over all tensors
 (``bayeskern.ops.draw.gaussian_sample_kl``).

@@ -47,14 +47,21 @@ inline F kl_rho_factor(F s, float inv_var) {
 //   sigmoid(rho) = e (1 - e + e^2 - e^3 + e^4 - e^5)
 constexpr float kSeriesRho = -4.0f;
 
-// True when every lane of x is below bound (the series then serve the whole SIMD vector).
-inline bool all_below(f32v x, float bound) {
-  const i32v below = x < bound;
-  for (int i = 0; i < kLanes; ++i) {
-    if (!below[i]) return false;
-  }
-  return true;
+// True when every lane of a comparison mask is set: one mask test (testing lanes one by one compiles
+// to 16 extracts and branches per vector).
+inline bool all_true(i32v mask) {
+#if defined(__AVX512F__)
+  const __m512i m = reinterpret_cast<__m512i>(mask);
+  return _mm512_test_epi32_mask(m, m) == 0xFFFF;
+#else
+  int32_t all = -1;
+  for (int i = 0; i < kLanes; ++i) all &= mask[i];
+  return all != 0;
+#endif
 }
+
+// True when every lane of x is below bound (the series then serve the whole SIMD vector).
+inline bool all_below(f32v x, float bound) { return all_true(x < bound); }
 
 // q of the series above, from e = exp(rho).
 inline f32v softplus_q(f32v e) { return e * (-0.5f + e * (1.0f / 3.0f + e * (-0.25f + e * 0.2f))); }

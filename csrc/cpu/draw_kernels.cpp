@@ -56,35 +56,18 @@ inline f32v mask_outside(f32v x, const Step& s, int v) {
   return load(lanes);
 }
 
-// The posterior std softplus(rho) (the series where every lane of rho is below kSeriesRho).
-inline f32v posterior_std(f32v rho) {
-  if (all_below(rho, kSeriesRho)) {
-    const f32v e = exp_nonpositive<f32v, u32v>(rho);
-    return e + e * softplus_q(e);
-  }
-  return softplus<f32v, u32v>(rho);
-}
+// One backward step's inputs as float32 lanes (w null where the draw has no samples to read).  A
+// draw's backward(step, noise, regenerate, grad_mu, grad_rho) writes the step's gradients;
+// regenerate() fills noise with the step's Philox noise.
+struct BackwardStep {
+  const float *grad, *mu, *rho, *m0, *w;
+  float inv_var, gk;  // 1 / sp^2, the prior term's upstream gradient
+};
 
 // VI: the reparameterised Gaussian draw and its KL (kl_math.h; the series path where every lane of
 // rho is below kSeriesRho).
 struct GaussianDraw {
   using Noise = NormalNoise;
-  static constexpr bool kNoiseFromSample = true;
-  static constexpr float kSampleNoiseRatio = 256.0f;  // |w| / s up to which noise_from_sample serves
-  // The backward's noise from the drawn weights, eps = (w - mu) / s, in place of Philox + Box-Muller
-  // (about half the backward's time on CPU).  As w = fl(mu + fl(s * eps)), this eps differs from the
-  // regenerated one by at most about 2^-24 (|w| / s + 3 |eps|): at most 2^-16 + 2^-22 |eps| where
-  // |w| <= 256 s.  False, and eps left incomplete, unless every lane of the step satisfies that.
-  static bool noise_from_sample(const float* w, const float* mu, const float* rho, float* eps) {
-    for (int v = 0; v < kBlockElements; v += kLanes) {
-      const f32v sp = posterior_std(load(rho + v));
-      const f32v w_lanes = load(w + v);
-      const f32v w_abs = as_float(as_uint(w_lanes) & 0x7fffffffu);
-      if (!all_true(w_abs <= sp * kSampleNoiseRatio)) return false;  // false for NaN too
-      store(eps + v, (w_lanes - load(mu + v)) / sp);
-    }
-    return true;
-  }
   static double constant(int64_t n, double prior_std) { return static_cast<double>(n) * (std::log(prior_std) - 0.5); }
   void forward(f32v eps, f32v mu, f32v rho, f32v m0, float inv_var, f32v& w, f32v& term) const {
     const f32v d = mu - m0;
@@ -100,9 +83,40 @@ struct GaussianDraw {
     w = mu + sp * eps;
     term = kl_term<f32v, u32v>(sp, d, 0.5f * inv_var);
   }
-  void backward(f32v eps, f32v g, f32v mu, f32v rho, f32v m0, float inv_var, float gk, f32v& grad_mu,
-                f32v& grad_rho) const {
-    f32v sp, sig;
+  // The backward takes eps = (w - mu) / s from the drawn weights w where it has them (float32) and
+  // every lane of the step has |w| <= 256 s, in place of Philox + Box-Muller (most of its arithmetic
+  // on CPU): as w = fl(mu + fl(s * eps)), that eps differs from the regenerated one by at most about
+  // 2^-24 (|w| / s + 3 |eps|) <= 2^-16 + 2^-22 |eps|.  Elsewhere it regenerates the noise.
+  static constexpr float kSampleNoiseRatio = 256.0f;
+  template <class Regenerate>
+  void backward(const BackwardStep& in, float* noise, Regenerate regenerate, float* grad_mu, float* grad_rho) const {
+    if (!(in.w != nullptr && noise_from_sample(in, noise))) regenerate();
+    for (int v = 0; v < kBlockElements; v += kLanes) {
+      f32v sp, sig;
+      std_and_sigmoid(load(in.rho + v), sp, sig);
+      const f32v g = load(in.grad + v), mu = load(in.mu + v);
+      store(grad_mu + v, g + (in.gk * in.inv_var) * (mu - load(in.m0 + v)));
+      store(grad_rho + v, sig * (g * load(noise + v) + in.gk * kl_rho_factor(sp, in.inv_var)));
+    }
+  }
+  // eps = (w - mu) / s into noise; false (noise incomplete) unless every lane has |w| <= 256 s.
+  static bool noise_from_sample(const BackwardStep& in, float* noise) {
+    for (int v = 0; v < kBlockElements; v += kLanes) {
+      const f32v sp = std_only(load(in.rho + v));
+      const f32v w = load(in.w + v);
+      if (!all_true(as_float(as_uint(w) & 0x7fffffffu) <= sp * kSampleNoiseRatio)) return false;  // NaN too
+      store(noise + v, (w - load(in.mu + v)) / sp);
+    }
+    return true;
+  }
+  static f32v std_only(f32v rho) {
+    if (all_below(rho, kSeriesRho)) {
+      const f32v e = exp_nonpositive<f32v, u32v>(rho);
+      return e + e * softplus_q(e);
+    }
+    return softplus<f32v, u32v>(rho);
+  }
+  static void std_and_sigmoid(f32v rho, f32v& sp, f32v& sig) {
     if (all_below(rho, kSeriesRho)) {
       const f32v e = exp_nonpositive<f32v, u32v>(rho);
       sp = e + e * softplus_q(e);
@@ -110,15 +124,12 @@ struct GaussianDraw {
     } else {
       softplus_sigmoid<f32v, u32v>(rho, sp, sig);
     }
-    grad_mu = g + (gk * inv_var) * (mu - m0);
-    grad_rho = sig * (g * eps + gk * kl_rho_factor(sp, inv_var));
   }
 };
 
 // MC-dropout: keep = u >= p; kept weights scaled, dropped ones take the prior mean (fill) or zero.
 struct DropoutDraw {
   using Noise = UniformNoise;
-  static constexpr bool kNoiseFromSample = false;
   float p, scale;
   bool fill_prior;
   static double constant(int64_t, double) { return 0.0; }
@@ -127,8 +138,13 @@ struct DropoutDraw {
     const f32v d = mu - m0;
     term = (0.5f * (1.0f - p) * inv_var) * (d * d);
   }
-  void backward(f32v u, f32v g, f32v mu, f32v, f32v m0, float inv_var, float gk, f32v& grad_mu, f32v&) const {
-    grad_mu = select(u >= p, g * scale, f32v{}) + (gk * (1.0f - p) * inv_var) * (mu - m0);
+  template <class Regenerate>
+  void backward(const BackwardStep& in, const float* u, Regenerate regenerate, float* grad_mu, float*) const {
+    regenerate();
+    for (int v = 0; v < kBlockElements; v += kLanes) {
+      const f32v prior = (in.gk * (1.0f - p) * in.inv_var) * (load(in.mu + v) - load(in.m0 + v));
+      store(grad_mu + v, select(load(u + v) >= p, load(in.grad + v) * scale, f32v{}) + prior);
+    }
   }
 };
 
@@ -244,7 +260,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> draw_backward(
       slices[i].out_a = grad_mus[i].mutable_data_ptr<scalar_t>();
       slices[i].out_b = rhos.empty() ? nullptr : grad_rhos[i].mutable_data_ptr<scalar_t>();
       // in half precision the rounding of w (2^-11 or 2^-8 of |w|) makes (w - mu) / s too coarse
-      if constexpr (std::is_same_v<scalar_t, float> && Draw::kNoiseFromSample) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
         if (!samples.empty()) slices[i].w = samples[i].const_data_ptr<scalar_t>();
       }
     }
@@ -255,6 +271,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> draw_backward(
       const float* rho = x.rho ? view(x.rho, s, buf.rho) : kZeros;
       const float* m0 = x.m0 ? view(x.m0, s, buf.m0) : kZeros;
       const float* grad = view(x.grad, s, buf.grad);
+      const float* w = x.w ? view(x.w, s, buf.w) : nullptr;
       float* grad_mu = target(x.out_a, s, buf.a);
       float* grad_rho = x.out_b ? target(x.out_b, s, buf.b) : buf.b;
       prefetch_ahead(x.grad, s);  // the upstream gradient adds an input stream the forward lacks
@@ -262,18 +279,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> draw_backward(
       prefetch_ahead(x.rho, s);
       prefetch_ahead(x.m0, s);
       prefetch_ahead(x.w, s);
-      bool have_noise = false;
-      if constexpr (Draw::kNoiseFromSample) {
-        have_noise = x.w != nullptr && Draw::noise_from_sample(view(x.w, s, buf.w), mu, rho, buf.noise);
-      }
-      if (!have_noise) typename Draw::Noise{}(seed, stream, s.q0, buf.noise);
-      for (int v = 0; v < kBlockElements; v += kLanes) {
-        f32v gm, gr{};
-        draw.backward(load(buf.noise + v), load(grad + v), load(mu + v), load(rho + v), load(m0 + v), x.inv_var, gk,
-                      gm, gr);
-        store(grad_mu + v, gm);
-        store(grad_rho + v, gr);
-      }
+      const auto regenerate = [&] { typename Draw::Noise{}(seed, stream, s.q0, buf.noise); };
+      draw.backward(BackwardStep{grad, mu, rho, m0, w, x.inv_var, gk}, buf.noise, regenerate, grad_mu, grad_rho);
       store_back(grad_mu, s, x.out_a);
       if (x.out_b) store_back(grad_rho, s, x.out_b);
     });

@@ -1,6 +1,10 @@
 """The fused training draws (gaussian_sample_kl, weight_dropout_l2): the Triton and C++ kernels
 against the per-tensor composition on the reference backend (values and gradients), the composition
 against float64 finite differences, thread-count independence, opcheck and bad input."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -218,6 +222,44 @@ def test_cpp_backward_regenerates_the_noise_in_half_precision(cpp):
     rho = torch.full_like(mu, -3.0)
     grad = torch.randn(256).bfloat16()
     assert torch.equal(_cpp_gaussian_backward(grad, mu, rho, [mu])[1], _cpp_gaussian_backward(grad, mu, rho, [])[1])
+
+
+_POOL_CHECK = """
+import resource, sys, torch
+import bayeskern.ops as ops
+kernel = ops.backend.kernels("cpp")
+assert "cpp" in ops.available_backends("cpu")
+mu = torch.zeros(2**23)  # 32 MiB per output: over glibc's largest mmap threshold, a fresh mapping each time
+rho = torch.full_like(mu, -5.0)
+
+def step():
+    samples, kl = kernel.gaussian_sample_kl([mu], [rho], [None], [1.0], 1, [0], 0)
+    grads = kernel.gaussian_sample_kl_backward(samples, kl, [mu], [rho], samples, [None], [1.0], 1, [0], 0)
+    return samples[0].data_ptr(), grads[0][0].data_ptr(), grads[1][0].data_ptr()
+
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(ops.release_cached_memory())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("pool_mb, reused", [("1024", True), ("0", False)])
+def test_fused_draw_outputs_reuse_freed_memory(cpp, pool_mb, reused):
+    """The fused draws' outputs (here 3 x 32 MiB a step) come from a pool of freed blocks, so a
+    second step touches no new pages (glibc maps and faults in 3 x 8192 pages every step); after
+    release_cached_memory, or with BAYESKERN_CPU_POOL_MB=0, every step faults its pages in."""
+    env = {**os.environ, "BAYESKERN_CPU_POOL_MB": pool_mb}
+    run = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True, text=True, check=True)
+    second_step, freed, after_release = (int(line) for line in run.stdout.split())
+    pages = 3 * 2**25 // 4096
+    assert (second_step < pages // 10) if reused else (second_step >= pages)
+    assert freed == (3 * 2**25 if reused else 0)
+    assert after_release >= pages
 
 
 @pytest.mark.parametrize("call, match", [

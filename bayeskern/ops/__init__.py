@@ -8,6 +8,7 @@ from . import noise, philox
 from .backend import BACKENDS, available_backends, use_backend
 from .draw import gaussian_sample_kl, weight_dropout_l2
 from .dropout import reference_weight_dropout, weight_dropout
+from .extension import release_cached_memory
 from .fisher import reference_sq_grad_accumulate, sq_grad_accumulate
 from .kl import gaussian_kl, reference_gaussian_kl
 from .sample import gaussian_sample, reference_gaussian_sample
@@ -27,6 +28,7 @@ __all__ = [
     "reference_sgld_step_",
     "reference_sq_grad_accumulate",
     "reference_weight_dropout",
+    "release_cached_memory",
     "sgld_step_",
     "sq_grad_accumulate",
     "use_backend",

@@ -80,6 +80,14 @@ def load() -> bool:
     return True
 
 
+def release_cached_memory() -> int:
+    """Free the CPU memory the extension keeps for reuse (the fused draws' freed outputs, at most
+    ``BAYESKERN_CPU_POOL_MB`` MiB, default 1024); returns the bytes freed (0 without the extension)."""
+    if not load():
+        return 0
+    return int(getattr(torch.ops, LIBRARY).release_cached_blocks())
+
+
 def registered_ops() -> list[str]:
     """The operators the loaded extension registered."""
     prefix = f"{LIBRARY}::"

@@ -6,6 +6,7 @@
 //   weight_dropout_l2 (MC-dropout): w = keep ? mu * scale : fill,  term = (1 - p) |mu - m0|^2 / (2 sp^2)
 // fp16/bf16 tensors are staged through float buffers to share the float32 vector maths; the prior
 // term is summed in float lanes per fixed chunk of the plan, then in double.
+#include "cpu/block_pool.h"
 #include "cpu/kl_math.h"
 #include "cpu/tensor_steps.h"
 
@@ -192,7 +193,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> draw_forward(const Draw& draw, a
   std::vector<at::Tensor> samples;
   double term = 0.0;
   for (size_t i = 0; i < mus.size(); ++i) {
-    samples.push_back(at::empty_like(mus[i]));
+    samples.push_back(pooled_empty_like(mus[i]));
     term += Draw::constant(mus[i].numel(), prior_stds[i]);
   }
   if (!mus.empty()) {
@@ -248,8 +249,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> draw_backward(
     TORCH_CHECK(grads[i].is_contiguous() && grads[i].numel() == mus[i].numel() &&
                     grads[i].scalar_type() == mus[i].scalar_type(),
                 "bayeskern_cpp: a fused draw's backward needs a contiguous grad of mu's size and dtype");
-    grad_mus.push_back(at::empty_like(mus[i]));
-    if (!rhos.empty()) grad_rhos.push_back(at::empty_like(rhos[i]));
+    grad_mus.push_back(pooled_empty_like(mus[i]));
+    if (!rhos.empty()) grad_rhos.push_back(pooled_empty_like(rhos[i]));
   }
   if (mus.empty()) return {grad_mus, grad_rhos};
   BK_DISPATCH_KERNEL_TYPES(mus[0].scalar_type(), "draw_backward_cpu", [&] {

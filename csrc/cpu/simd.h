@@ -60,7 +60,7 @@ inline void mulhilo(uint32_t a, cpu::u32v b, cpu::u32v& hi, cpu::u32v& lo) {
   const __m512i av = _mm512_set1_epi32(static_cast<int>(a));
   const __m512i even = _mm512_mul_epu32(av, bv);
   const __m512i odd = _mm512_mul_epu32(av, _mm512_srli_epi64(bv, 32));
-  const __m512i lo_v = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  const __m512i lo_v = _mm512_mullo_epi32(av, bv);
   const __m512i hi_v = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
   lo = reinterpret_cast<cpu::u32v>(lo_v);
   hi = reinterpret_cast<cpu::u32v>(hi_v);

@@ -15,12 +15,16 @@ Environment (every variable optional):
 * ``BAYESKERN_BENCH_FISHER_BATCHES``: batches in one Fisher epoch (default 4).
 * ``BAYESKERN_BENCH_ROUNDS``: timed rounds of every case (default 5; 1 in quick mode), after one
   warm-up round and the two calls that measure peak memory.
+* ``BAYESKERN_BENCH_INTERLEAVED_ROUNDS``: rounds of each training step timed alternately with the
+  deterministic step (``interleaved_ratio``; default 20; 2 in quick mode; 0 skips it).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +47,7 @@ def _env_ints(name: str, default: str) -> list[int]:
 SAMPLES = _env_ints("BAYESKERN_BENCH_SAMPLES", "1,4" if QUICK else "1,8,32")
 FISHER_BATCHES = _env_ints("BAYESKERN_BENCH_FISHER_BATCHES", "2" if QUICK else "4")[0]
 ROUNDS = int(os.environ.get("BAYESKERN_BENCH_ROUNDS", "1" if QUICK else "5"))
+INTERLEAVED_ROUNDS = int(os.environ.get("BAYESKERN_BENCH_INTERLEAVED_ROUNDS", "2" if QUICK else "20"))
 AMP = os.environ.get("BAYESKERN_BENCH_AMP", "")
 if AMP not in ("", "bf16"):
     raise ValueError(f"BAYESKERN_BENCH_AMP must be empty or 'bf16', got {AMP!r}")
@@ -147,3 +152,22 @@ def measure(
     record(benchmark, group, impl, baseline=impl == "deterministic", model=name, batch_size=batch_size(name),
            params=sum(p.numel() for p in net.parameters()), peak_bytes=peak, amp=AMP or "none", **info)
     benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+def interleaved_ratio(baseline: Step, step: Step, device: torch.device, rounds: int) -> float:
+    """Median time of ``step`` over the median of ``baseline``, the two timed alternately round by
+    round after one warm-up call each.  pytest-benchmark times each case's rounds back to back, and a
+    CPU VM's speed drifts over seconds (the deterministic resnet18 step took 43 ms in one run, 60 ms
+    in another), so a ratio of two such means carries that drift; alternating cancels most of it."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for run in (baseline, step):
+        run()
+    synchronize(device)
+    for _ in range(rounds):
+        for k, run in enumerate((baseline, step)):
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[k].append(time.perf_counter() - start)
+    return statistics.median(times[1]) / statistics.median(times[0])
+

@@ -5,8 +5,9 @@
 Per group (``extra_info["group"]``) every implementation is compared with the group's baseline
 (``extra_info["baseline"]``, measured in the same run): ``time / baseline`` (below 1 is faster)
 and ``speed-up`` (baseline / time); where both record ``extra_info["peak_bytes"]``, also
-``peak memory / baseline``.  Where ``extra_info["bytes"]`` is given and the group has a
-``clone`` entry, bandwidth is reported as a fraction of the clone's bytes/s.  The header names the
+``peak memory / baseline``; an ``extra_info["interleaved_ratio"]`` goes in the notes.  Where
+``extra_info["bytes"]`` is given and the group has a ``clone`` entry, bandwidth is reported as a
+fraction of the clone's bytes/s.  The header names the
 machine, the accelerator and the torch version recorded in the JSON.
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ def _extras(entry: dict, bandwidth: float | None) -> str:
     for key in ("saved_bytes", "peak_extra_bytes", "peak_bytes"):
         if key in info:
             notes.append(f"{key.replace('_', ' ')} {info[key] / 2**20:.1f} MiB")
+    if "interleaved_ratio" in info:
+        notes.append(f"{info['interleaved_ratio']:.2f}x timed interleaved with the baseline")
     return "; ".join(notes)
 
 

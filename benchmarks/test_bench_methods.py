@@ -4,7 +4,9 @@ Groups (models and sizes from ``cases.py``; every entry records ``peak_bytes``, 
 
 * ``train step <model>``: one optimizer step (forward, loss, backward, update) of the deterministic
   network with SGD + momentum (the baseline), VI (S = 1, SGD + momentum on mu and rho),
-  MC-dropout (SGD + momentum) and SGLD (``BayesSGLD`` on the network's own parameters).  Laplace
+  MC-dropout (SGD + momentum) and SGLD (``BayesSGLD`` on the network's own parameters).  Each
+  method's step is also timed alternately with the deterministic one (``interleaved_ratio``, see
+  ``cases.interleaved_ratio``), which a drifting machine speed moves far less.  Laplace
   has no training step of its own (it fits the Fisher around a deterministic MAP): see below.
 * ``Fisher epoch <model> x<batches>``: ``DiagLaplace.fit`` over the batches against one plain
   forward + backward per batch (the baseline); run in float32 (no autocast).
@@ -53,6 +55,10 @@ def train_setup(name: str, impl: str, device: torch.device) -> Step:
 def test_train_step(benchmark, bench_device, name, impl):
     cases.measure(benchmark, bench_device, lambda: train_setup(name, impl, bench_device),
             cases.group_name("train step", name, bench_device), impl, name)
+    if impl != "deterministic" and cases.INTERLEAVED_ROUNDS > 0:
+        ratio = cases.interleaved_ratio(train_setup(name, "deterministic", bench_device),
+                                        train_setup(name, impl, bench_device), bench_device, cases.INTERLEAVED_ROUNDS)
+        benchmark.extra_info["interleaved_ratio"] = ratio
 
 
 def _plain_epoch(net, batches) -> None:

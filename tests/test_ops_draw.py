@@ -262,6 +262,12 @@ def test_fused_draw_outputs_reuse_freed_memory(cpp, pool_mb, reused):
     assert after_release >= pages
 
 
+def test_bad_pool_size_raises_naming_the_variable(cpp):
+    env = {**os.environ, "BAYESKERN_CPU_POOL_MB": "lots"}
+    run = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "BAYESKERN_CPU_POOL_MB must be a whole number of MiB, got 'lots'" in run.stderr
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda m, r: ops.gaussian_sample_kl([m], [r, r], [None], [1.0], 0, [0]), "rhos has 2 entries"),
     (lambda m, r: ops.gaussian_sample_kl([m], [r], [None], [-1.0], 0, [0]), r"prior_stds\[0\] must be positive"),

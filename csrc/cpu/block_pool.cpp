@@ -1,9 +1,9 @@
 // The block pool of block_pool.h.
 #include "cpu/block_pool.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
-#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -17,7 +17,14 @@ class BlockPool {
  public:
   BlockPool() {
     const char* limit = std::getenv("BAYESKERN_CPU_POOL_MB");
-    limit_bytes_ = static_cast<size_t>(limit == nullptr ? 1024 : std::stoull(limit)) << 20;
+    uint64_t mib = 1024;
+    if (limit != nullptr) {
+      char* end = nullptr;
+      mib = std::strtoull(limit, &end, 10);
+      TORCH_CHECK(end != limit && *end == '\0' && limit[0] != '-' && mib < (uint64_t{1} << 40),
+                  "BAYESKERN_CPU_POOL_MB must be a whole number of MiB, got '", limit, "'");
+    }
+    limit_bytes_ = static_cast<size_t>(mib) << 20;
   }
 
   void* take(size_t bytes) {

@@ -107,6 +107,32 @@ def test_the_samples_that_fit_the_cache_are_kept_and_only_the_rest_redrawn(monke
     torch.testing.assert_close(partly.probs, everything.probs)
 
 
+@pytest.mark.parametrize("batches, cached", [(1, False), (2, True)])
+def test_one_batch_keeps_no_sample_and_several_batches_cache_them(batches, cached):
+    """A tensor predicted in one batch uses each sample once: it is freed after use (at most three
+    are alive: the first, kept for the head check, and the two latest); with two batches all five
+    are drawn once and kept for the second batch."""
+    import weakref
+
+    post = table()
+    x = torch.randn(8, 3)
+    drawn, alive_at_draw = [], []
+    original = post.sample
+
+    def sample(i):
+        alive_at_draw.append(sum(ref() is not None for ref in drawn))
+        out = original(i)
+        drawn.append(weakref.ref(next(iter(out.values()))))
+        return out
+
+    post.sample = sample
+    got = predict(post, x, num_samples=5, compile=False, batch_size=8 // batches)
+    assert len(drawn) == 5  # each sample drawn once either way
+    assert (max(alive_at_draw) == 4) if cached else (max(alive_at_draw) <= 3)
+    post.sample = original
+    torch.testing.assert_close(got.probs, predict(post, x, num_samples=5, compile=False).probs)
+
+
 def test_vi_and_batchnorm_model_predict_in_eval_mode_with_the_posteriors_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))

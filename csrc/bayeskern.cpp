@@ -19,6 +19,6 @@ TORCH_LIBRARY(bayeskern_cpp, m) {
   m.def("gaussian_sample_kl(Tensor[] mus, Tensor[] rhos, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
   m.def("gaussian_sample_kl_backward(Tensor[] grads, Tensor grad_kl, Tensor[] mus, Tensor[] rhos, Tensor[] samples, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor[])");
   m.def("weight_dropout_l2(Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
-  m.def("release_cached_blocks() -> int", &bayeskern::cpu::release_cached_blocks);  // no tensors: one kernel
   m.def("weight_dropout_l2_backward(Tensor[] grads, Tensor grad_l2, Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> Tensor[]");
+  m.def("release_cached_blocks() -> int", &bayeskern::cpu::release_cached_blocks);  // no tensors: one kernel
 }

@@ -1,4 +1,5 @@
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -112,8 +113,6 @@ def test_one_batch_keeps_no_sample_and_several_batches_cache_them(batches, cache
     """A tensor predicted in one batch uses each sample once: it is freed after use (at most three
     are alive: the first, kept for the head check, and the two latest); with two batches all five
     are drawn once and kept for the second batch."""
-    import weakref
-
     post = table()
     x = torch.randn(8, 3)
     drawn, alive_at_draw = [], []

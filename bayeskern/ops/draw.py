@@ -23,8 +23,9 @@ noise, except the C++ CPU kernel on float32 VI tensors: it takes ``eps = (w - mu
 weights (saved from the forward; the layers that read them hold them anyway) over every SIMD step of
 64 elements whose ``|w| <= 256 s``, which differs from the regenerated eps by at most about
 ``2^-16 + 2^-22 |eps|``.  On a CPU, Philox and Box-Muller are most of that backward's arithmetic
-(resnet18's parameters, in a training step: 8.3 -> 6.6 ms); on a GPU regenerating is the cheaper way.  Elsewhere (float64, tensor-valued ``sp``, the ``reference`` backend, the C++ backend on
-CUDA) the per-tensor ops give the same values.
+(resnet18's parameters, in a training step: 8.3 -> 6.6 ms); on a GPU regenerating is the cheaper way.
+Elsewhere (float64, tensor-valued ``sp``, the ``reference`` backend, the C++ backend on CUDA) the
+per-tensor ops give the same values.
 The prior term is float32 (float64 for float64 tensors): a sum over millions of weights overflows
 float16.
 """
@@ -82,7 +83,6 @@ def _setup_gaussian(ctx, inputs, output):
     mus, rhos, prior_means, prior_stds, seed, offsets, stream = inputs
     # the C++ CPU backward takes the noise from the samples (held by the layers that read them anyway)
     samples = output[0] if _fused_backend(mus[0]) == "cpp" else []
-    ctx.sample_count = len(samples)
     _save(ctx, [*mus, *rhos, *samples], prior_means, seed)
     ctx.prior_stds, ctx.offsets, ctx.stream = prior_stds, offsets, stream
 

@@ -91,7 +91,7 @@ struct GaussianDraw {
   static constexpr float kSampleNoiseRatio = 256.0f;
   template <class Regenerate>
   void backward(const BackwardStep& in, float* noise, Regenerate regenerate, float* grad_mu, float* grad_rho) const {
-    if (!(in.w != nullptr && noise_from_sample(in, noise))) regenerate();
+    if (in.w == nullptr || !noise_from_sample(in, noise)) regenerate();
     for (int v = 0; v < kBlockElements; v += kLanes) {
       f32v sp, sig;
       std_and_sigmoid(load(in.rho + v), sp, sig);
@@ -111,16 +111,13 @@ struct GaussianDraw {
     return true;
   }
   static f32v std_only(f32v rho) {
-    if (all_below(rho, kSeriesRho)) {
-      const f32v e = exp_nonpositive<f32v, u32v>(rho);
-      return e + e * softplus_q(e);
-    }
+    if (all_below(rho, kSeriesRho)) return softplus_series(exp_nonpositive<f32v, u32v>(rho));
     return softplus<f32v, u32v>(rho);
   }
   static void std_and_sigmoid(f32v rho, f32v& sp, f32v& sig) {
     if (all_below(rho, kSeriesRho)) {
       const f32v e = exp_nonpositive<f32v, u32v>(rho);
-      sp = e + e * softplus_q(e);
+      sp = softplus_series(e);
       sig = sigmoid_series(e);
     } else {
       softplus_sigmoid<f32v, u32v>(rho, sp, sig);

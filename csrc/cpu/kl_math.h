@@ -66,6 +66,9 @@ inline bool all_below(f32v x, float bound) { return all_true(x < bound); }
 // q of the series above, from e = exp(rho).
 inline f32v softplus_q(f32v e) { return e * (-0.5f + e * (1.0f / 3.0f + e * (-0.25f + e * 0.2f))); }
 
+// softplus(rho) from e = exp(rho) by the series.
+inline f32v softplus_series(f32v e) { return e + e * softplus_q(e); }
+
 inline f32v log1p_series(f32v q) { return q * (1.0f + q * (-0.5f + q * (1.0f / 3.0f + q * -0.25f))); }
 
 inline f32v sigmoid_series(f32v e) { return e * (1.0f + e * (-1.0f + e * (1.0f + e * (-1.0f + e * (1.0f - e))))); }

@@ -9,6 +9,46 @@
 #include "kernel_args.h"
 
 namespace bayeskern {
+
+#if defined(__AVX512F__)
+// Philox 4x32-10 on 16 lanes as two halves of 8 lanes widened to 64 bits: one vpmuludq then gives
+// a whole 32x32->64 product (hi = product >> 32, lo = its low word), where 32-bit lanes take two
+// multiplies for the even and odd lanes' high words, a third for the low words and a blend.  The high
+// words of lo are left as they are: the multiplies read only low words, the xors keep garbage in the
+// high words only, and the narrowing at the end drops them.  Same words as philox.h's template.
+inline void philox4x32_10(cpu::u32v& c0, cpu::u32v& c1, cpu::u32v& c2, cpu::u32v& c3, uint32_t k0, uint32_t k1) {
+  cpu::u32v* words[4] = {&c0, &c1, &c2, &c3};
+  __m512i x[2][4];  // [half][word]
+  for (int j = 0; j < 4; ++j) {
+    const __m512i w = reinterpret_cast<__m512i>(*words[j]);
+    x[0][j] = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(w));
+    x[1][j] = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(w, 1));
+  }
+  const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
+  const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi64(k0);
+    const __m512i key1 = _mm512_set1_epi64(k1);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i product_b = _mm512_mul_epu32(round_b, x[h][2]);
+      const __m512i product_a = _mm512_mul_epu32(round_a, x[h][0]);
+      x[h][0] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(product_b, 32), x[h][1], key0, 0x96);  // a ^ b ^ c
+      x[h][1] = product_b;
+      x[h][2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(product_a, 32), x[h][3], key1, 0x96);
+      x[h][3] = product_a;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(x[0][j])),
+                                         _mm512_cvtepi64_epi32(x[1][j]), 1);
+    *words[j] = reinterpret_cast<cpu::u32v>(w);
+  }
+}
+#endif
+
 namespace cpu {
 
 // The four Philox words of blocks q0 .. q0 + 15 (lane i holds block q0 + i).

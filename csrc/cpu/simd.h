@@ -71,4 +71,10 @@ inline void mulhilo(uint32_t a, cpu::u32v b, cpu::u32v& hi, cpu::u32v& lo) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// Philox's ten rounds on 16 lanes with 64-bit products (defined in philox_lanes.h, after philox.h's
+// constants); declared here so that philox.h's templates call it for u32v lanes.
+inline void philox4x32_10(cpu::u32v& c0, cpu::u32v& c1, cpu::u32v& c2, cpu::u32v& c3, uint32_t k0, uint32_t k1);
+#endif
+
 }  // namespace bayeskern

@@ -168,6 +168,31 @@ def test_kernels_pass_opcheck(kernel_backend, device):
         torch.library.opcheck(_weight_dropout_l2, (mus, 0.2, True, prior_means, [1.0, 0.5], seed, [0, 16], 2))
 
 
+
+@pytest.mark.parametrize("kind", ["gaussian", "dropout"])
+def test_cpp_eager_path_equals_the_custom_op(cpp, kind):
+    """On the C++ CPU kernels the public functions skip the custom-op layer in eager mode: same
+    values and gradients bit for bit, an unused draw included (its gradient counts as zero)."""
+    mus, rhos, prior_means, upstream = _case()
+    upstream[0] = None
+    fused = (prior_means, PRIOR_STDS, philox.seed_tensor(11), _offsets(SHAPES), 3)
+    with ops.use_backend("cpp"):
+        if kind == "gaussian":
+            params = mus + rhos
+            eager, custom = _gaussian(mus, rhos, prior_means), lambda: _gaussian_sample_kl(mus, rhos, *fused)
+        else:
+            params = mus
+            eager, custom = _dropout(mus, prior_means, True), lambda: _weight_dropout_l2(mus, 0.3, True, *fused)
+        nodes, tensors = [], []
+        for draw in (eager, custom):
+            samples, term = draw()
+            nodes.append(samples[1].grad_fn.name())
+            values, term, grads = _run(lambda: (samples[1:], term), params, upstream[1:])
+            tensors.append([*values, term, *grads])
+    assert "Eager" in nodes[0] and "Eager" not in nodes[1]
+    assert all(torch.equal(a, b) for a, b in zip(*tensors))
+
+
 def _cpp_gaussian_backward(grad, mu, rho, samples, seed=5):
     """The C++ kernel's (grad_mu, grad_rho) for one tensor at offset 0, stream 0, zero prior mean, sp = 1."""
     kernel = ops.backend.kernels("cpp")

@@ -15,7 +15,9 @@ eager), test_bench_laplace.py (Fisher against the per-example prior art).
 
 Sizes: ``BAYESKERN_BENCH_SIZES`` (comma-separated element counts, default 1M and 16M);
 device: ``BAYESKERN_BENCH_DEVICE`` (default cpu); ``BAYESKERN_BENCH_QUICK=1``: every suite at tiny
-sizes, to check it runs.
+sizes, to check it runs.  The process keeps freed CPU memory (``bayeskern.ops.retain_freed_memory``,
+as ``bayeskern-finetune`` does) unless ``BAYESKERN_BENCH_RETAIN_MEMORY=0`` (glibc's defaults); the
+JSON's machine info records which.
 """
 import os
 
@@ -24,6 +26,10 @@ import torch
 
 if os.environ.get("BAYESKERN_BENCH_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton cases are skipped on CPU (too slow to time)
+
+from bayeskern.ops import retain_freed_memory  # noqa: E402  (after TRITON_INTERPRET)
+
+RETAIN_MEMORY = os.environ.get("BAYESKERN_BENCH_RETAIN_MEMORY", "1") != "0" and retain_freed_memory()
 
 
 @pytest.fixture(scope="session")
@@ -35,5 +41,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     """Name the software and accelerator in the JSON, for the report's header."""
     machine_info["torch"] = torch.__version__
     machine_info["threads"] = torch.get_num_threads()
+    machine_info["retain_freed_memory"] = RETAIN_MEMORY
     if torch.cuda.is_available():
         machine_info["gpu"] = torch.cuda.get_device_name()

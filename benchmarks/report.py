@@ -27,6 +27,8 @@ def _machine(data: dict) -> str:
         parts.append(info["gpu"])
     parts.append(f"torch {info.get('torch', '?')}")
     parts.append(f"Python {info.get('python_version', '?')}")
+    if "retain_freed_memory" in info:
+        parts.append("freed memory retained" if info["retain_freed_memory"] else "glibc's malloc defaults")
     return ", ".join(parts)
 
 

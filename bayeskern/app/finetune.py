@@ -5,7 +5,8 @@ With no arguments it compares every method on scikit-learn's digits (offline) wi
 prints a markdown table (error, ECE, MCE, NLL, Brier on the test split, ECE/NLL after temperature
 scaling fitted on the validation split, train time, peak memory) and writes ``runs/<name>/``:
 ``metrics.json``, ``log.jsonl`` (one JSON line per epoch), a reliability diagram per method, a
-side-by-side diagram, and per-method checkpoints for ``--resume``.
+side-by-side diagram, and per-method checkpoints for ``--resume``.  On a CPU it keeps freed memory
+in the process (``bayeskern.ops.retain_freed_memory``).
 
 Data parallel: ``torchrun --nproc_per_node=K -m bayeskern.app.finetune ...`` (NCCL on CUDA, one GPU per
 rank by ``LOCAL_RANK``; gloo on CPU) trains every method on K ranks; rank 0 evaluates, prints and
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import is_rank_zero
+from ..ops import retain_freed_memory
 from .data import DATASETS, DataOptions, load_dataset, targets_of
 from .errors import UsageError
 from .measure import measure
@@ -153,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     methods = _methods(args.method)
     device = _device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # a Bayesian step's freed weight gradients would be trimmed and faulted in again
     train_tf, eval_tf = _transforms(args)
     splits = load_dataset(args.dataset, DataOptions(args.data_dir, args.download, args.image_size, args.seed,
                                                     args.train_per_class, train_tf, eval_tf))

@@ -9,6 +9,7 @@ from .backend import BACKENDS, available_backends, use_backend
 from .draw import gaussian_sample_kl, weight_dropout_l2
 from .dropout import reference_weight_dropout, weight_dropout
 from .extension import release_cached_memory
+from .host_memory import retain_freed_memory
 from .fisher import reference_sq_grad_accumulate, sq_grad_accumulate
 from .kl import gaussian_kl, reference_gaussian_kl
 from .sample import gaussian_sample, reference_gaussian_sample
@@ -29,6 +30,7 @@ __all__ = [
     "reference_sq_grad_accumulate",
     "reference_weight_dropout",
     "release_cached_memory",
+    "retain_freed_memory",
     "sgld_step_",
     "sq_grad_accumulate",
     "use_backend",

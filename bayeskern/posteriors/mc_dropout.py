@@ -1,11 +1,10 @@
 """Parameter-level MC-dropout over any ``nn.Module`` (design.md section 5).
 
-Each Bayesian weight is kept with probability ``1 - p`` (``bayeskern.ops.weight_dropout``, mask
-regenerated in backward).  ``mode="scale"``: ``w = z * mu / (1 - p)``; ``mode="prior"``:
+Each Bayesian weight is kept with probability ``1 - p`` (the mask is regenerated in backward).  ``mode="scale"``: ``w = z * mu / (1 - p)``; ``mode="prior"``:
 ``w = z * mu + (1 - z) * theta0`` (dropped weights fall back to the prior mean, as in BayesDLL).
 Regulariser (in place of the KL): ``(1 - p) / (2 sp^2) * ||mu - theta0||^2``, added to the loss as
-``kl_weight * reg / N``.  The first draw of a step and the regulariser come from one fused op over
-all tensors (``bayeskern.ops.draw.weight_dropout_l2``).
+``kl_weight * reg / N``.  Every draw comes with the regulariser from one fused op over all tensors
+(``bayeskern.ops.draw.weight_dropout_l2``); only the first draw of a step keeps it.
 
 Moments of one weight: scale mode ``E w = mu``, ``Var w = mu^2 p / (1 - p)``; prior mode
 ``E w = (1 - p) mu + p theta0``, ``Var w = p (1 - p) (mu - theta0)^2``.
@@ -17,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ops import weight_dropout
 from ..ops.draw import weight_dropout_l2
 from ..ops.dropout import check_probability
 from .prior import PriorMean, PriorStd, mangle
@@ -57,13 +55,6 @@ class MCDropout(WeightPosterior):
     def _mus(self):
         for name in self.names:
             yield name, self.mu._parameters[mangle(name)], self.prior.mean(name)
-
-    def _draw(self, seed: Tensor, stream: int) -> dict[str, Tensor]:
-        prior_fill = self.mode == "prior"
-        return {
-            name: weight_dropout(mu, self.p, seed, self.offsets[name], theta0 if prior_fill else None, stream=stream)
-            for name, mu, theta0 in self._mus()
-        }
 
     def kl(self) -> Tensor:
         """``sum (1 - p) / (2 sp^2) * ||mu - theta0||^2`` over the Bayesian parameters."""

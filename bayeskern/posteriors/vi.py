@@ -2,10 +2,10 @@
 
 ``q(w) = N(mu, s^2)``, ``s = softplus(rho)``, initialised at ``mu = current weights`` and
 ``s = init_std``.  The loss is the mean NLL over S reparameterised draws
-``w_s = mu + s * eps_s`` (``bayeskern.ops.gaussian_sample``, no eps kept for the backward) plus
-``kl_weight * KL(q || p) / N`` with the Gaussian prior ``p = N(theta0, sp^2)`` (``gaussian_kl``).
-The first draw of a step and the KL come from one fused op over all tensors
-(``bayeskern.ops.draw.gaussian_sample_kl``).
+``w_s = mu + s * eps_s`` plus ``kl_weight * KL(q || p) / N`` with the Gaussian prior
+``p = N(theta0, sp^2)``.  Every draw (training, ``forward``, ``sample``) comes with the KL from one
+fused op over all tensors (``bayeskern.ops.draw.gaussian_sample_kl``); only the first draw of a step
+keeps its KL.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import gaussian_sample, noise
 from ..ops.kl import gaussian_kl
 from ..ops.draw import gaussian_sample_kl
 from .prior import PriorMean, PriorStd, mangle
@@ -41,7 +40,6 @@ class VI(WeightPosterior):
         **options: Any,
     ) -> None:
         self.init_rho = math.log(math.expm1(check_positive(init_std, "init_std")))
-        self._std_cache: tuple[list[int], dict[str, Tensor]] | None = None  # (rho versions, std())
         super().__init__(model, prior_mean, prior_std, **options)
 
     def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
@@ -51,12 +49,6 @@ class VI(WeightPosterior):
         for name in self.names:
             key = mangle(name)
             yield name, self.mu._parameters[key], self.rho._parameters[key]
-
-    def _draw(self, seed: Tensor, stream: int) -> dict[str, Tensor]:
-        return {
-            name: gaussian_sample(mu, rho, seed, self.offsets[name], stream=stream)
-            for name, mu, rho in self._pairs()
-        }
 
     def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
         """One draw and ``kl()`` from the fused ``gaussian_sample_kl``."""
@@ -79,16 +71,3 @@ class VI(WeightPosterior):
     def std(self) -> dict[str, Tensor]:
         """Posterior stds ``softplus(rho)`` of the Bayesian parameters."""
         return {name: F.softplus(rho.detach()) for name, _, rho in self._pairs()}
-
-    @torch.no_grad()
-    def sample(self, index: int) -> dict[str, Tensor]:
-        """The index-th posterior sample (see ``WeightPosterior.sample``), drawn as ``mu + std * eps``
-        with ``std()`` computed once while rho is unchanged (prediction draws many samples)."""
-        versions = [rho._version for _, _, rho in self._pairs()]
-        if self._std_cache is None or self._std_cache[0] != versions:
-            self._std_cache = (versions, self.std())
-        stds, seed = self._std_cache[1], self._eval_seed()
-        return self._full({
-            name: noise.gaussian(mu.detach(), stds[name], seed, self.offsets[name], stream=int(index))
-            for name, mu, _ in self._pairs()
-        })

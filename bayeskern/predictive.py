@@ -13,10 +13,14 @@ Classification (``p_s = softmax(f_s(x))``, S samples):
 Regression: ``mean = (1/S) sum_s f_s(x)``, ``variance = (1/S) sum_s (f_s(x) - mean)^2 + noise_std^2``
 (Welford's running update).
 
-Speed: one single-sample function ``(module, params, inputs) -> outputs`` is compiled with
-``torch.compile`` once and called S times; parameters enter as tensors, so new samples never
-recompile (a last, smaller batch may compile once more with a dynamic batch size).  If compilation
-fails the engine warns and runs eagerly.
+Speed: the compiled engine calls one function ``(module, [params of K samples], inputs) -> K
+outputs``, compiled with ``torch.compile`` once and called S / K times; parameters enter as tensors,
+so new samples never recompile (a last, smaller batch may compile once more with a dynamic batch
+size).  K is the largest divisor of S up to ``CHUNK_SAMPLES`` whose K samples' random tensors fit in
+``CHUNK_BYTES``: small networks, whose forwards cost less than the Python around them, then run K
+samples per call (a 784-128-128-10 MLP at batch 16, S = 32: 2.7 ms eager, 2.1 ms compiled one sample
+a call, 1.4 ms 32 a call; one-off), and large ones one (resnet18: K = 1).  If compilation fails the
+engine warns and runs eagerly, one sample at a time.
 
 Last-layer posteriors: the tensors that differ between samples (those whose storage differs
 between samples 0 and 1; a VI posterior's point estimates and buffers are the same tensors in every
@@ -31,7 +35,8 @@ next ones.  ``sample(s)`` must return tensors that later calls do not overwrite.
 Memory: inputs run in batches of ``batch_size`` (or as the loader yields them); the S samples are
 drawn once and reused for every batch when they fit in ``SAMPLE_CACHE_BYTES``; beyond it, the first
 samples that fit stay cached and the others are redrawn for every batch (``sample`` is deterministic
-in its index), so memory stays within the budget plus at most three samples.  A tensor predicted in
+in its index), so memory stays within the budget plus at most three samples (compiled: plus one
+chunk, at most ``CHUNK_BYTES`` of random tensors or one sample).  A tensor predicted in
 one batch draws every sample once anyway, so nothing is cached: each sample is freed once used
 (resnet18, S = 32, one batch of 32: a tracked peak of 171 MiB against 1.1 GiB with 21 samples
 cached).
@@ -52,6 +57,8 @@ from torch.utils._pytree import tree_leaves
 from .posteriors.base import Posterior
 
 SAMPLE_CACHE_BYTES = 1 << 30
+CHUNK_SAMPLES = 32  # at most this many samples per compiled call (the graph grows with it)
+CHUNK_BYTES = 64 << 20  # ... whose random tensors take at most this many bytes together
 LIKELIHOODS = ("classification", "regression")
 
 
@@ -80,35 +87,50 @@ def _forward(
     return out, p, -(p * log_p).sum(-1)
 
 
+def _forward_chunk(
+    module: nn.Module, params: list[dict[str, Tensor]], args: tuple, kwargs: dict[str, Any], classification: bool
+) -> list[tuple[Tensor, ...]]:
+    """``_forward`` for each of several samples (compiled, one graph for all of them)."""
+    return [_forward(module, p, args, kwargs, classification) for p in params]
+
+
 class _Runner:
-    """Calls ``_forward`` compiled (once per model/shape) or eagerly; falls back to eager, with a
-    warning, if compilation or the compiled call fails."""
+    """Calls ``_forward_chunk`` compiled (once per model/shape/chunk size) or ``_forward`` once per
+    sample eagerly; falls back to eager, with a warning, if compilation or the compiled call fails."""
 
     def __init__(self, compile: bool) -> None:
-        self.fn: Callable[..., tuple[Tensor, ...]] = _compiled() if compile else _forward
         self.compiled = compile
 
-    def __call__(self, *args: Any) -> tuple[Tensor, ...]:
-        if not self.compiled:
-            return _forward(*args)
-        try:
-            return self.fn(*args)
-        except Exception as err:  # any compiler error: predicting must still work
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); predicting eagerly", RuntimeWarning)
-            self.compiled = False
-            return _forward(*args)
+    def __call__(
+        self, module: nn.Module, params: list[dict[str, Tensor]], args: tuple, kwargs: dict[str, Any],
+        classification: bool,
+    ) -> list[tuple[Tensor, ...]]:
+        if self.compiled:
+            try:
+                return _compiled()(module, params, args, kwargs, classification)
+            except Exception as err:  # any compiler error: predicting must still work
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); predicting eagerly", RuntimeWarning)
+                self.compiled = False
+        return [_forward(module, p, args, kwargs, classification) for p in params]
 
 
-_COMPILED: Callable[..., tuple[Tensor, ...]] | None = None
+_COMPILED: Callable[..., list[tuple[Tensor, ...]]] | None = None
 
 
-def _compiled() -> Callable[..., tuple[Tensor, ...]]:
+def _compiled() -> Callable[..., list[tuple[Tensor, ...]]]:
     global _COMPILED
     if _COMPILED is None:
         # Inductor's layout optimisation converts every conv weight to channels-last on each call; the
         # weights here are inputs (a new sample each call), so on CPU it made resnet18 1.6x slower.
-        _COMPILED = torch.compile(_forward, options={"layout_optimization": False})
+        _COMPILED = torch.compile(_forward_chunk, options={"layout_optimization": False})
     return _COMPILED
+
+
+def _chunk_size(num_samples: int, sample_bytes: int) -> int:
+    """Samples per compiled call: the largest divisor of S (one graph for the whole call) up to
+    ``CHUNK_SAMPLES`` whose samples fit in ``CHUNK_BYTES``, at least 1."""
+    most = max(1, min(CHUNK_SAMPLES, CHUNK_BYTES // max(sample_bytes, 1)))
+    return max(k for k in range(1, most + 1) if num_samples % k == 0)
 
 
 def _inputs_of(batch: Any) -> Tensor:
@@ -146,6 +168,7 @@ class _Samples:
             self.random = {n for n, t in first.items() if n not in second or t.data_ptr() != second[n].data_ptr()}
         else:
             self.random = set(first)
+        self.random_bytes = sum(first[n].numel() * first[n].element_size() for n in self.random)
         # where the samples live, which may differ from the model's device
         self.device = next(iter(first.values())).device if first else model_device
 
@@ -315,8 +338,14 @@ def _predict_batch(
     total: Tensor | float = 0.0
     second: Tensor | float = 0.0  # classification: sum of H[p_s]; regression: Welford's M2
     call = target.per_sample(x)
-    for s in range(S):
-        result = run(call.module, call.params(samples[s]), call.args, call.kwargs, classification)
+    chunk = _chunk_size(S, samples.random_bytes) if run.compiled else 1
+    results = (
+        result
+        for start in range(0, S, chunk)
+        for result in run(call.module, [call.params(samples[s]) for s in range(start, start + chunk)], call.args,
+                          call.kwargs, classification)
+    )
+    for s, result in enumerate(results):
         if return_logits:
             outputs.append(result[0])
         if classification:

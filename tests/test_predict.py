@@ -202,6 +202,34 @@ def test_compiled_and_eager_predictions_agree_and_compile_once():
     torch.testing.assert_close(again.probs, eager.probs, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("num_samples, sample_bytes, expected", [
+    (32, 1000, 32), (32, 7 << 20, 8), (32, 48 << 20, 1), (6, 0, 6), (7, 20 << 20, 1), (100, 10, 25), (64, 10, 32),
+])
+def test_chunk_size_divides_the_samples_within_the_limits(num_samples, sample_bytes, expected):
+    assert engine._chunk_size(num_samples, sample_bytes) == expected
+
+
+@pytest.mark.parametrize("chunk_bytes, samples_per_call", [(1 << 20, 6), (100, 2), (40, 1)])
+def test_compiled_predict_runs_a_chunk_of_samples_per_call(monkeypatch, chunk_bytes, samples_per_call):
+    """Each compiled call gets K samples (all six when they fit in CHUNK_BYTES, else a divisor of six:
+    the samples take 48 bytes each); the summaries equal the eager loop's."""
+    calls = []
+
+    def counting(module, params, *args):
+        calls.append(len(params))
+        return engine._forward_chunk(module, params, *args)
+
+    monkeypatch.setattr(engine, "_compiled", lambda: counting)  # the chunking, without compiling
+    monkeypatch.setattr(engine, "CHUNK_BYTES", chunk_bytes)
+    post, x = table(num_samples=6), torch.randn(10, 3)
+    chunked = predict(post, x, num_samples=6, compile=True, batch_size=5, return_logits=True)
+    assert calls == [samples_per_call] * (2 * 6 // samples_per_call)
+    eager = predict(post, x, num_samples=6, compile=False, batch_size=5, return_logits=True)
+    for key in ("logits", "probs", "entropy", "expected_entropy", "mutual_info"):
+        torch.testing.assert_close(getattr(chunked, key), getattr(eager, key))
+
+
 class Counted(nn.Module):
     """A body that counts its forwards, then a head; ``after`` post-processes the head's output."""
 

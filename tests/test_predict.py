@@ -204,7 +204,7 @@ def test_compiled_and_eager_predictions_agree_and_compile_once():
 
 
 @pytest.mark.parametrize("num_samples, sample_bytes, expected", [
-    (32, 1000, 32), (32, 7 << 20, 8), (32, 48 << 20, 1), (6, 0, 6), (7, 20 << 20, 1), (100, 10, 25), (64, 10, 32),
+    (32, 1000, 32), (32, 500_000, 8), (32, 7 << 20, 1), (6, 0, 6), (7, 20 << 20, 1), (100, 10, 25), (64, 10, 32),
 ])
 def test_chunk_size_divides_the_samples_within_the_limits(num_samples, sample_bytes, expected):
     assert engine._chunk_size(num_samples, sample_bytes) == expected

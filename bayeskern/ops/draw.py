@@ -27,7 +27,8 @@ weights (saved from the forward; the layers that read them hold them anyway) ove
 Elsewhere (float64, tensor-valued ``sp``, the ``reference`` backend, the C++ backend on CUDA) the
 per-tensor ops give the same values.  In eager mode the C++ CPU kernels are called through a plain
 ``autograd.Function`` (``_Eager*``); the custom ops, which box every tensor list through the
-dispatcher and pytree each way (0.9 ms of a resnet18 VI step), serve Triton and torch.compile.
+dispatcher and pytree each way (0.9 ms per forward and backward over resnet18's 62 tensors),
+serve Triton and torch.compile.
 The prior term is float32 (float64 for float64 tensors): a sum over millions of weights overflows
 float16.
 """
@@ -114,8 +115,8 @@ _gaussian_sample_kl.register_autograd(_backward_gaussian, setup_context=_setup_g
 
 class _EagerGaussianSampleKL(torch.autograd.Function):
     """``_gaussian_sample_kl`` on the C++ CPU kernels in eager mode, without the custom-op layer
-    (which boxes the tensor lists through the dispatcher and pytree each way: 0.9 ms of a VI step
-    on resnet18's 62 tensors); same kernels, context and gradients.  ``tensors`` = mus + rhos."""
+    (which boxes the tensor lists through the dispatcher and pytree each way); same kernels, context
+    and gradients.  ``tensors`` = mus + rhos."""
 
     @staticmethod
     def forward(ctx, args: tuple, *tensors: Tensor):

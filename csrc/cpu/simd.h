@@ -53,22 +53,11 @@ inline cpu::f32v sqrt_lanes(cpu::f32v x) {
 #endif
 }
 
+// Without AVX-512 (philox_lanes.h's philox4x32_10 serves AVX-512 builds without it).
 inline void mulhilo(uint32_t a, cpu::u32v b, cpu::u32v& hi, cpu::u32v& lo) {
-#if defined(__AVX512F__)
-  // even and odd 32-bit lanes through the 32x32->64 unsigned multiply
-  const __m512i bv = reinterpret_cast<__m512i>(b);
-  const __m512i av = _mm512_set1_epi32(static_cast<int>(a));
-  const __m512i even = _mm512_mul_epu32(av, bv);
-  const __m512i odd = _mm512_mul_epu32(av, _mm512_srli_epi64(bv, 32));
-  const __m512i lo_v = _mm512_mullo_epi32(av, bv);
-  const __m512i hi_v = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = reinterpret_cast<cpu::u32v>(lo_v);
-  hi = reinterpret_cast<cpu::u32v>(hi_v);
-#else
   const cpu::u64v p = __builtin_convertvector(b, cpu::u64v) * static_cast<uint64_t>(a);
   hi = __builtin_convertvector(p >> 32, cpu::u32v);
   lo = __builtin_convertvector(p, cpu::u32v);
-#endif
 }
 
 #if defined(__AVX512F__)

@@ -1,5 +1,12 @@
-"""bayeskern: fast approximate Bayesian posteriors over the weights of any PyTorch nn.Module."""
-from . import distributed, metrics, ops, plots
+"""bayeskern: fast approximate Bayesian posteriors over the weights of any PyTorch nn.Module.
+
+``import bayeskern`` loads torch and the package only. ``bayeskern.plots`` (matplotlib) is loaded
+on first access; it and the scipy/scikit-learn parts of ``bayeskern.metrics`` come with
+``pip install 'bayeskern[app]'``.
+"""
+import importlib as _importlib
+
+from . import distributed, metrics, ops
 from .posteriors import (
     VI,
     BayesSGLD,
@@ -31,3 +38,17 @@ __all__ = [
     "predict",
     "select_parameters",
 ]
+
+
+_LAZY_SUBMODULES = ("plots",)
+"""Submodules imported on first attribute access (PEP 562): they pull in heavy optional packages."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)  # also binds it on the package
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -9,6 +9,10 @@ argument and the problem.
 
 Notation: p_ic is the probability of class c for example i, y_i its target, conf_i = max_c p_ic
 its confidence and hit_i = 1[argmax_c p_ic = y_i] whether its top class is right.
+
+Only torch and numpy are imported with the module; ``fit_temperature`` imports scipy and
+``ood_auroc``/``ood_report`` import scikit-learn when called (both come with
+``pip install 'bayeskern[app]'``; without them those functions raise ImportError saying so).
 """
 from __future__ import annotations
 
@@ -19,8 +23,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import minimize_scalar
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = [
     "CalibrationBins",
@@ -52,6 +54,26 @@ SUM_TOL = 1e-3
 _TINY = torch.finfo(torch.float64).tiny
 _SHAPES = {1: "(N,)", 2: "(N, C)", 3: "(S, N, C)"}
 _INTEGER_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+
+
+# ----------------------------------------------------------------------------- optional deps
+def _optional(module: str, package: str):
+    """``module`` imported on first use: scipy and scikit-learn are not needed by ``import
+    bayeskern``, only by the metrics that call into them."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"this bayeskern.metrics function needs {package} ({error}); "
+            "install it with: pip install 'bayeskern[app]'",
+            name=error.name,
+        ) from error
+
+
+def _sklearn_metrics():
+    return _optional("sklearn.metrics", "scikit-learn")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -301,18 +323,19 @@ def ood_auroc(scores_in: ArrayLike, scores_out: ArrayLike) -> float:
     Scores are larger for "more likely out-of-distribution" (e.g. predictive entropy); the
     out-of-distribution examples are the positive class. 0.5 is chance, 1 perfect.
     """
-    return float(roc_auc_score(*_ood_labels_scores(scores_in, scores_out)))
+    return float(_sklearn_metrics().roc_auc_score(*_ood_labels_scores(scores_in, scores_out)))
 
 
 def ood_report(scores_in: ArrayLike, scores_out: ArrayLike) -> dict[str, float]:
     """``auroc``, ``aupr`` (average precision, out-of-distribution positive) and ``fpr95`` (the
     fraction of in-distribution examples flagged at the first threshold that flags 95% of the
     out-of-distribution ones), with the conventions of ``ood_auroc``."""
+    sk = _sklearn_metrics()
     labels, scores = _ood_labels_scores(scores_in, scores_out)
-    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr, _ = sk.roc_curve(labels, scores, drop_intermediate=False)
     return {
-        "auroc": float(roc_auc_score(labels, scores)),
-        "aupr": float(average_precision_score(labels, scores)),
+        "auroc": float(sk.roc_auc_score(labels, scores)),
+        "aupr": float(sk.average_precision_score(labels, scores)),
         "fpr95": float(fpr[np.searchsorted(tpr, 0.95)]),
     }
 
@@ -333,6 +356,7 @@ def fit_temperature(
     low, high = bounds
     if not 0 < low < high < math.inf:
         raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds}")
+    minimize_scalar = _optional("scipy.optimize", "scipy").minimize_scalar
     z = _as_float64(logits, "logits", 2)
     z_target = z.gather(1, _targets(targets, z, "logits")[:, None]).squeeze(1)
 

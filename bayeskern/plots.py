@@ -2,7 +2,8 @@
 
 Headless: figures are ``matplotlib.figure.Figure`` objects on an explicit Agg canvas, so nothing
 touches pyplot's global state or needs a display. The bins and the ECE/MCE come from
-``bayeskern.metrics.calibration_bins``.
+``bayeskern.metrics.calibration_bins``. Needs matplotlib (``pip install 'bayeskern[app]'``);
+``import bayeskern`` loads this module only when ``bayeskern.plots`` is first used.
 """
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+try:
+    from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ImportError as _error:
+    raise ImportError(
+        f"bayeskern.plots needs matplotlib ({_error}); install it with: pip install 'bayeskern[app]'",
+        name=_error.name,
+    ) from _error
 
 from .metrics import ArrayLike, Binning, CalibrationBins, calibration_bins
 

@@ -1,8 +1,9 @@
-"""The Monte-Carlo predictive engine: ``predict(posterior, inputs, num_samples)``.
+"""The Monte-Carlo predictive engine: ``predict(posterior, inputs, num_samples=...)``.
 
-Works for any posterior obeying ``bayeskern.posteriors.base.Posterior``: sample ``s`` is the
-network run through ``torch.func.functional_call`` with ``{**model params and buffers,
-**posterior.sample(s)}``, in eval mode, without gradients.
+Works for any posterior obeying ``bayeskern.protocol.Posterior``: sample ``s`` is the network run
+through ``torch.func.functional_call`` with ``{**model params and buffers, **posterior.fixed_tensors(),
+**posterior.sample(s)}``, in eval mode, without gradients.  The tensors that differ between samples
+are exactly the keys of ``sample(s)`` (the Bayesian ones).
 
 Classification (``p_s = softmax(f_s(x))``, S samples):
 
@@ -11,37 +12,31 @@ Classification (``p_s = softmax(f_s(x))``, S samples):
   ``mutual_info = entropy - expected_entropy`` (epistemic, the BALD score).
 
 Regression: ``mean = (1/S) sum_s f_s(x)``, ``variance = (1/S) sum_s (f_s(x) - mean)^2 + noise_std^2``
-(Welford's running update).
+(Welford's running update), ``noise_std`` the posterior's unless given.
 
 Speed: the compiled engine calls one function ``(module, [params of K samples], inputs) -> K
 outputs``, compiled with ``torch.compile`` once and called S / K times; parameters enter as tensors,
 so new samples never recompile (a last, smaller batch may compile once more with a dynamic batch
 size).  K is the largest divisor of S up to ``CHUNK_SAMPLES`` whose K samples' random tensors fit in
 ``CHUNK_BYTES``: small networks, whose forwards cost less than the Python around them, run several
-samples per call (a 784-128-128-10 MLP at batch 16, S = 32: 2.7 ms eager, 2.1 ms compiled one sample
-a call, 1.6 ms 8 a call, 1.4 ms 32 a call; one-off), larger ones one: with 8 samples of a
-784-1024-1024-10 MLP (7.6 MB each) per call at batch 512 the compiled predict took 336 ms against
-290 ms eager (``test_bench_vi.py``, one run; not profiled: eight samples' activations may no longer
-stay in cache).  If compilation fails the engine warns and runs eagerly, one sample at a time.
+samples per call, larger ones one (several large samples per call lose their activations' cache
+locality; benchmarks/README.md has the measurements).  If compilation fails the engine warns and
+runs eagerly, one sample at a time.
 
-Last-layer posteriors: the tensors that differ between samples (those whose storage differs
-between samples 0 and 1; a VI posterior's point estimates and buffers are the same tensors in every
-sample) often all lie in one submodule, the head.  When the model returns that submodule's output
-untouched, the rest of the network does not depend on the sample: it runs once per batch, the
-head's inputs are captured with a forward hook, and only the head runs S times.  Checked on every
-batch: the head must run exactly once, its output must be the model's output, unmodified, and its
-inputs must hold no NaN with the random tensors set to NaN for that forward (so the rest of the
-network did not read them); otherwise the whole network runs per sample, for this batch and the
-next ones.  ``sample(s)`` must return tensors that later calls do not overwrite.
+Last-layer posteriors: the random tensors often all lie in one submodule, the head.  When the model
+returns that submodule's output untouched, the rest of the network does not depend on the sample:
+it runs once per batch, the head's inputs are captured with a forward hook, and only the head runs
+S times.  Checked on every batch: the head must run exactly once, its output must be the model's
+output, unmodified, and its inputs must hold no NaN with the random tensors set to NaN for that
+forward (so the rest of the network did not read them); otherwise the whole network runs per
+sample, for this batch and the next ones.
 
 Memory: inputs run in batches of ``batch_size`` (or as the loader yields them); the S samples are
 drawn once and reused for every batch when they fit in ``SAMPLE_CACHE_BYTES``; beyond it, the first
 samples that fit stay cached and the others are redrawn for every batch (``sample`` is deterministic
 in its index), so memory stays within the budget plus at most three samples (compiled: plus one
-chunk, at most ``CHUNK_BYTES`` of random tensors or one sample).  A tensor predicted in
-one batch draws every sample once anyway, so nothing is cached: each sample is freed once used
-(resnet18, S = 32, one batch of 32: a tracked peak of 171 MiB against 1.1 GiB with 21 samples
-cached).
+chunk, at most ``CHUNK_BYTES`` of random tensors or one sample).  A tensor predicted in one batch
+draws every sample once anyway, so nothing is cached: each sample is freed once used.
 """
 from __future__ import annotations
 
@@ -56,12 +51,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
-from .posteriors.base import Posterior
+from .likelihoods import LIKELIHOODS
+from .protocol import Posterior
+from .validation import check_choice, check_count, check_nonnegative
 
 SAMPLE_CACHE_BYTES = 1 << 30
 CHUNK_SAMPLES = 32  # at most this many samples per compiled call (the graph grows with it)
 CHUNK_BYTES = 4 << 20  # ... whose random tensors take at most this many bytes together
-LIKELIHOODS = ("classification", "regression")
 
 
 @dataclass
@@ -151,10 +147,7 @@ def _batches(inputs: Tensor | Iterable[Any], batch_size: int | None) -> Iterator
 class _Samples:
     """``posterior.sample(s)``; with ``cache``, the first samples are cached while they fit in
     ``SAMPLE_CACHE_BYTES`` together, the rest are redrawn for every batch (the latest one drawn is held
-    until the next).
-
-    ``random`` names the tensors that differ between samples 0 and 1 (a different storage; the
-    others, e.g. a VI posterior's point estimates, are the same tensors in every sample)."""
+    until the next).  ``random`` names the tensors that differ between samples (the keys of a sample)."""
 
     def __init__(self, posterior: Posterior, num_samples: int, model_device: torch.device, cache: bool) -> None:
         self.posterior, self.num_samples = posterior, num_samples
@@ -163,13 +156,7 @@ class _Samples:
         self.cached_bytes = 0
         self.held: dict[int, dict[str, Tensor]] = {}
         first = self[0]
-        if num_samples > 1:
-            held = dict(self.held)
-            second = self[1]
-            self.held.update(held)
-            self.random = {n for n, t in first.items() if n not in second or t.data_ptr() != second[n].data_ptr()}
-        else:
-            self.random = set(first)
+        self.random = set(first)
         self.random_bytes = sum(first[n].numel() * first[n].element_size() for n in self.random)
         # where the samples live, which may differ from the model's device
         self.device = next(iter(first.values())).device if first else model_device
@@ -233,14 +220,14 @@ class _Target:
         self.model, self.base = model, base
         path = _owner(samples.random)
         first = samples[0]  # held or cached: not drawn again
-        floating = all(first[n].is_floating_point() for n in samples.random)
+        floating = all(t.is_floating_point() for t in first.values())
         self.head = model.get_submodule(path) if path and floating and model_device == samples.device else None
         if self.head is not None:
             # the body runs with the random tensors all NaN: a head input with a NaN used them
-            poisoned = {n: torch.full_like(t, math.nan) for n, t in first.items() if n in samples.random}
-            fixed = {n: t for n, t in first.items() if n not in samples.random}
-            self.body_params = {**self.base, **fixed, **poisoned}
-            self.head_base, self.prefix = _state(self.head), path + "."
+            poisoned = {n: torch.full_like(t, math.nan) for n, t in first.items()}
+            self.body_params = {**self.base, **poisoned}
+            self.prefix = path + "."
+            self.head_base = {n[len(self.prefix):]: t for n, t in base.items() if n.startswith(self.prefix)}
 
     def per_sample(self, x: Tensor) -> _PerSample:
         if self.head is not None:
@@ -275,15 +262,6 @@ def _submodule_inputs(
     return args, kwargs
 
 
-def _check(num_samples: int, batch_size: int | None, likelihood: str) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-
-
 def _entropy(p: Tensor) -> Tensor:
     return -torch.special.xlogy(p, p).sum(-1)
 
@@ -292,28 +270,33 @@ def _entropy(p: Tensor) -> Tensor:
 def predict(
     posterior: Posterior,
     inputs: Tensor | Iterable[Any],
+    *,
     num_samples: int = 32,
     compile: bool = True,
     batch_size: int | None = None,
     return_logits: bool = False,
     likelihood: str | None = None,
-    noise_std: float = 0.0,
+    noise_std: float | None = None,
 ) -> Prediction:
     """Monte-Carlo prediction with ``num_samples`` posterior samples (see the module docstring).
 
     ``inputs`` is a tensor or an iterable of batches (a DataLoader yielding ``x`` or ``(x, y, ...)``);
-    ``batch_size`` splits each of them further.  ``likelihood`` defaults to the posterior's
-    (``"classification"`` if it has none).  ``noise_std`` (regression) is added as observation noise.
-    ``compile=False`` runs eagerly; results agree with the compiled run to float rounding.
+    ``batch_size`` splits each of them further.  ``likelihood`` and ``noise_std`` (the regression
+    likelihood's observation noise, added to the variance) default to the posterior's
+    (``"classification"`` and 0 if it has none).  ``compile=False`` runs eagerly; results agree with
+    the compiled run to float rounding.
     """
-    likelihood = likelihood or getattr(posterior, "likelihood", "classification")
-    _check(num_samples, batch_size, likelihood)
+    likelihood = check_choice(likelihood or getattr(posterior, "likelihood", "classification"), "likelihood", LIKELIHOODS)
+    num_samples = check_count(num_samples, "num_samples", 1)
+    if batch_size is not None:
+        batch_size = check_count(batch_size, "batch_size", 1)
+    noise_std = check_nonnegative(getattr(posterior, "noise_std", 0.0) if noise_std is None else noise_std, "noise_std")
     model = posterior.model
     classification = likelihood == "classification"
     was_training = model.training
     model.eval()
     try:
-        base = _state(model)
+        base = {**_state(model), **posterior.fixed_tensors()}
         model_device = next((t.device for t in base.values()), torch.device("cpu"))
         single_batch = isinstance(inputs, Tensor) and (batch_size is None or len(inputs) <= batch_size)
         samples = _Samples(posterior, num_samples, model_device, cache=not single_batch)

@@ -157,8 +157,8 @@ def measure(
 def interleaved_ratio(baseline: Step, step: Step, device: torch.device, rounds: int) -> float:
     """Median time of ``step`` over the median of ``baseline``, the two timed alternately round by
     round after one warm-up call each.  pytest-benchmark times each case's rounds back to back, and a
-    CPU VM's speed drifts over seconds (the deterministic resnet18 step took 43 ms in one run, 60 ms
-    in another), so a ratio of two such means carries that drift; alternating cancels most of it."""
+    machine's speed can drift over seconds to minutes (a shared CPU VM's does), so a ratio of two such
+    means carries that drift; alternating cancels most of it."""
     times: dict[int, list[float]] = {0: [], 1: []}
     for run in (baseline, step):
         run()

@@ -14,7 +14,7 @@
 #   bash benchmarks/device_check.sh [RESULTS_DIR]      (default: benchmarks/results, or $OUT if set)
 #
 # Budget: under 8 minutes on one H100.  Wheels missing on the device machine (pytest-benchmark,
-# py-cpuinfo) can travel in .whl/ (see README, "GPU checks"); they are installed when present.
+# py-cpuinfo) can travel in .whl/ (see benchmarks/README.md, "GPU checks"); they are installed when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 import bayeskern.ops as ops
-from bayeskern.posteriors.wrapper import philox_offsets
+from bayeskern.ops.philox import tensor_offsets
 
 from bench_utils import QUICK, record, synchronize
 
 P = 0.1
 PRIOR_STD = 1.0
-TERM_GRAD = 1e-5  # kl_weight / N
+TERM_GRAD = 1e-5  # the prior term's weight in the loss, 1 / N
 
 
 def _parameters(device: torch.device) -> tuple[str, list[torch.Tensor]]:
@@ -77,7 +77,7 @@ def test_draw_forward_backward(benchmark, bench_device, kind, impl):
     model_name, params = _parameters(bench_device)
     mus = [p.clone().requires_grad_() for p in params]
     means = [p.clone() for p in params]
-    offsets = philox_offsets([p.shape for p in params])
+    offsets = tensor_offsets([p.shape for p in params])
     upstream = [torch.randn_like(p) for p in params]
     if kind.startswith("vi"):
         rhos = [torch.full_like(p, -7.0).requires_grad_() for p in params]

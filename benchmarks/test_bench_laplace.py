@@ -11,8 +11,9 @@ Implementations (every one in a group processes the same batches of random input
 Two groups per model: ``diag Fisher ...`` (plain vs bayeskern over several batches: the ratio to
 one plain pass) and ``diag Fisher prior art ...`` (all four over fewer batches, so the slow
 baselines stay short; bayeskern's planning forward weighs more there, which only penalises it).
-Targets (design.md sections 6-7): bayeskern <= 1.5x plain for the MLPs, <= 3x for ResNet-18 and
-the ViT; >= 20x faster than the loop.  ``extra_info`` names the model, batch size and batch count.
+Targets (docs/design.md sections 6-7; benchmarks/README.md, "Targets"): bayeskern <= 1.5x plain
+for the MLPs, <= 3x for ResNet-18 and the ViT; >= 20x faster than the loop.  ``extra_info`` names
+the model, batch size and batch count.
 
 On CUDA (``BAYESKERN_BENCH_DEVICE=cuda``, as the device check runs it) the models are timm's
 ResNet-50 and ViT-B/16 at 224 px, batch 64.  ``BAYESKERN_BENCH_QUICK=1`` shrinks every model and batch
@@ -89,7 +90,7 @@ def _plain(model, batches):
 
 
 def _bayeskern(model, batches):
-    return DiagLaplace(model, seed=0).fit(batches, progress=False).fisher
+    return DiagLaplace(model, prior_mean="zero", seed=0).fit(batches, progress=False).fisher
 
 
 def _loop(model, batches):

@@ -38,13 +38,13 @@ def train_setup(name: str, impl: str, device: torch.device) -> Step:
     x, y = cases.batches(name, device)[0]
     trained, loss = net, None
     if impl == "vi":
-        trained = VI(net, init_std=1e-3, num_data=cases.NUM_DATA, num_samples=1, seed=0).train()
+        trained = VI(net, init_std=1e-3, num_data=cases.NUM_DATA, train_samples=1, seed=0).train()
     elif impl == "mc_dropout":
-        trained = MCDropout(net, 0.1, num_data=cases.NUM_DATA, seed=0).train()
+        trained = MCDropout(net, p=0.1, num_data=cases.NUM_DATA, seed=0).train()
     if trained is not net:
         loss = trained.loss
     if impl == "sgld":
-        opt = BayesSGLD(net.parameters(), lr=1e-6, num_data=cases.NUM_DATA, seed=0)
+        opt = BayesSGLD(net.parameters(), lr=1e-6, num_data=cases.NUM_DATA, prior_mean="zero", seed=0)
     else:
         opt = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
     return lambda: cases.train_step(trained, opt, x, y, loss)
@@ -75,7 +75,7 @@ def test_fisher_epoch(benchmark, bench_device, name, impl):
         batches = cases.batches(name, bench_device, cases.FISHER_BATCHES)
         if impl == "deterministic":
             return lambda: _plain_epoch(net, batches)
-        return lambda: DiagLaplace(net, seed=0).fit(batches, progress=False)
+        return lambda: DiagLaplace(net, prior_mean="zero", seed=0).fit(batches, progress=False)
 
     group = cases.group_name("Fisher epoch", name, bench_device, batches=cases.FISHER_BATCHES)
     cases.measure(benchmark, bench_device, setup, group, impl, name, batches=cases.FISHER_BATCHES)
@@ -91,13 +91,13 @@ def _posterior(impl: str, name: str, device: torch.device, num_samples: int):
     if impl == "vi":
         return VI(net, init_std=1e-2, num_data=cases.NUM_DATA, seed=0)
     if impl == "mc_dropout":
-        return MCDropout(net, 0.1, num_data=cases.NUM_DATA, seed=0)
+        return MCDropout(net, p=0.1, num_data=cases.NUM_DATA, seed=0)
     if impl == "sgld":
         bank = SampleBank(net, burnin=0, thin=1, max_samples=num_samples, device=device)
         for _ in range(num_samples):
             bank.update()
         return bank
-    return DiagLaplace(net, seed=0).fit(cases.batches(name, device), progress=False)
+    return DiagLaplace(net, prior_mean="zero", seed=0).fit(cases.batches(name, device), progress=False)
 
 
 def predict_setup(name: str, impl: str, device: torch.device, num_samples: int, compile: bool) -> Step:
@@ -114,7 +114,7 @@ def predict_setup(name: str, impl: str, device: torch.device, num_samples: int, 
 
     def run():
         with cases.autocast(device):
-            return predict(post, x, num_samples, compile=compile)
+            return predict(post, x, num_samples=num_samples, compile=compile)
     return run
 
 

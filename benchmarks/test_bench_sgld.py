@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import bayeskern.ops as ops
+from bayeskern.ops.philox import tensor_offsets
 from bayeskern.ops.sgld import sgld_step_
 from bayeskern.posteriors.sgld import BayesSGLD
-from bayeskern.posteriors.wrapper import philox_offsets
 from bench_utils import QUICK, record, size_label, synchronize
 
 LR, NUM_DATA = 1e-6, 50_000
@@ -73,13 +73,13 @@ def _step_fn(impl: str, params: list[torch.Tensor], numel: int, device: torch.de
     if backend != "foreach" and (backend not in ops.available_backends(device) or (backend == "triton" and device.type == "cpu")):
         pytest.skip(f"{backend} not timed on {device}")
     if kind == "sgld_step_":
-        grads, offsets = [p.grad for p in params], philox_offsets([p.shape for p in params])
+        grads, offsets = [p.grad for p in params], tensor_offsets([p.shape for p in params])
 
         def op():
             with ops.use_backend(backend):
                 sgld_step_(params, grads, lr=LR, num_data=NUM_DATA, seed=1, step=0, offsets=offsets)
         return op
-    opt = BayesSGLD(params, lr=LR, num_data=NUM_DATA, seed=1, **({"foreach": True} if backend == "foreach" else {"fused": True}))
+    opt = BayesSGLD(params, lr=LR, num_data=NUM_DATA, prior_mean="zero", seed=1, **({"foreach": True} if backend == "foreach" else {"fused": True}))
 
     if backend == "foreach":  # its noise comes from the automatically chosen backend
         return opt.step

@@ -12,7 +12,7 @@ test_bench_methods.py.)
 * ``predict S=32 last-layer vi <model>``: a VI posterior over the classifier only, predicted by
   ``bayeskern.predict`` (compiled; the network up to the classifier runs once per batch) against the
   loop a user writes without it, S eager ``functional_call`` forwards of the whole network with
-  ``post.sample(s)`` (the baseline).
+  ``{**post.fixed_tensors(), **post.sample(s)}`` (the baseline).
 * ``eps regenerate vs keep <n>``: the rho-gradient of ``gaussian_sample`` with eps regenerated in
   the fused backward kernel (the baseline) against reading an eps kept from the forward.
 * ``vi fused backward resnet18 params``: the C++ backward of ``gaussian_sample_kl`` over resnet18's
@@ -30,8 +30,8 @@ from torch import nn
 from torch.func import functional_call
 
 import bayeskern.ops as ops
+from bayeskern.ops.philox import tensor_offsets
 from bayeskern.posteriors.vi import VI
-from bayeskern.posteriors.wrapper import philox_offsets
 from bayeskern.predictive import predict
 
 from bench_utils import QUICK, record, size_label
@@ -63,11 +63,15 @@ class DrawnSamples:
     predicting it times the engine alone."""
 
     def __init__(self, post, num_samples: int) -> None:
-        self.model, self.likelihood = post.model, post.likelihood
+        self.model, self.names, self.likelihood, self.noise_std = post.model, post.names, post.likelihood, post.noise_std
+        self.fixed = post.fixed_tensors()
         self.samples = [post.sample(i) for i in range(num_samples)]
 
     def sample(self, index: int):
         return self.samples[index]
+
+    def fixed_tensors(self):
+        return self.fixed
 
 
 @pytest.mark.parametrize("model_name", list(PREDICT_MODELS))
@@ -81,17 +85,18 @@ def test_predict(benchmark, model_name, posterior, impl):
     if posterior == "drawn":
         post = DrawnSamples(post, num_samples)
     compiled = impl == "compiled"
-    predict(post, x, num_samples, compile=compiled)  # compile once, outside the timing
+    predict(post, x, num_samples=num_samples, compile=compiled)  # compile once, outside the timing
     record(benchmark, f"predict S={num_samples} {posterior} {model_name} b{x.shape[0]}", impl, baseline=not compiled,
            model=model_name, samples=num_samples)
-    benchmark(predict, post, x, num_samples, compile=compiled)
+    benchmark(predict, post, x, num_samples=num_samples, compile=compiled)
 
 
 def full_forwards(post, x, num_samples):
     total = 0
     with torch.no_grad():
+        fixed = post.fixed_tensors()
         for s in range(num_samples):
-            total = total + functional_call(post.model, post.sample(s), (x,)).softmax(-1)
+            total = total + functional_call(post.model, {**fixed, **post.sample(s)}, (x,)).softmax(-1)
     return total / num_samples
 
 
@@ -104,11 +109,11 @@ def test_predict_last_layer(benchmark, model_name, impl):
     num_samples = 4 if QUICK else 32
     post = VI(model, init_std=1e-2, num_data=50_000, params="last_layer", seed=0)
     if impl == "predict":
-        predict(post, x, num_samples)  # compile once, outside the timing
-        run = lambda: predict(post, x, num_samples)  # noqa: E731
+        predict(post, x, num_samples=num_samples)  # compile once, outside the timing
+        run = lambda: predict(post, x, num_samples=num_samples)  # noqa: E731
     else:
         run = lambda: full_forwards(post, x, num_samples)  # noqa: E731
-    torch.testing.assert_close(predict(post, x, num_samples).probs, full_forwards(post, x, num_samples),
+    torch.testing.assert_close(predict(post, x, num_samples=num_samples).probs, full_forwards(post, x, num_samples),
                                rtol=1e-4, atol=1e-5)
     record(benchmark, f"predict S={num_samples} last-layer vi {model_name} b{x.shape[0]}", impl,
            baseline=impl == "full_forwards", model=model_name, samples=num_samples)
@@ -146,7 +151,7 @@ def test_fused_backward_noise(benchmark, impl):
     model, _ = resnet18_case()
     mus = [p.detach() for p in model.parameters()]
     rhos = [torch.full_like(mu, math.log(math.expm1(1e-3))) for mu in mus]
-    args = ([mu.clone() for mu in mus], [1.0] * len(mus), 1, philox_offsets([mu.shape for mu in mus]), 0)
+    args = ([mu.clone() for mu in mus], [1.0] * len(mus), 1, tensor_offsets([mu.shape for mu in mus]), 0)
     samples, _ = kernel.gaussian_sample_kl(mus, rhos, *args)
     grads = [torch.randn_like(mu) for mu in mus]
     grad_kl = torch.tensor(1e-5)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import bayeskern.posteriors.wrapper as wrapper
+import bayeskern.posteriors.weight_posterior as weight_posterior
 from bayeskern import distributed
 from bayeskern.app.methods import METHODS
 from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, MCDropout, SampleBank
@@ -111,7 +111,7 @@ def _laplace_job(rank: int) -> dict:
     shard = _loader(x[rank::WORLD], y[rank::WORLD])  # complementary shards of unequal batch counts
     full = DiagLaplace(model, seed=7).fit(shard, progress=False)
     local = DiagLaplace(model, seed=7).fit(shard, progress=False, reduce=False)
-    mc = DiagLaplace(model, fisher="mc", seed=7).fit(shard, progress=False)
+    mc = DiagLaplace(model, fisher_type="mc", seed=7).fit(shard, progress=False)
     return {
         "fisher": full.fisher, "log_likelihood": full.log_likelihood, "num_data": full.num_data,
         "local": local.fisher, "mc": mc.fisher, "sample": full.sample(3),
@@ -137,8 +137,8 @@ def test_laplace_fisher_all_reduced_equals_single_process(tmp_path: Path) -> Non
 
 # -- VI and MC-dropout -------------------------------------------------------------------------
 POSTERIORS = {
-    "vi": lambda: VI(_model(), num_data=64, seed=11, num_samples=2),
-    "mc_dropout": lambda: MCDropout(_model(), p=0.2, num_data=64, seed=11, num_samples=2),
+    "vi": lambda: VI(_model(), num_data=64, seed=11, train_samples=2),
+    "mc_dropout": lambda: MCDropout(_model(), p=0.2, num_data=64, seed=11, train_samples=2),
 }
 
 
@@ -210,7 +210,7 @@ def test_weight_posteriors_under_ddp(
     assert results[0]["same_data_loss"] != results[1]["same_data_loss"]
     trained = POSTERIORS[kind]()
     trained.load_state_dict(results[1]["state"])
-    monkeypatch.setattr(wrapper, "rank_stream", lambda s: s + (1 << distributed.RANK_STREAM_SHIFT))
+    monkeypatch.setattr(weight_posterior, "rank_stream", lambda s: s + (1 << distributed.RANK_STREAM_SHIFT))
     assert results[1]["same_data_loss"] == pytest.approx(_local_grads(trained, x[:BATCH], y[:BATCH])[0], rel=1e-6)
 
 

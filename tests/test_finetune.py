@@ -38,7 +38,7 @@ def test_each_method_runs_end_to_end_on_digits(tmp_path, capsys, method):
 
 
 def _checkpoint_state(run_dir, method):
-    return torch.load(run_dir / method / "checkpoint.pt", weights_only=False)["state"]
+    return torch.load(run_dir / method / "checkpoint.pt", weights_only=True)["state"]
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

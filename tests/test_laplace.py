@@ -8,9 +8,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from bayeskern.ops import philox
-from bayeskern.posteriors.base import Posterior
 from bayeskern.posteriors.laplace import DiagLaplace
 from bayeskern.predictive import predict
+from bayeskern.protocol import Posterior
 
 SIGMA = 0.5
 
@@ -53,7 +53,7 @@ def test_mc_fisher_of_linear_regression_recovers_xtx_over_noise_variance():
     x, y = regression_data()
     repeats = 2000  # the dataset repeated: F / repeats averages 2000 independent MC Fishers
     model = linear_model(exact_posterior(x, y, 1.0)[0])
-    la = DiagLaplace(model, "regression", fisher="mc", sigma_noise=SIGMA, seed=3)
+    la = DiagLaplace(model, likelihood="regression", fisher_type="mc", noise_std=SIGMA, seed=3)
     la.fit(batches(x.repeat(repeats, 1), y.repeat(repeats), 4000), progress=False)
     estimate = la.fisher["weight"].double().flatten() / repeats
     expected = (x.square().sum(0)) / SIGMA**2  # diag(X^T X) / sigma^2
@@ -67,7 +67,10 @@ def test_laplace_posterior_of_linear_regression_is_the_exact_posterior():
     repeats, lam = 1000, 2.0
     xs, ys = x.repeat(repeats, 1), y.repeat(repeats)
     mean, precision = exact_posterior(xs, ys, lam)
-    la = DiagLaplace(linear_model(mean), "regression", prior_precision=lam, fisher="mc", sigma_noise=SIGMA, seed=1)
+    la = DiagLaplace(
+        linear_model(mean), likelihood="regression", prior_mean="zero", prior_precision=lam, fisher_type="mc",
+        noise_std=SIGMA, seed=1,
+    )
     la.fit(batches(xs, ys, 4000), progress=False)
     torch.testing.assert_close(la.mean()["weight"].double().flatten(), mean, rtol=1e-6, atol=1e-6)
     got = la.posterior_precision["weight"].double().flatten()
@@ -91,7 +94,9 @@ def test_marglik_finds_the_prior_precision_maximising_the_exact_evidence():
     x, y = regression_data()
     best = math.exp(golden_section_max(lambda u: exact_log_evidence(x, y, math.exp(u)), -8.0, 8.0))
     mean, _ = exact_posterior(x, y, best)
-    la = DiagLaplace(linear_model(mean), "regression", prior_precision=1.0, sigma_noise=SIGMA, seed=0)
+    la = DiagLaplace(
+        linear_model(mean), likelihood="regression", prior_mean="zero", prior_precision=1.0, noise_std=SIGMA, seed=0,
+    )
     la.fit(batches(x, y, 3), progress=False)
     state = la.state_dict()
     state["fisher"] = {"weight": (x.square().sum(0) / SIGMA**2).float().view(1, -1)}  # the exact GGN = Hessian
@@ -102,7 +107,9 @@ def test_marglik_finds_the_prior_precision_maximising_the_exact_evidence():
 
 def test_marglik_warns_and_stops_at_the_bound_when_theta_star_is_the_prior_mean():
     x, y = regression_data()
-    la = DiagLaplace(linear_model(exact_posterior(x, y, 1.0)[0]), "regression", prior_mean="pretrained", sigma_noise=SIGMA)
+    la = DiagLaplace(
+        linear_model(exact_posterior(x, y, 1.0)[0]), likelihood="regression", prior_mean="pretrained", noise_std=SIGMA,
+    )
     la.fit(batches(x, y, 4), progress=False)
     with pytest.warns(RuntimeWarning, match="still grows"):
         lam = la.optimize_prior_precision(method="marglik")
@@ -136,22 +143,32 @@ def per_class_sq_grads(model, x):
 
 
 def test_empirical_fisher_and_tempered_posterior_precision_of_an_mlp():
+    """Tempered posterior precision (F + lambda) / T and std sqrt(T / (F + lambda)); the evidence is the T = 1 one."""
     model = mlp()
     x, y = class_data()
-    la = DiagLaplace(model, prior_precision=0.5, temperature=2.0, seed=0).fit(batches(x, y, 4), progress=False)
+    la = DiagLaplace(model, prior_mean="zero", prior_precision=0.5, temperature=2.0, seed=0)
+    la.fit(batches(x, y, 4), progress=False)
     squares, _ = per_class_sq_grads(model, x)
+    log_det, distance, count = 0.0, 0.0, 0
     for name, sq in squares.items():
         expected = sq[torch.arange(len(y)), y].sum(0)
         torch.testing.assert_close(la.fisher[name], expected, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(la.posterior_precision[name], expected / 2.0 + 0.5, rtol=1e-4, atol=1e-7)
-    assert la.log_likelihood == pytest.approx(-float(F.cross_entropy(model(x), y, reduction="sum").detach()), rel=1e-5)
+        torch.testing.assert_close(la.posterior_precision[name], (expected + 0.5) / 2.0, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(la.std()[name], (2.0 / (expected + 0.5)).sqrt(), rtol=1e-4, atol=1e-7)
+        log_det += float((expected.double() + 0.5).log().sum())
+        distance += float(dict(model.named_parameters())[name].detach().double().square().sum())
+        count += expected.numel()
+    log_lik = -float(F.cross_entropy(model(x), y, reduction="sum").detach())
+    assert la.log_likelihood == pytest.approx(log_lik, rel=1e-5)
+    evidence = log_lik - 0.5 * 0.5 * distance + 0.5 * count * math.log(0.5) - 0.5 * log_det
+    assert la.log_marginal_likelihood() == pytest.approx(evidence, rel=1e-5)
 
 
 def test_mc_fisher_of_an_mlp_is_an_unbiased_ggn_diagonal():
     model = mlp()
     x, y = class_data(6)
     repeats = 500
-    la = DiagLaplace(model, fisher="mc", seed=5).fit(batches(x.repeat(repeats, 1), y.repeat(repeats), 1000), progress=False)
+    la = DiagLaplace(model, fisher_type="mc", seed=5).fit(batches(x.repeat(repeats, 1), y.repeat(repeats), 1000), progress=False)
     squares, probs = per_class_sq_grads(model, x)
     for name, sq in squares.items():
         weights = probs.view(*probs.shape, *([1] * (sq.dim() - 2)))
@@ -222,9 +239,9 @@ def test_val_nll_never_picks_a_precision_whose_predictive_overflows(monkeypatch)
     x, y = class_data(20)
     la = DiagLaplace(model, seed=2).fit(batches(x[:10], y[:10], 5), progress=False)
     scores = {0.01: float("nan"), 1.0: 0.7, 100.0: 0.9, 1e4: float("inf")}
-    monkeypatch.setattr(la, "validation_nll", lambda *args: scores[la.prior_precision])
+    monkeypatch.setattr(la, "validation_nll", lambda *args, **kwargs: scores[la.prior_precision])
     assert la.optimize_prior_precision(method="val_nll", val_loader=[], grid=list(scores)) == 1.0
-    monkeypatch.setattr(la, "validation_nll", lambda *args: float("nan"))
+    monkeypatch.setattr(la, "validation_nll", lambda *args, **kwargs: float("nan"))
     with pytest.raises(ValueError, match="not finite for any prior precision"):
         la.optimize_prior_precision(method="val_nll", val_loader=[], grid=[0.1, 1.0])
 
@@ -232,12 +249,12 @@ def test_val_nll_never_picks_a_precision_whose_predictive_overflows(monkeypatch)
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"likelihood": "poisson"}, "likelihood"),
-        ({"fisher": "kfac"}, "fisher"),
-        ({"prior_precision": 0.0}, "prior_precision"),
-        ({"prior_precision": -1.0}, "prior_precision"),
-        ({"temperature": 0}, "temperature"),
-        ({"sigma_noise": -2.0}, "sigma_noise"),
+        ({"likelihood": "poisson"}, "^likelihood must be"),
+        ({"fisher_type": "kfac"}, "^fisher_type must be"),
+        ({"prior_precision": 0.0}, "^prior_precision must be"),
+        ({"prior_precision": -1.0}, "^prior_precision must be"),
+        ({"temperature": -1.0}, "^temperature must be"),
+        ({"noise_std": -2.0}, "^noise_std must be"),
         ({"params": "nothing.*"}, "params"),
     ],
 )
@@ -254,7 +271,7 @@ def test_diag_laplace_rejects_empty_loader_bad_method_and_use_before_fit():
         la.fit([], progress=False)
     x, y = class_data()
     la.fit(batches(x, y, 5), progress=False)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="^method must be"):
         la.optimize_prior_precision(method="cv")
     with pytest.raises(ValueError, match="val_loader"):
         la.optimize_prior_precision(method="val_nll")

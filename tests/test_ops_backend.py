@@ -16,22 +16,22 @@ def test_reference_is_always_available():
 
 
 def test_float64_always_runs_the_reference():
-    assert backend.resolve(torch.zeros(2, dtype=torch.float64)) == "reference"
+    assert backend.backend_for("gaussian_sample", torch.zeros(2, dtype=torch.float64)) == "reference"
 
 
 def test_use_backend_overrides_and_restores():
-    auto = backend.resolve(torch.zeros(2))
+    auto = backend.backend_for("gaussian_sample", torch.zeros(2))
     with ops.use_backend("reference"):
-        assert backend.resolve(torch.zeros(2)) == "reference"
-    assert backend.resolve(torch.zeros(2)) == auto
+        assert backend.backend_for("gaussian_sample", torch.zeros(2)) == "reference"
+    assert backend.backend_for("gaussian_sample", torch.zeros(2)) == auto
 
 
 def test_environment_variable_selects_backend(monkeypatch):
     monkeypatch.setenv("BAYESKERN_BACKEND", "reference")
-    assert backend.resolve(torch.zeros(2)) == "reference"
+    assert backend.backend_for("gaussian_sample", torch.zeros(2)) == "reference"
     monkeypatch.setenv("BAYESKERN_BACKEND", "fastest")
     with pytest.raises(ValueError, match="backend must be one of"):
-        backend.resolve(torch.zeros(2))
+        backend.backend_for("gaussian_sample", torch.zeros(2))
 
 
 def test_unknown_backend_name_raises():
@@ -43,7 +43,7 @@ def test_unknown_backend_name_raises():
 def test_cpu_default_is_cpp_when_built():
     if "cpp" not in ops.available_backends("cpu"):
         pytest.skip("extension not built here")
-    assert backend.resolve(torch.zeros(2)) == "cpp"
+    assert backend.backend_for("gaussian_sample", torch.zeros(2)) == "cpp"
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:

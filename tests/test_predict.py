@@ -8,25 +8,29 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayeskern import predictive as engine
-from bayeskern.posteriors.base import Posterior
 from bayeskern.posteriors.laplace import DiagLaplace
 from bayeskern.posteriors.mc_dropout import MCDropout
 from bayeskern.posteriors.vi import VI
 from bayeskern.predictive import predict
+from bayeskern.protocol import Posterior
 
 
 class TableOfSamples:
     """A minimal posterior: sample s replaces the weight of a bias-free linear model by W[s]."""
 
-    def __init__(self, weights: torch.Tensor, likelihood: str = "classification") -> None:
+    def __init__(self, weights: torch.Tensor, likelihood: str = "classification", noise_std: float = 1.0) -> None:
         self.model = nn.Linear(weights.shape[2], weights.shape[1], bias=False)
-        self.weights, self.likelihood = weights, likelihood
+        self.names = ["weight"]
+        self.weights, self.likelihood, self.noise_std = weights, likelihood, noise_std
 
     def sample(self, index: int) -> dict[str, torch.Tensor]:
         return {"weight": self.weights[index]}
 
     def mean(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weights.mean(0)}
+
+    def fixed_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
 
     def state_dict(self):
         return {"weights": self.weights}
@@ -141,18 +145,20 @@ def test_vi_and_batchnorm_model_predict_in_eval_mode_with_the_posteriors_buffers
     pred = predict(post, x, num_samples=4, compile=False)
     assert post.training and model.training  # modes restored
     model.eval()
-    expected = torch.stack([functional_call(model, post.sample(s), (x,)).softmax(-1) for s in range(4)]).mean(0)
+    expected = torch.stack(
+        [functional_call(model, {**post.fixed_tensors(), **post.sample(s)}, (x,)).softmax(-1) for s in range(4)]
+    ).mean(0)
     torch.testing.assert_close(pred.probs, expected)
 
 
 def test_mc_dropout_posterior_is_predicted_through_the_protocol():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
-    post = MCDropout(model, 0.5, num_data=10, seed=1)
+    post = MCDropout(model, p=0.5, num_data=10, seed=1)
     x = torch.randn(4, 3)
     pred = predict(post, x, num_samples=3, compile=False, return_logits=True)
     for s in range(3):
-        torch.testing.assert_close(pred.logits[s], functional_call(model, post.sample(s), (x,)))
+        torch.testing.assert_close(pred.logits[s], functional_call(model, {**post.fixed_tensors(), **post.sample(s)}, (x,)))
     assert (pred.mutual_info > 0).all()
 
 
@@ -161,7 +167,7 @@ def test_mc_dropout_posterior_is_predicted_through_the_protocol():
     [({"num_samples": 0}, "num_samples"), ({"batch_size": 0}, "batch_size"), ({"likelihood": "poisson"}, "likelihood")],
 )
 def test_bad_arguments_are_rejected_by_name(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
         predict(table(), torch.randn(2, 3), **{"compile": False, **kwargs})
 
 
@@ -256,7 +262,9 @@ class Counted(nn.Module):
 
 def full_forwards(post, x, num_samples):
     post.model.eval()
-    return torch.stack([functional_call(post.model, post.sample(s), (x,)) for s in range(num_samples)])
+    return torch.stack(
+        [functional_call(post.model, {**post.fixed_tensors(), **post.sample(s)}, (x,)) for s in range(num_samples)]
+    )
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -89,7 +89,7 @@ def test_selecting_nothing_is_an_error():
 def test_pretrained_mean_is_a_frozen_snapshot_and_new_params_get_zero():
     model = Net()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    prior = GaussianPrior(model, "pretrained", 0.5, new_params="head.*")
+    prior = GaussianPrior(model, prior_mean="pretrained", prior_std=0.5, new_params="head.*")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -102,11 +102,11 @@ def test_pretrained_mean_is_a_frozen_snapshot_and_new_params_get_zero():
 
 def test_zero_and_explicit_means():
     model = Net()
-    zero = GaussianPrior(model, "zero", 1.0)
+    zero = GaussianPrior(model, prior_mean="zero", prior_std=1.0)
     assert all(torch.equal(zero.mean(n), torch.zeros_like(p)) for n, p in model.named_parameters())
     given = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     given["bn.running_mean"] = torch.ones(4)  # buffers in a state dict are ignored
-    prior = GaussianPrior(model, given, 1.0, params="norm.*")
+    prior = GaussianPrior(model, prior_mean=given, prior_std=1.0, params="norm.*")
     assert prior.names == ["norm.weight", "norm.bias"]
     assert torch.equal(prior.mean("norm.weight"), given["norm.weight"])
 
@@ -116,37 +116,40 @@ def test_mean_with_wrong_shape_or_missing_entry_names_the_parameter():
     bad = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     bad["head.weight"] = torch.zeros(4, 2)
     with pytest.raises(ValueError, match=r"head\.weight.*\(4, 2\)"):
-        GaussianPrior(model, bad, 1.0)
+        GaussianPrior(model, prior_mean=bad, prior_std=1.0)
     del bad["head.weight"]
     with pytest.raises(ValueError, match=r"head\.weight"):
-        GaussianPrior(model, bad, 1.0)
-    GaussianPrior(model, bad, 1.0, new_params=["head.weight"])  # a fresh head needs no entry
-    with pytest.raises(ValueError, match="prior_mean"):
-        GaussianPrior(model, "pretraind", 1.0)
+        GaussianPrior(model, prior_mean=bad, prior_std=1.0)
+    GaussianPrior(model, prior_mean=bad, prior_std=1.0, new_params=["head.weight"])  # a fresh head needs no entry
+    with pytest.raises(ValueError, match="^prior_mean must be"):
+        GaussianPrior(model, prior_mean="pretraind", prior_std=1.0)
 
 
 @pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), {"*": -2.0}, {"*": torch.tensor([1.0, 0.0, 1.0, 1.0])}])
 def test_non_positive_std_is_rejected(std):
-    with pytest.raises(ValueError, match="prior_std"):
-        GaussianPrior(Net(), "zero", std, params="proj.*")
+    with pytest.raises(ValueError, match=r"^prior_std\b.* must be"):
+        GaussianPrior(Net(), prior_mean="zero", prior_std=std, params="proj.*")
 
 
 def test_per_parameter_std_mapping_first_match_wins():
     model = Net()
     per_row = torch.tensor([[1.0], [2.0]])
-    prior = GaussianPrior(model, "zero", {"head.weight": per_row, "head.*": 3.0}, params="head.*")
+    prior = GaussianPrior(model, prior_mean="zero", prior_std={"head.weight": per_row, "head.*": 3.0}, params="head.*")
     assert torch.equal(prior.std("head.weight"), per_row)
     assert prior.std("head.bias") == 3.0
     with pytest.raises(ValueError, match=r"head\.bias"):
-        GaussianPrior(model, "zero", {"head.weight": 1.0}, params="head.*")
+        GaussianPrior(model, prior_mean="zero", prior_std={"head.weight": 1.0}, params="head.*")
     with pytest.raises(ValueError, match="broadcastable"):
-        GaussianPrior(model, "zero", {"*": torch.ones(3)}, params="head.*")
+        GaussianPrior(model, prior_mean="zero", prior_std={"*": torch.ones(3)}, params="head.*")
 
 
 def test_neg_log_prob_and_its_gradient_match_torch_distributions():
     torch.manual_seed(0)
     model = Net()
-    prior = GaussianPrior(model, "pretrained", {"head.weight": torch.tensor([[0.5], [2.0]]), "*": 0.7}, new_params="head.*")
+    prior = GaussianPrior(
+        model, prior_mean="pretrained", prior_std={"head.weight": torch.tensor([[0.5], [2.0]]), "*": 0.7},
+        new_params="head.*",
+    )
     theta = {n: (p.detach() + torch.randn_like(p)).requires_grad_() for n, p in model.named_parameters()}
     twin = {n: t.detach().clone().requires_grad_() for n, t in theta.items()}
     log_p = 0.0
@@ -165,8 +168,8 @@ def test_neg_log_prob_and_its_gradient_match_torch_distributions():
 
 def test_state_dict_round_trip_and_device_dtype_moves():
     model = Net()
-    prior = GaussianPrior(model, "pretrained", 1.0, new_params="head.*")
-    other = GaussianPrior(Net(), "pretrained", 1.0, new_params="head.*")
+    prior = GaussianPrior(model, prior_mean="pretrained", prior_std=1.0, new_params="head.*")
+    other = GaussianPrior(Net(), prior_mean="pretrained", prior_std=1.0, new_params="head.*")
     other.load_state_dict(prior.state_dict())
     for name in prior.names:
         assert torch.equal(other.mean(name), prior.mean(name))

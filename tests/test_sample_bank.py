@@ -5,9 +5,9 @@ import torch
 from torch.func import functional_call
 
 from bayeskern.ops import philox
-from bayeskern.posteriors.base import Posterior
 from bayeskern.posteriors.sample_bank import SampleBank
 from bayeskern.predictive import predict
+from bayeskern.protocol import Posterior
 
 
 def net():
@@ -89,7 +89,9 @@ def test_state_dict_round_trip_is_exact(mode):
     chain(model, restored, 4, seed=1)
     assert all(torch.equal(bank.mean()[n], restored.mean()[n]) for n in bank.names)
     with pytest.raises(ValueError, match="mode"):
-        SampleBank(model, 0, 1, 1, mode="samples" if mode == "moments" else "moments").load_state_dict(bank.state_dict())
+        SampleBank(
+            model, burnin=0, thin=1, max_samples=1, mode="samples" if mode == "moments" else "moments"
+        ).load_state_dict(bank.state_dict())
 
 
 def test_storage_dtype_and_device_and_model_dtype_of_samples(device):
@@ -119,7 +121,7 @@ def test_params_selects_the_bayesian_parameters():
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
         SampleBank(net(), **(dict(burnin=0, thin=1, max_samples=1) | kwargs))
 
 

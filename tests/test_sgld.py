@@ -118,7 +118,7 @@ def test_chain_samples_the_exact_bayesian_linear_regression_posterior(impl, one_
     lam_max = torch.linalg.eigvalsh(precision).max().item()
     lr = 0.02 * num_data / lam_max  # a = lr * lam / N <= 0.02: discretisation bias of the variance a/2 <= 1%
     w = torch.nn.Parameter(torch.zeros(chains, 3))
-    opt = BayesSGLD([w], lr=lr, num_data=num_data, prior_std=1.0, temperature=1.0, seed=1, **IMPLS[impl])
+    opt = BayesSGLD([w], lr=lr, num_data=num_data, prior_std=1.0, prior_mean="zero", temperature=1.0, seed=1, **IMPLS[impl])
     run_chains(opt, w, x, y, noise_std, steps=600)  # slowest mode contracts by (1 - a_min)^600 < e^-5
     samples = w.detach().double()
     # The chains are independent, so the ESS is exactly `chains`; tolerances are 5 Monte-Carlo
@@ -137,14 +137,14 @@ def test_zero_temperature_converges_to_the_ridge_solution(impl, one_thread):
     num_data, noise_std = x.shape[0], 0.5
     lr = num_data / torch.linalg.eigvalsh(precision).max().item()  # a_max = 1, a_min > 0.1
     w = torch.nn.Parameter(torch.zeros(1, 3))
-    opt = BayesSGLD([w], lr=lr, num_data=num_data, temperature=0.0, seed=1, **IMPLS[impl])
+    opt = BayesSGLD([w], lr=lr, num_data=num_data, prior_mean="zero", temperature=0.0, seed=1, **IMPLS[impl])
     run_chains(opt, w, x, y, noise_std, steps=300)
     torch.testing.assert_close(w.detach().double()[0], mean, rtol=1e-5, atol=1e-5)
 
 
 def test_lr_scheduler_changes_the_step():
     params = make_params([(4, 4)])
-    opt = BayesSGLD(params, lr=0.1, num_data=10, seed=2)
+    opt = BayesSGLD(params, lr=0.1, num_data=10, prior_mean="zero", seed=2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
     zero = torch.zeros(4, 4)
     for step, lr in enumerate([0.1, 0.025, 0.00625]):
@@ -176,7 +176,7 @@ def test_param_groups_use_their_own_hyperparameters():
     group_b = {"params": [b], "lr": 0.3, "prior_std": 0.5, "temperature": 0.2, "prior_mean": [b0], "preconditioner": "rmsprop", "eps": 0.1}
     opt = BayesSGLD(
         [{"params": [a]}, group_b],
-        lr=0.01, num_data=8, seed=4,
+        lr=0.01, num_data=8, prior_mean="zero", seed=4,
     )
     opt.zero_grad()
     quadratic_grads([a, b], [torch.ones(6), torch.ones(5)])
@@ -193,7 +193,7 @@ def test_prior_mean_tensors_are_copied_and_checked():
     opt = BayesSGLD([a, b], lr=0.1, num_data=4, prior_mean=means)
     means[0].add_(5)
     assert torch.equal(opt.state[a]["prior_mean"], torch.ones(2, 2))
-    with pytest.raises(ValueError, match=r"prior_mean\[1\]"):
+    with pytest.raises(ValueError, match=r"prior_mean\[1\] has shape \(4,\)"):
         BayesSGLD([a, b], lr=0.1, num_data=4, prior_mean=[torch.ones(2, 2), torch.ones(4)])
     with pytest.raises(ValueError, match="prior_mean"):
         BayesSGLD([a, b], lr=0.1, num_data=4, prior_mean=[torch.ones(2, 2)])

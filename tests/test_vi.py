@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.distributions import Normal, kl_divergence
 import bayeskern.ops as ops
 from bayeskern.ops import philox
 from bayeskern.posteriors.vi import VI
-from bayeskern.posteriors.wrapper import step_seed
+from bayeskern.posteriors.weight_posterior import step_seed
 from posterior_checks import assert_unchanged, snapshot, train_wrapped_timm_model
 
 
@@ -29,7 +30,7 @@ def test_mean_field_vi_recovers_bayesian_linear_regression_posterior():
     exact_mean = torch.linalg.solve(precision, X.T @ y / sigma**2)
     mean_field_var = 1 / torch.diag(precision)
 
-    post = VI(nn.Linear(d, 1, bias=False), "zero", sp, init_std=0.05, num_data=n, num_samples=8, seed=1)
+    post = VI(nn.Linear(d, 1, bias=False), prior_mean="zero", prior_std=sp, init_std=0.05, num_data=n, train_samples=8, seed=1)
 
     def gaussian_nll(out, target):  # mean over the batch, so loss * N is the negative ELBO
         return (out.squeeze(-1) - target).square().mean() / (2 * sigma**2)
@@ -49,13 +50,14 @@ def test_mean_field_vi_recovers_bayesian_linear_regression_posterior():
     assert ((var / mean_field_var - 1).abs() < 0.1).all(), (var, mean_field_var)
 
 
-def hand_loss(post: VI, x, y, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The VI loss written independently: w = mu + softplus(rho) * eps, eps from the Philox spec."""
+def hand_loss(post: VI, x, y, seed: int, temperature: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The VI loss written independently: w = mu + softplus(rho) * eps, eps from the Philox spec;
+    the regulariser is KL - (T - 1) H, H = sum log softplus(rho) + (D / 2)(1 + log 2 pi)."""
     leaves = [post.mu.get_parameter(n.replace(".", "/")).detach().clone().requires_grad_() for n in post.names]
     leaves += [post.rho.get_parameter(n.replace(".", "/")).detach().clone().requires_grad_() for n in post.names]
     mus, rhos = dict(zip(post.names, leaves[: len(post.names)])), dict(zip(post.names, leaves[len(post.names):]))
     nll = 0.0
-    for s in range(post.num_samples):
+    for s in range(post.train_samples):
         w = {}
         for name in post.names:
             eps = philox.normal(seed, post.offsets[name], mus[name].numel(), s).view(mus[name].shape)
@@ -66,18 +68,25 @@ def hand_loss(post: VI, x, y, seed: int) -> tuple[torch.Tensor, list[torch.Tenso
         kl_divergence(Normal(mus[n], F.softplus(rhos[n])), Normal(post.prior.mean(n), post.prior.std(n))).sum()
         for n in post.names
     )
-    return nll / post.num_samples + post.kl_weight * kl / post.num_data, leaves
+    numel = sum(rhos[n].numel() for n in post.names)
+    entropy = sum(torch.log(F.softplus(rhos[n])).sum() for n in post.names) + 0.5 * numel * (1 + math.log(2 * math.pi))
+    regulariser = kl - (temperature - 1) * entropy
+    return nll / post.train_samples + regulariser / post.num_data, leaves
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
 @pytest.mark.parametrize("prior_mean", ["pretrained", "zero"])
-def test_reparameterised_gradient_matches_independent_autograd(backend, prior_mean):
-    """On every backend (the C++ one fuses the first draw with the KL)."""
-    post = VI(mlp(), prior_mean, 0.5, init_std=0.2, num_data=50, kl_weight=0.7, num_samples=3, seed=123)
+def test_reparameterised_gradient_matches_independent_autograd(backend, prior_mean, temperature):
+    """On every backend (the C++ one fuses the first draw with the KL); T != 1 adds the entropy term."""
+    post = VI(
+        mlp(), prior_mean=prior_mean, prior_std=0.5, init_std=0.2, num_data=50, temperature=temperature,
+        train_samples=3, seed=123,
+    )
     x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
     with ops.use_backend(backend):
         loss = post.loss(x, y)
         loss.backward()
-    expected, leaves = hand_loss(post, x, y, step_seed(123, 0))
+    expected, leaves = hand_loss(post, x, y, step_seed(123, 0), temperature)
     expected.backward()
     torch.testing.assert_close(loss, expected)
     ours = [post.mu.get_parameter(n.replace(".", "/")).grad for n in post.names]
@@ -87,7 +96,7 @@ def test_reparameterised_gradient_matches_independent_autograd(backend, prior_me
 
 
 def test_gradient_matches_finite_differences_float64():
-    post = VI(mlp(torch.float64), "zero", 1.0, init_std=0.3, num_data=20, num_samples=2, seed=7)
+    post = VI(mlp(torch.float64), prior_mean="zero", prior_std=1.0, init_std=0.3, num_data=20, train_samples=2, seed=7)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
 
     def loss_at_step0():
@@ -121,10 +130,10 @@ def test_tiny_prior_std_keeps_pretrained_weights_and_zero_mean_pulls_to_zero():
     x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
     model = mlp()
     w0 = model[0].weight.detach().clone()
-    anchored = VI(model, "pretrained", 1e-3, init_std=1e-3, num_data=32, seed=0)
+    anchored = VI(model, prior_mean="pretrained", prior_std=1e-3, init_std=1e-3, num_data=32, seed=0)
     train(anchored, x, y)
     assert (anchored.mean()["0.weight"] - w0).abs().max() < 1e-2
-    shrunk = VI(model, "zero", 0.05, init_std=1e-3, num_data=32, seed=0)
+    shrunk = VI(model, prior_mean="zero", prior_std=0.05, init_std=1e-3, num_data=32, seed=0)
     train(shrunk, x, y)
     assert shrunk.mean()["0.weight"].norm() < 0.2 * w0.norm()
 
@@ -139,7 +148,10 @@ def test_initialisation_and_deterministic_samples():
     a, b = post.sample(4), post.sample(4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["0.weight"], post.sample(5)["0.weight"])
-    assert torch.equal(a["2.weight"], model[2].weight)  # point estimates are returned unchanged
+    assert set(a) == {"0.weight", "0.bias"}  # the Bayesian tensors only
+    fixed = post.fixed_tensors()
+    assert set(fixed) == {"2.weight", "2.bias"}
+    assert torch.equal(fixed["2.weight"], model[2].weight)  # point estimates are returned unchanged
     eps = (a["0.weight"] - model[0].weight) / 0.01
     torch.testing.assert_close(eps, philox.normal(3, 0, 15, 4).view(5, 3), rtol=1e-3, atol=1e-3)
 
@@ -163,13 +175,13 @@ def test_batchnorm_running_stats_update_on_the_wrapper_only():
     before, ids = snapshot(model), {n: id(p) for n, p in model.named_parameters()}
     post = VI(model, num_data=10, seed=0).train()
     post.loss(torch.randn(8, 3) + 3, torch.randint(0, 2, (8,))).backward()
-    stats = post.sample(0)
+    stats = post.fixed_tensors()
     assert not torch.allclose(stats["1.running_mean"], before["1.running_mean"])
     assert int(stats["1.num_batches_tracked"]) == 1
     post.eval()
     assert not model.training
     post.loss(torch.randn(8, 3), torch.randint(0, 2, (8,)))
-    assert int(post.sample(0)["1.num_batches_tracked"]) == 1
+    assert int(post.fixed_tensors()["1.num_batches_tracked"]) == 1
     assert_unchanged(model, before, ids)
 
 
@@ -189,7 +201,7 @@ def test_state_dict_round_trip_resumes_training_identically():
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
 
     def make(seed):
-        post = VI(mlp(), init_std=0.1, num_data=10, num_samples=2, seed=seed)
+        post = VI(mlp(), init_std=0.1, num_data=10, train_samples=2, seed=seed)
         opt = torch.optim.SGD(post.parameters(), lr=0.1, momentum=0.9)
         return post, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
 
@@ -222,13 +234,13 @@ def test_state_dict_round_trip_resumes_training_identically():
         ({"init_std": -1.0}, "init_std"),
         ({"prior_std": 0.0}, "prior_std"),
         ({"num_data": 0}, "num_data"),
-        ({"num_samples": 0}, "num_samples"),
-        ({"kl_weight": -1.0}, "kl_weight"),
+        ({"train_samples": 0}, "train_samples"),
+        ({"temperature": -1.0}, "temperature"),
         ({"likelihood": "poisson"}, "likelihood"),
     ],
 )
 def test_bad_arguments_are_rejected_by_name(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
         VI(mlp(), **{"num_data": 10, **kwargs})
 
 

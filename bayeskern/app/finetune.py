@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prior-std", type=float, default=1.0,
         help="prior standard deviation sp (VI, MC-dropout, SGLD); Laplace searches precisions from 1/sp^2 up")
     add("--vi-init-std", type=float, default=1e-3)
-    add("--vi-kl-weight", type=float, default=1.0, help="1 is the ELBO; below 1 tempers the posterior")
+    add("--vi-temperature", type=float, default=1.0, help="1 is the ELBO; below 1 a cold posterior")
     add("--vi-train-samples", type=int, default=1, help="weight samples per VI training step")
     add("--dropout-p", type=float, default=0.01, help="MC-dropout's drop probability of each weight")
     add("--dropout-mode", choices=("scale", "prior"), default="scale")
@@ -219,14 +219,44 @@ def _init_distributed(device: str) -> bool:
     return True
 
 
+APP_DEPENDENCIES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "scipy": "scipy",
+                    "torchvision": "torchvision", "timm": "timm"}
+"""Import name -> package of the ``bayeskern[app]`` extra (``import bayeskern`` needs none of them)."""
+
+
+def _missing_app_dependency(error: ImportError | None = None) -> str | None:
+    """The ``bayeskern[app]`` package that ``error`` (or, without one, a look-up that imports
+    nothing) finds missing; None if there is none."""
+    if error is not None:
+        name = error.name or getattr(error.__cause__, "name", None) or ""
+        return APP_DEPENDENCIES.get(name.partition(".")[0])
+    from importlib.util import find_spec
+
+    return next((package for module, package in APP_DEPENDENCIES.items() if find_spec(module) is None), None)
+
+
+def _report_missing(package: str) -> int:
+    print(f"bayeskern-finetune: error: {package} is not installed; the application needs its extra "
+          "dependencies: pip install 'bayeskern[app]'", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = _missing_app_dependency()
+    if missing is not None:
+        return _report_missing(missing)
     joined = _init_distributed(args.device)
     try:
         code = run(args)
         if joined:
             dist.barrier()  # no rank tears the group down while a peer is still in a collective
         return code
+    except ImportError as error:
+        missing = _missing_app_dependency(error)
+        if missing is None:
+            raise
+        return _report_missing(missing)
     except UsageError as error:
         print(f"bayeskern-finetune: error: {error}", file=sys.stderr)
         return 2

@@ -80,13 +80,13 @@ class Method:
         return self.pretrained_weights if self.pretrained_weights is not None else "pretrained"
 
     def param_groups(self, named: list[tuple[str, nn.Parameter]], lr: float) -> list[dict]:
-        """Two groups, so the (new) classifier head can take ``--lr-head``."""
+        """Two groups of named parameters, so the (new) classifier head can take ``--lr-head``."""
         head = set(self.backbone.classifier)
         is_head = [any(name.replace("/", ".").endswith(h) for h in head) for name, _ in named]
         lr_head = self.args.lr_head if self.args.lr_head is not None else lr
         groups = [
-            {"params": [p for (_, p), h in zip(named, is_head) if not h], "lr": lr},
-            {"params": [p for (_, p), h in zip(named, is_head) if h], "lr": lr_head},
+            {"params": [pair for pair, h in zip(named, is_head) if not h], "lr": lr},
+            {"params": [pair for pair, h in zip(named, is_head) if h], "lr": lr_head},
         ]
         return [g for g in groups if g["params"]]
 
@@ -206,9 +206,9 @@ class VariationalInference(_WeightPosteriorMethod):
 
     def build(self) -> nn.Module:
         a = self.args
-        return bk.VI(self.backbone.model, prior_mean=self.prior_mean, prior_std=a.prior_std, init_std=a.vi_init_std,
-                     num_data=self.num_data, kl_weight=a.vi_kl_weight, num_samples=a.vi_train_samples,
-                     new_params=self.backbone.new_params, seed=a.seed)
+        return bk.VI(self.backbone.model, prior_mean=self.prior_mean, new_params=self.backbone.new_params,
+                     prior_std=a.prior_std, init_std=a.vi_init_std, num_data=self.num_data,
+                     temperature=a.vi_temperature, train_samples=a.vi_train_samples, seed=a.seed)
 
 
 class MCDropoutMethod(_WeightPosteriorMethod):
@@ -225,9 +225,9 @@ class MCDropoutMethod(_WeightPosteriorMethod):
 
     def build(self) -> nn.Module:
         a = self.args
-        return bk.MCDropout(self.backbone.model, p=a.dropout_p, prior_mean=self.prior_mean, prior_std=a.prior_std,
-                            num_data=self.num_data, mode=a.dropout_mode, new_params=self.backbone.new_params,
-                            include_norm=a.dropout_norm, seed=a.seed)
+        return bk.MCDropout(self.backbone.model, p=a.dropout_p, mode=a.dropout_mode, include_norm=a.dropout_norm,
+                            prior_mean=self.prior_mean, new_params=self.backbone.new_params,
+                            prior_std=a.prior_std, num_data=self.num_data, seed=a.seed)
 
 
 class SGLD(Method):
@@ -241,7 +241,8 @@ class SGLD(Method):
         a, model = self.args, self.backbone.model
         self.start_from_map()
         optimizer = bk.BayesSGLD(
-            self.groups_with_prior_means(), lr=a.sgld_lr, num_data=self.num_data, prior_std=a.prior_std,
+            self.param_groups(list(model.named_parameters()), a.sgld_lr), lr=a.sgld_lr, num_data=self.num_data,
+            prior_mean=self.prior_mean, new_params=self.backbone.new_params, prior_std=a.prior_std,
             temperature=a.sgld_temperature, seed=a.seed,
         )
         steps = self.steps(a.sgld_epochs)
@@ -249,26 +250,13 @@ class SGLD(Method):
         if steps - burnin < a.sgld_thin:
             raise UsageError(f"SGLD keeps no sample: {steps} steps, {burnin} of burn-in, thinning {a.sgld_thin}; "
                              "raise --sgld-epochs or lower --sgld-burnin / --sgld-thin")
-        self.bank = bk.SampleBank(model, burnin=burnin, thin=a.sgld_thin,
-                                  max_samples=a.num_samples, rank_zero_only=True)
+        self.bank = bk.SampleBank(model, burnin=burnin, thin=a.sgld_thin, max_samples=a.num_samples,
+                                  seed=a.seed, rank_zero_only=True)
         net = self.parallel(model)
         self.train_supervised(
             model, {"model": model, "optimizer": optimizer, "bank": self.bank},
             lambda x, y: F.cross_entropy(net(x), y), optimizer, after_step=self.bank.update,
         )
-
-    def groups_with_prior_means(self) -> list[dict]:
-        """``param_groups`` at ``--sgld-lr``; with pretrained weights each group carries its prior means
-        (the pretrained tensors, zero for new parameters), not a snapshot of the MAP SGLD starts from."""
-        named = list(self.backbone.model.named_parameters())
-        groups = self.param_groups(named, self.args.sgld_lr)
-        if self.pretrained_weights is not None:
-            name_of, fresh = {id(p): n for n, p in named}, set(self.backbone.new_params)
-            for group in groups:
-                names = [name_of[id(p)] for p in group["params"]]
-                group["prior_mean"] = [p.new_zeros(p.shape) if n in fresh else self.pretrained_weights[n]
-                                       for n, p in zip(names, group["params"])]
-        return groups
 
     def predict(self, dataset: Dataset) -> Tensor:
         self.backbone.model.eval()
@@ -281,9 +269,9 @@ class Laplace(Method):
     def train(self) -> None:
         a, model = self.args, self.backbone.model
         self.start_from_map()
-        self.laplace = bk.DiagLaplace(model, likelihood="classification", prior_precision=a.laplace_prior_precision,
-                                      prior_mean=self.prior_mean, fisher=a.laplace_fisher, params=a.laplace_params,
-                                      new_params=self.backbone.new_params)
+        self.laplace = bk.DiagLaplace(model, likelihood="classification", params=a.laplace_params,
+                                      prior_mean=self.prior_mean, new_params=self.backbone.new_params,
+                                      prior_precision=a.laplace_prior_precision, fisher_type=a.laplace_fisher)
         model.eval()
         self.laplace.fit(self.eval_loader(self.loop.shard(self.splits.train)), progress=self.loop.show_progress)
         if a.laplace_optimize != "none":

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bayeskern import metrics, plots
+from bayeskern import metrics
+
+from .training import load_safely
 
 COLUMNS = ("error", "ece", "mce", "nll", "brier")
 
@@ -64,6 +66,8 @@ def write_outputs(run_dir: Path, config: dict, results: dict[str, MethodResult],
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"config": config, "methods": {name: asdict(r) for name, r in results.items()}}
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    from bayeskern import plots  # matplotlib, only when diagrams are drawn
+
     for name, probs in test_probs.items():
         plots.reliability_diagram(probs, test_targets, run_dir / f"reliability_{name}.png", title=name)
     if len(test_probs) > 1:
@@ -71,7 +75,8 @@ def write_outputs(run_dir: Path, config: dict, results: dict[str, MethodResult],
 
 
 def save_method_result(directory: Path, result: MethodResult, probs: dict[str, Tensor]) -> None:
-    """Keep a finished method's result so a resumed run does not redo it."""
+    """Keep a finished method's result so a resumed run does not redo it (plain dicts, floats and
+    tensors only: ``load_method_result`` reads it with ``weights_only=True``)."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({"result": asdict(result), "probs": probs}, directory / "result.pt")
 
@@ -80,5 +85,5 @@ def load_method_result(directory: Path) -> tuple[MethodResult, dict[str, Tensor]
     path = directory / "result.pt"
     if not path.exists():
         return None
-    payload = torch.load(path, weights_only=False)
+    payload = load_safely(path)  # weights_only: opening a run folder runs no pickled code
     return MethodResult(**payload["result"]), payload["probs"]

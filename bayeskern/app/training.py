@@ -3,7 +3,9 @@ per epoch, a checkpoint of everything stateful after every epoch, and resume.
 
 A resumed run continues as if never stopped: epoch ``e`` shuffles with seed ``seed + e``, and the
 checkpoint holds the posterior, optimizer, scheduler and sample bank states (the posteriors keep
-their Philox counters in their own state) plus torch's global RNG state.
+their Philox counters in their own state) plus torch's global RNG state.  It holds tensors and plain
+Python containers and scalars only, and is read back with ``torch.load(weights_only=True)``
+(``load_safely``), so opening a run folder cannot execute a pickle.
 
 Under ``torchrun`` (``torch.distributed`` initialised) each rank trains on its part of every epoch
 (``DistributedSampler``, epoch ``e`` shuffled with seed ``seed + e``; ``--batch-size`` is per rank),
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,23 @@ def _first_reason(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     telling = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
     return (telling or lines or [type(error).__name__])[0][:300]
+
+
+def load_safely(path: Path, map_location: torch.device | str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers/scalars only.  A file
+    holding anything else (which a full unpickle could turn into running code) raises UsageError
+    without being unpickled."""
+    try:
+        with warnings.catch_warnings():  # a plain pickle (no torch zip container) warns of its protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = str(error).partition("WeightsUnpickler error:")[2] or str(error)
+        reason = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__)
+        reason = reason.split(" was not an allowed global")[0]
+        raise UsageError(f"refusing to load {path}: it holds more than tensors and plain Python values "
+                         f"and unpickling it could run code ({reason[:200]}); delete it to start that part "
+                         "of the run over") from None
 
 
 class Interrupted(Exception):
@@ -100,7 +121,7 @@ class EpochLoop:
         """Load the checkpoint into ``state``; the first epoch still to run."""
         if not (self.resume and self.checkpoint_path.exists()):
             return 0
-        payload = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        payload = load_safely(self.checkpoint_path, map_location=self.device)
         try:
             for key, obj in state.items():
                 obj.load_state_dict(payload["state"][key])

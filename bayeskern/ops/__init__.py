@@ -1,8 +1,9 @@
 """The kernel boundary: bayeskern's hot paths as differentiable, compile-friendly custom ops.
 
 Each op has a PyTorch reference (the specification) and Triton / C++ (CPU SIMD, CUDA) kernels;
-``backend.resolve`` picks one per call (see ``use_backend``).  Noise is counter-based Philox keyed
-by (seed, offset + element index, stream), identical on every backend (``philox.py``).
+``backend.backend_for``, the one backend policy, picks one per call (see ``use_backend``).  Noise is
+counter-based Philox keyed by (seed, offset + element index, stream), identical on every backend
+(``philox.py``).
 """
 from . import noise, philox
 from .backend import BACKENDS, available_backends, use_backend
@@ -13,7 +14,7 @@ from .host_memory import retain_freed_memory
 from .fisher import reference_sq_grad_accumulate, sq_grad_accumulate
 from .kl import gaussian_kl, reference_gaussian_kl
 from .sample import gaussian_sample, reference_gaussian_sample
-from .sgld import first_nonfinite, reference_sgld_step_, sgld_step_
+from .sgld import first_nonfinite, reference_sgld_step_, sgld, sgld_step_
 
 __all__ = [
     "BACKENDS",
@@ -31,6 +32,7 @@ __all__ = [
     "reference_weight_dropout",
     "release_cached_memory",
     "retain_freed_memory",
+    "sgld",
     "sgld_step_",
     "sq_grad_accumulate",
     "use_backend",

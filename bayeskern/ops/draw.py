@@ -22,13 +22,12 @@ adds two gradients per parameter and dispatches 4K ops instead of 2.  The backwa
 noise, except the C++ CPU kernel on float32 VI tensors: it takes ``eps = (w - mu) / s`` from the drawn
 weights (saved from the forward; the layers that read them hold them anyway) over every SIMD step of
 64 elements whose ``|w| <= 256 s``, which differs from the regenerated eps by at most about
-``2^-16 + 2^-22 |eps|``.  On a CPU, Philox and Box-Muller are most of that backward's arithmetic
-(resnet18's parameters, in a training step: 8.3 -> 6.6 ms); on a GPU regenerating is the cheaper way.
-Elsewhere (float64, tensor-valued ``sp``, the ``reference`` backend, the C++ backend on CUDA) the
-per-tensor ops give the same values.  In eager mode the C++ CPU kernels are called through a plain
-``autograd.Function`` (``_Eager*``); the custom ops, which box every tensor list through the
-dispatcher and pytree each way (0.9 ms per forward and backward over resnet18's 62 tensors),
-serve Triton and torch.compile.
+``2^-16 + 2^-22 |eps|``.  On a CPU, Philox and Box-Muller are most of that backward's arithmetic; on
+a GPU regenerating is the cheaper way.  Where the fused kernels do not serve (``backend.POLICY``:
+float64, tensor-valued ``sp``, mixed dtypes or devices, the ``reference`` backend, the C++ backend
+on CUDA) the per-tensor ops give the same values.  In eager mode the C++ CPU kernels are called
+through a plain ``autograd.Function`` (``_Eager*``), skipping the custom ops' boxing of every tensor
+list through the dispatcher and pytree each way; the custom ops serve Triton and torch.compile.
 The prior term is float32 (float64 for float64 tensors): a sum over millions of weights overflows
 float16.
 """
@@ -42,21 +41,19 @@ import torch
 from torch import Tensor
 
 from . import philox
-from .backend import kernels, resolve
+from .backend import backend_for, kernels
 from .checks import check_floating, check_index, check_same_layout
 from .dropout import check_probability, weight_dropout
 from .kl import gaussian_kl
 from .sample import gaussian_sample
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 # -- VI ---------------------------------------------------------------------------------------------
 def _gaussian_forward_kernel(
     mus: list[Tensor], rhos: list[Tensor], prior_means: list[Optional[Tensor]], prior_stds: list[float],
     seed: Tensor, offsets: list[int], stream: int,
 ) -> tuple[list[Tensor], Tensor]:
-    return _kernels(mus[0]).gaussian_sample_kl(mus, rhos, prior_means, prior_stds, int(seed), offsets, stream)
+    kernel = _kernels("gaussian_sample_kl", mus[0])
+    return kernel.gaussian_sample_kl(mus, rhos, prior_means, prior_stds, int(seed), offsets, stream)
 
 
 _gaussian_sample_kl = torch.library.custom_op("bayeskern::gaussian_sample_kl", mutates_args=())(_gaussian_forward_kernel)
@@ -73,9 +70,11 @@ def _gaussian_backward_kernel(
 ) -> tuple[list[Tensor], list[Tensor]]:
     grads = [g.contiguous() for g in grads]
     args = (prior_means, prior_stds, int(seed), offsets, stream)
-    if _fused_backend(mus[0]) == "triton":
-        return _kernels(mus[0]).gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, *args)
-    return _kernels(mus[0]).gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, samples, *args)
+    backend = backend_for("gaussian_sample_kl_backward", mus[0])
+    kernel = kernels(backend, "gaussian_sample_kl_backward")
+    if backend == "triton":  # regenerates the noise: no samples
+        return kernel.gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, *args)
+    return kernel.gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, samples, *args)
 
 
 _gaussian_sample_kl_backward = torch.library.custom_op("bayeskern::gaussian_sample_kl_backward", mutates_args=())(
@@ -91,7 +90,7 @@ def _(grads, grad_kl, mus, rhos, samples, prior_means, prior_stds, seed, offsets
 def _setup_gaussian(ctx, inputs, output):
     mus, rhos, prior_means, prior_stds, seed, offsets, stream = inputs
     # the C++ CPU backward takes the noise from the samples (held by the layers that read them anyway)
-    samples = output[0] if _fused_backend(mus[0]) == "cpp" else []
+    samples = output[0] if backend_for("gaussian_sample_kl", mus[0]) == "cpp" else []
     _save(ctx, [*mus, *rhos, *samples], prior_means, seed)
     ctx.prior_stds, ctx.offsets, ctx.stream = prior_stds, offsets, stream
 
@@ -137,7 +136,8 @@ def _dropout_forward_kernel(
     mus: list[Tensor], p: float, fill_prior: bool, prior_means: list[Optional[Tensor]], prior_stds: list[float],
     seed: Tensor, offsets: list[int], stream: int,
 ) -> tuple[list[Tensor], Tensor]:
-    return _kernels(mus[0]).weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream)
+    kernel = _kernels("weight_dropout_l2", mus[0])
+    return kernel.weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream)
 
 
 _weight_dropout_l2 = torch.library.custom_op("bayeskern::weight_dropout_l2", mutates_args=())(_dropout_forward_kernel)
@@ -152,7 +152,7 @@ def _dropout_backward_kernel(
     grads: list[Tensor], grad_l2: Tensor, mus: list[Tensor], p: float, fill_prior: bool,
     prior_means: list[Optional[Tensor]], prior_stds: list[float], seed: Tensor, offsets: list[int], stream: int,
 ) -> list[Tensor]:
-    return _kernels(mus[0]).weight_dropout_l2_backward(
+    return _kernels("weight_dropout_l2_backward", mus[0]).weight_dropout_l2_backward(
         [g.contiguous() for g in grads], grad_l2, mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream
     )
 
@@ -203,27 +203,15 @@ class _EagerWeightDropoutL2(torch.autograd.Function):
 
 
 # -- shared machinery -------------------------------------------------------------------------------
-def _fused_backend(t: Tensor) -> str | None:
-    """The backend whose fused kernels serve tensors like ``t``: Triton, or the C++ CPU kernels (the
-    CUDA build has none); None where the per-tensor ops must serve."""
-    backend = resolve(t)
-    if backend == "triton" or (backend == "cpp" and t.device.type == "cpu"):
-        return backend
-    return None
+def _kernels(op: str, t: Tensor):
+    """The namespace of the fused kernel ``op`` serving tensors like ``t`` (once the fused path is taken)."""
+    return kernels(backend_for(op, t), op)
 
 
-def _eager_cpp(t: Tensor) -> bool:
-    """Whether the fused draw of tensors like ``t`` runs eagerly on the C++ CPU kernels (under
+def _eager(backend: str) -> bool:
+    """Whether the fused draw runs eagerly on the C++ CPU kernels, past the custom-op layer (under
     torch.compile the custom ops keep the draw traceable)."""
-    return _fused_backend(t) == "cpp" and not torch.compiler.is_compiling()
-
-
-def _kernels(t: Tensor):
-    if _fused_backend(t) == "triton":
-        from bayeskern.kernels import draw
-
-        return draw
-    return kernels("cpp")
+    return backend == "cpp" and not torch.compiler.is_compiling()
 
 
 def _save(ctx, tensors: list[Tensor], prior_means: list[Tensor | None], seed: Tensor) -> None:
@@ -263,20 +251,15 @@ def _check_lists(mus, prior_means, prior_stds, offsets, stream, **paired: Sequen
     check_index(stream, "stream")
 
 
-def _kernel_args(mus, prior_means, prior_stds, seed: Tensor, offsets, stream) -> tuple | None:
-    """The fused kernel's list arguments, or None where the per-tensor ops must serve."""
-    first = mus[0]
-    serves = (
-        first.dtype in _KERNEL_DTYPES
-        and all(t.dtype == first.dtype and t.device == first.device for t in (*mus, *(m for m in prior_means if m is not None)))
-        and not any(isinstance(sp, Tensor) for sp in prior_stds)
-        and _fused_backend(first) is not None
-    )
-    if not serves:
-        return None
+def _kernel_args(op: str, mus, prior_means, prior_stds, seed: Tensor, offsets, stream) -> tuple[str, tuple | None]:
+    """The backend serving ``op`` and the fused kernel's list arguments (None where the per-tensor
+    ops serve)."""
+    backend = backend_for(op, mus[0], tensors=[*mus, *(m for m in prior_means if m is not None)], prior_stds=prior_stds)
+    if backend == "reference":
+        return backend, None
     philox.check_key(int(seed), max(o + mu.numel() for o, mu in zip(offsets, mus)), stream)
     means = [None if m is None else m.contiguous() for m in prior_means]
-    return means, [float(sp) for sp in prior_stds], seed, list(offsets), stream
+    return backend, (means, [float(sp) for sp in prior_stds], seed, list(offsets), stream)
 
 
 def _term_dtype(t: Tensor) -> torch.dtype:
@@ -301,10 +284,10 @@ def gaussian_sample_kl(
     """
     _check_lists(mus, prior_means, prior_stds, offsets, stream, rhos=rhos)
     seed = philox.seed_tensor(seed)
-    fused = _kernel_args(mus, prior_means, prior_stds, seed, offsets, stream)
+    backend, fused = _kernel_args("gaussian_sample_kl", mus, prior_means, prior_stds, seed, offsets, stream)
     if fused is not None:
         mus, rhos = [mu.contiguous() for mu in mus], [rho.contiguous() for rho in rhos]
-        if _eager_cpp(mus[0]):
+        if _eager(backend):
             *samples, kl = _EagerGaussianSampleKL.apply(fused, *mus, *rhos)
             return samples, kl
         samples, kl = _gaussian_sample_kl(mus, rhos, *fused)
@@ -334,10 +317,10 @@ def weight_dropout_l2(
     check_probability(p)
     _check_lists(mus, prior_means, prior_stds, offsets, stream)
     seed = philox.seed_tensor(seed)
-    fused = _kernel_args(mus, prior_means, prior_stds, seed, offsets, stream)
+    backend, fused = _kernel_args("weight_dropout_l2", mus, prior_means, prior_stds, seed, offsets, stream)
     if fused is not None:
         mus = [mu.contiguous() for mu in mus]
-        if _eager_cpp(mus[0]):
+        if _eager(backend):
             *samples, l2 = _EagerWeightDropoutL2.apply((float(p), fill_prior, *fused), *mus)
             return samples, l2
         samples, l2 = _weight_dropout_l2(mus, float(p), fill_prior, *fused)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import requested_backend, resolve
+from .backend import backend_for, kernels
 
 CHUNK_ELEMENTS = 2**22  # the reference materialises at most this many per-example gradient entries
 PAIR_MAX_POSITIONS = 8
@@ -82,25 +82,13 @@ def reference_sq_grad_accumulate(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor
     return _per_example_tiles(fisher, g, a)
 
 
-def _backend(g: Tensor) -> str:
-    """Triton for position axes on CUDA (or when forced); the reference otherwise (there is no C++
-    kernel, so deciding needs no extension build)."""
-    if g.dim() == 2 or g.shape[1] == 1:
-        return "reference"
-    forced = requested_backend()
-    if forced == "triton" or (forced is None and g.device.type == "cuda"):
-        return resolve(g)
-    return "reference"
-
-
 @torch.library.custom_op("bayeskern::sq_grad_accumulate", mutates_args=("fisher",))
 def _sq_grad_accumulate(fisher: Tensor, g: Tensor, a: Tensor) -> None:
-    if _backend(g) == "triton":
-        from bayeskern.kernels import fisher as triton_fisher
-
-        triton_fisher.sq_grad_accumulate(fisher, _as_sequence(g), _as_sequence(a))
-    else:
+    backend = backend_for("sq_grad_accumulate", g)
+    if backend == "reference":
         reference_sq_grad_accumulate(fisher, g, a)
+    else:
+        kernels(backend, "sq_grad_accumulate").sq_grad_accumulate(fisher, _as_sequence(g), _as_sequence(a))
 
 
 @_sq_grad_accumulate.register_fake

@@ -5,8 +5,8 @@ to the kernel once it exceeds the trim threshold (twice the largest recently fre
 blocks above the mmap threshold (at most 32 MiB) are mapped and unmapped one by one.  Memory handed
 back is faulted in again, zeroed page by page, when the next step allocates it.  A VI or
 MC-dropout step frees the gradients of its drawn weights (as large as the network) at the end of
-every backward, which leaves that much free at the top of the heap: on resnet18 (11.7M weights,
-batch 32) glibc then trimmed and faulted in 2,300-4,600 pages every step, a deterministic step none.
+every backward, which leaves that much free at the top of the heap, so glibc trims it and the next
+step faults it in again.
 
 ``retain_freed_memory`` fixes both thresholds, so blocks up to 32 MiB come from the heap and up to
 ``trim_threshold_mb`` of freed memory stays in the process.  It is process-wide and one call is

@@ -5,10 +5,10 @@ with ``s = softplus(rho)``; gradients ``dKL/dmu = (mu - m0) / sp^2`` and
 ``dKL/drho = (s / sp^2 - 1 / s) * sigmoid(rho)``.
 
 The C++ CPU kernel (``csrc/cpu/kl_kernels.cpp``) makes one pass each way for float32 tensors, a
-scalar ``sp`` and ``m0`` either absent (zero) or a tensor of ``mu``'s layout; everything else (other
-devices and dtypes, tensor ``sp``, the ``reference`` backend) runs the differentiable reference.
-Eager PyTorch spends most of its time in ``softplus``, which is not vectorised on CPU (about 10x the
-cost of ``exp``).  The kernel flushes ``s`` below the smallest normal float32 (``rho < -87``) to it.
+scalar ``sp`` and ``m0`` either absent (zero) or a tensor of ``mu``'s layout (``backend.POLICY``);
+everything else (other devices and dtypes, tensor ``sp``, the ``reference`` backend) runs the
+differentiable reference, whose time goes mostly to ``softplus`` (not vectorised on CPU).  The
+kernel flushes ``s`` below the smallest normal float32 (``rho < -87``) to it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import kernels, resolve
+from .backend import backend_for, kernels
 from .checks import check_floating, check_same_layout
 
 
@@ -33,7 +33,8 @@ def reference_gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None = N
 
 @torch.library.custom_op("bayeskern::gaussian_kl", mutates_args=())
 def _gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Optional[Tensor], prior_std: float) -> Tensor:
-    return kernels("cpp").gaussian_kl(mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
+    kernel = kernels("cpp", "gaussian_kl")
+    return kernel.gaussian_kl(mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
 
 
 @_gaussian_kl.register_fake
@@ -45,7 +46,8 @@ def _(mu, rho, prior_mean, prior_std):
 def _gaussian_kl_backward(
     grad: Tensor, mu: Tensor, rho: Tensor, prior_mean: Optional[Tensor], prior_std: float
 ) -> tuple[Tensor, Tensor]:
-    return kernels("cpp").gaussian_kl_backward(grad, mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
+    kernel = kernels("cpp", "gaussian_kl_backward")
+    return kernel.gaussian_kl_backward(grad, mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
 
 
 @_gaussian_kl_backward.register_fake
@@ -72,16 +74,6 @@ def _backward(ctx, grad):
 _gaussian_kl.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _kernel_serves(mu: Tensor, prior_mean: Tensor | None, prior_std: float | Tensor) -> bool:
-    return (
-        mu.device.type == "cpu"
-        and mu.dtype == torch.float32
-        and not isinstance(prior_std, Tensor)
-        and (prior_mean is None or (prior_mean.shape == mu.shape and prior_mean.dtype == mu.dtype and prior_mean.device == mu.device))
-        and resolve(mu) == "cpp"
-    )
-
-
 def gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None = None, prior_std: float | Tensor = 1.0) -> Tensor:
     """``KL(N(mu, softplus(rho)^2) || N(prior_mean, prior_std^2))`` summed over elements (a 0-d tensor).
 
@@ -92,6 +84,6 @@ def gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None = None, prior
     check_same_layout(mu, rho, "mu", "rho")
     if not isinstance(prior_std, Tensor) and not (math.isfinite(prior_std) and prior_std > 0):
         raise ValueError(f"prior_std must be positive, got {prior_std!r}")
-    if _kernel_serves(mu, prior_mean, prior_std):
+    if backend_for("gaussian_kl", mu, prior_mean=prior_mean, prior_std=prior_std) == "cpp":
         return _gaussian_kl(mu, rho, prior_mean, float(prior_std))
     return reference_gaussian_kl(mu, rho, prior_mean, prior_std)

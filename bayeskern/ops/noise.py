@@ -49,8 +49,8 @@ def gaussian(mean: Tensor, std: Tensor, seed: int | Tensor, offset: int = 0, *, 
     """``mean + std * eps`` (eps = ``normal(mean.shape, seed, offset, stream=stream)``), not differentiable.
 
     A posterior sample for prediction: with ``std`` computed once for all samples, it is the same
-    draw as ``gaussian_sample(mean, rho, ...)`` with ``std = softplus(rho)`` (up to rounding) at about
-    3/4 of its cost on CPU, where the softplus of every weight weighs as much as the noise.
+    draw as ``gaussian_sample(mean, rho, ...)`` with ``std = softplus(rho)`` (up to rounding) without
+    its softplus per weight, which on CPU weighs as much as the noise.
     """
     check_floating(mean, "mean")
     check_same_layout(mean, std, "mean", "std")

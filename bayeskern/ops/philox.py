@@ -133,3 +133,18 @@ def normal(seed: int, offset: int, numel: int, stream: int = 0, device=None) -> 
     n2, n3 = box_muller(w2, w3)
     per_block = torch.stack((n0, n1, n2, n3), dim=1).to(torch.float32)
     return _select(per_block, offset, numel)
+
+
+def tensor_span(numel: int) -> int:
+    """Elements of the counter space a tensor of ``numel`` elements takes: whole Philox blocks of 4,
+    so that one block never straddles two tensors."""
+    return -(-numel // 4) * 4
+
+
+def tensor_offsets(shapes: "list[torch.Size] | tuple[torch.Size, ...]") -> list[int]:
+    """Where each of several tensors starts in the counter space: cumulative ``tensor_span``."""
+    offsets, start = [], 0
+    for shape in shapes:
+        offsets.append(start)
+        start += tensor_span(math.prod(shape))
+    return offsets

@@ -1,29 +1,41 @@
-"""The fused stochastic-gradient Langevin update, in place over every tensor of a parameter group.
+"""Stochastic-gradient Langevin dynamics: the update, and its three implementations side by side.
 
 For each element of a parameter theta with gradient g (of the mean minibatch loss) and prior mean
 theta0 (zero when ``prior_means`` is empty), in float32 for fp32/fp16/bf16 tensors (float64 for
-float64), with lam = 1 / (N sp^2) and s = sqrt(2 lr T / N):
+float64), with lam = 1 / (N sp^2) and s = sqrt(2 lr T / N) (N training examples, prior std sp,
+temperature T):
 
     g_tot = g + lam * (theta - theta0)
     SGLD:   theta <- (theta - lr * g_tot) + s * xi
     pSGLD:  v <- alpha * v + (1 - alpha) * g_tot^2,   G = 1 / (eps + sqrt(v))        (square_avgs given)
             theta <- (theta - lr * (G * g_tot)) + (s * sqrt(G)) * xi
 
-xi is the Philox normal of (seed, offsets[i] + element index, stream = step) (``philox.py``), so a
-run resumed from a checkpoint draws exactly the noise of the uninterrupted run.  The pSGLD form is Li
-et al. (2016) without the Gamma (divergence of G) correction term.  When s = 0 (temperature 0) no
-noise is drawn: the update is gradient descent on the MAP objective.
+xi is the Philox normal of (seed, offsets[i] + element index, stream = step) (``philox.py``; lay
+tensors out with ``philox.tensor_offsets``), so a run resumed from a checkpoint draws exactly the
+noise of the uninterrupted run.  The pSGLD form is Li et al. (2016) without the Gamma (divergence
+of G) correction term.  When s = 0 (temperature 0) no noise is drawn: the update is gradient descent
+on the MAP objective.
+
+The implementations, all of this update (``sgld(...)`` picks one, as ``BayesSGLD``'s
+``foreach`` / ``fused`` flags ask):
+
+* ``reference_sgld_step_`` -- the specification, one tensor at a time in plain PyTorch;
+* ``_multi_tensor_sgld``  -- ``torch._foreach`` ops per (device, dtype) bucket, the noise from
+  ``noise.normal`` (the fastest backend's Philox);
+* ``sgld_step_``          -- the fused kernel over a whole bucket (Triton, or the C++ CPU / CUDA
+  kernels; the backend policy of ``backend.py`` chooses).
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from . import philox
-from .backend import kernels, resolve
+from . import noise, philox
+from .backend import backend_for, kernels
 from .checks import check_index, check_same_layout
 
 
@@ -56,14 +68,6 @@ def reference_sgld_step_(
         theta.copy_(t)
 
 
-def _kernel_module(backend: str):
-    if backend == "triton":
-        from bayeskern.kernels import sgld
-
-        return sgld
-    return kernels(backend)
-
-
 @torch.library.custom_op("bayeskern::sgld_step_", mutates_args=("params", "square_avgs"))
 def _sgld_step_(
     params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor],
@@ -72,14 +76,14 @@ def _sgld_step_(
 ) -> None:
     key = int(seed)
     hyper = (lr, prior_precision, noise_scale, alpha, eps)
-    backend = resolve(params[0])
+    backend = backend_for("sgld_step_", params[0])
     if backend == "reference":
         reference_sgld_step_(params, grads, prior_means, square_avgs, *hyper, key, step, offsets)
         return
     # the kernels expect dense tensors; strided parameters are updated through a copy
     work = [p.contiguous() for p in params]
     work_avgs = [v.contiguous() for v in square_avgs]
-    _kernel_module(backend).sgld_step_(
+    kernels(backend, "sgld_step_").sgld_step_(
         work, [g.contiguous() for g in grads], [m.contiguous() for m in prior_means], work_avgs,
         *hyper, key, step, offsets,
     )
@@ -116,9 +120,6 @@ def _check_lists(params, grads, prior_means, square_avgs, offsets) -> None:
         philox.check_key(0, offsets[i] + theta.numel(), 0)
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor holding a NaN or an infinity, or None when all are finite.
 
@@ -128,8 +129,8 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     tensors = [t for t in tensors]
     if not tensors:
         return None
-    if all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors) and resolve(tensors[0]) == "cpp":
-        index = kernels("cpp").first_nonfinite(tensors)
+    if backend_for("first_nonfinite", tensors[0], tensors=tensors) == "cpp":
+        index = kernels("cpp", "first_nonfinite").first_nonfinite(tensors)
         return None if index < 0 else index
     device = tensors[0].device
     bounds = torch.stack([
@@ -175,8 +176,9 @@ def sgld_step_(
 
     All tensors share one dtype and device; ``grads``, ``prior_means`` (None: zero prior mean) and
     ``square_avgs`` (None: no preconditioner; updated in place) match ``params`` one to one.
-    ``offsets[i]`` places tensor i in the Philox counter space (give tensors disjoint ranges) and
-    ``step`` is the noise stream.  See the module docstring for the exact update.
+    ``offsets[i]`` places tensor i in the Philox counter space (give tensors disjoint ranges, as
+    ``philox.tensor_offsets`` does) and ``step`` is the noise stream.  See the module docstring for
+    the exact update.
     """
     params, grads, offsets = list(params), list(grads), [int(o) for o in offsets]
     prior_means, square_avgs = list(prior_means or []), list(square_avgs or [])
@@ -192,3 +194,75 @@ def sgld_step_(
             params, grads, prior_means, square_avgs, float(lr), prior_precision, noise_scale, float(alpha), float(eps),
             philox.seed_tensor(seed), step, offsets,
         )
+
+
+# -- the functional step and the foreach implementation ---------------------------------------------
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _buckets(params: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(p.device, p.dtype)].append(i)
+    return buckets
+
+
+def sgld(
+    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor], *,
+    lr: float, num_data: float, prior_std: float, temperature: float, alpha: float, eps: float,
+    seed: int, step: int, offsets: list[int], foreach: bool | None = None, fused: bool | None = None,
+) -> None:
+    """Functional SGLD step (see the module docstring); picks the fused kernel, foreach or reference path.
+
+    The fused kernel unless ``foreach`` (or ``fused=False``) asks otherwise; ``foreach=False,
+    fused=False`` runs the reference.  Tensors may mix devices and dtypes (each (device, dtype)
+    bucket is one update).  ``prior_means`` / ``square_avgs`` are empty for a zero prior mean / no
+    preconditioner.
+    """
+    if fused or (fused is None and not foreach):
+        for idx in _buckets(params).values():
+            pick = lambda xs: [xs[i] for i in idx] if xs else None  # noqa: E731
+            sgld_step_(
+                pick(params), pick(grads), pick(prior_means), pick(square_avgs), lr=lr, num_data=num_data,
+                prior_std=prior_std, temperature=temperature, alpha=alpha, eps=eps, seed=seed, step=step,
+                offsets=pick(offsets),
+            )
+        return
+    prior_precision = 1.0 / (num_data * prior_std**2)
+    noise_scale = (2.0 * lr * temperature / num_data) ** 0.5
+    impl = _multi_tensor_sgld if foreach else reference_sgld_step_
+    impl(params, grads, prior_means, square_avgs, lr, prior_precision, noise_scale, alpha, eps, seed, step, offsets)
+
+
+def _multi_tensor_sgld(
+    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor],
+    lr: float, prior_precision: float, noise_scale: float, alpha: float, eps: float,
+    seed: int, step: int, offsets: list[int],
+) -> None:
+    """The update with ``torch._foreach`` ops, per device and dtype, in float32 (float64 for float64)."""
+    for idx in _buckets(params).values():
+        ps = [params[i] for i in idx]
+        low = ps[0].dtype in _LOW_PRECISION
+        up = (lambda xs: [xs[i].float() for i in idx]) if low else (lambda xs: [xs[i] for i in idx])
+        theta = up(params)
+        diff = torch._foreach_sub(theta, up(prior_means)) if prior_means else theta
+        g_tot = torch._foreach_add(up(grads), diff, alpha=prior_precision)
+        if square_avgs:
+            v = up(square_avgs)
+            torch._foreach_mul_(v, alpha)
+            torch._foreach_addcmul_(v, g_tot, g_tot, value=1.0 - alpha)
+            precond = torch._foreach_sqrt(v)
+            torch._foreach_add_(precond, eps)
+            torch._foreach_reciprocal_(precond)
+            torch._foreach_mul_(g_tot, precond)
+        torch._foreach_add_(theta, g_tot, alpha=-lr)
+        if noise_scale != 0.0:
+            xi = [noise.normal(p.shape, seed, offsets[i], stream=step, device=p.device).to(theta[0].dtype) for i, p in zip(idx, ps)]
+            if square_avgs:
+                torch._foreach_sqrt_(precond)
+                torch._foreach_mul_(xi, precond)
+            torch._foreach_add_(theta, xi, alpha=noise_scale)
+        if low:
+            torch._foreach_copy_(ps, theta)
+            if square_avgs:
+                torch._foreach_copy_([square_avgs[i] for i in idx], v)

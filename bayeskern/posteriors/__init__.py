@@ -1,5 +1,5 @@
-"""The posterior families; each obeys ``base.Posterior`` so predict, checkpoints and the CLI treat them alike."""
-from .base import Posterior
+"""The posterior families; each obeys ``bayeskern.protocol.Posterior`` so predict, checkpoints and the CLI treat them alike."""
+from ..protocol import Posterior
 from .laplace import DiagLaplace
 from .mc_dropout import MCDropout
 from .prior import GaussianPrior

@@ -1,30 +1,31 @@
 """Diagonal Laplace approximation around a trained network.
 
 With theta* the network's weights when ``fit`` runs (the MAP), theta0 the prior mean, prior
-precision lambda (isotropic, ``sp = lambda^-1/2``) and temperature T:
+precision lambda (isotropic: ``prior_precision = 1 / prior_std**2`` of the other methods) and
+temperature T (the target is the tempered posterior ``p(theta | D)^(1/T)``, docs/vocabulary.md):
 
 * curvature ``F = sum_n g_n^2`` over the training set, ``g_n`` the gradient of example n's negative
-  log-likelihood, with the true label (``fisher="empirical"``) or a label drawn from the model's
-  own predictive (``fisher="mc"``: an unbiased estimate of the diagonal of the GGN);
-* posterior ``q(theta) = N(theta*, diag(1 / P))``, ``P = F / T + lambda``;
-* sample s: ``theta* + eps_s / sqrt(P)``, ``eps_s`` the Philox normals of (seed, element offset,
-  stream = s) -- drawn through ``ops.noise.gaussian`` with ``P^-1/2`` computed once for all samples;
-* log marginal likelihood (Laplace evidence, the tempered likelihood ``log p(D | theta*) / T``)::
+  log-likelihood, with the true label (``fisher_type="empirical"``) or a label drawn from the model's
+  own predictive (``fisher_type="mc"``: an unbiased estimate of the diagonal of the GGN);
+* posterior ``q(theta) = N(theta*, diag(T / H))``, ``H = F + lambda`` the diagonal curvature of the
+  negative log joint; ``posterior_precision = H / T``;
+* sample s: ``theta* + eps_s * sqrt(T / H)``, ``eps_s`` the Philox normals of (seed, element offset,
+  stream = s) -- drawn through ``ops.noise.gaussian`` with the std computed once for all samples;
+* log marginal likelihood of the model (the Laplace evidence; it does not depend on T)::
 
-      log Z(lambda) = log p(D | theta*) / T - lambda/2 ||theta* - theta0||^2
-                      + (D/2) log lambda - 1/2 sum log P
+      log Z(lambda) = log p(D | theta*) - lambda/2 ||theta* - theta0||^2
+                      + (D/2) log lambda - 1/2 sum log(F + lambda)
 
   (D Bayesian weights); concave in ``log lambda``, maximised by bisection on its derivative
-  ``-lambda/2 ||theta* - theta0||^2 + D/2 - 1/2 sum lambda / P``.
+  ``-lambda/2 ||theta* - theta0||^2 + D/2 - 1/2 sum lambda / (F + lambda)``.
 
 Data parallel (``torch.distributed``): give each rank its shard (e.g. a ``DistributedSampler``) and
 call ``fit`` on every rank with the same (unwrapped) model; F, ``log p(D | theta*)`` and the example
 count are sums over examples, so each rank accumulates its shard and they are all-reduced (summed) once
 at the end: every rank then holds the posterior of the whole data set.  A default seed is rank 0's,
-broadcast; the ``fisher="mc"`` label draws use a per-rank generator (rank 0's is the single-process one).
+broadcast; the ``fisher_type="mc"`` label draws use a per-rank generator (rank 0's is the single-process one).
 
-Negative log-likelihoods: classification ``-log softmax(f)_y``; regression Gaussian with std
-``sigma_noise``: ``(f - y)^2 / (2 sigma^2) + log(2 pi sigma^2) / 2`` per output.
+Negative log-likelihoods: ``bayeskern.likelihoods`` (regression: Gaussian with std ``noise_std``).
 """
 from __future__ import annotations
 
@@ -34,17 +35,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..curvature import squared_gradients
 from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, shared_seed
+from ..likelihoods import LIKELIHOODS, negative_log_likelihood
 from ..ops import noise, philox
+from ..predictive import predict
+from ..validation import check_choice, check_count, check_nonnegative, check_positive
 from .prior import GaussianPrior, PriorMean
 from .selection import ParamSelection
-from .wrapper import LIKELIHOODS, check_positive, philox_offsets
 
-FISHERS = ("empirical", "mc")
+FISHER_TYPES = ("empirical", "mc")
 METHODS = ("marglik", "val_nll")
 LOG_LAMBDA_RANGE = (-12 * math.log(10), 12 * math.log(10))  # marglik search interval for log lambda
 
@@ -52,56 +54,52 @@ LOG_LAMBDA_RANGE = (-12 * math.log(10), 12 * math.log(10))  # marglik search int
 class DiagLaplace:
     """Diagonal Laplace posterior over the selected parameters of ``model`` (see the module docstring).
 
-    Args:
+    Args (docs/vocabulary.md):
         model: any ``nn.Module``, trained (its current weights are theta*); never modified.
         likelihood: ``"classification"`` (cross-entropy on logits) or ``"regression"`` (Gaussian).
+        params, include_bias, include_norm: which parameters are Bayesian (``select_parameters``;
+            ``"last_layer"`` works).
+        prior_mean, new_params: theta0 (``GaussianPrior``; default the weights at construction).
         prior_precision: lambda > 0 (``optimize_prior_precision`` tunes it).
-        prior_mean: theta0: None (zero), ``"pretrained"`` (snapshot at construction) or a mapping.
-        fisher: ``"empirical"`` (true labels) or ``"mc"`` (labels sampled from the model).
-        params, new_params, include_bias, include_norm: which parameters are Bayesian and which get
-            a zero prior mean (``select_parameters``, ``GaussianPrior``); ``"last_layer"`` works.
-        temperature: T > 0, divides the likelihood (and F).
-        sigma_noise: observation-noise std of the regression likelihood.
-        seed: Philox seed of the samples (default: drawn from torch's global generator; rank 0's
-            under ``torch.distributed``, so every rank must construct the posterior).
+        temperature: T >= 0 (module docstring; 0 puts every sample at theta*).
+        noise_std: observation-noise std of the regression likelihood.
+        fisher_type: ``"empirical"`` (true labels) or ``"mc"`` (labels sampled from the model).
+        seed: Philox seed of the samples (None: drawn on rank 0 and broadcast, so every rank must
+            construct the posterior).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str = "classification",
-        prior_precision: float = 1.0,
-        prior_mean: PriorMean | None = None,
-        fisher: str = "empirical",
-        params: ParamSelection = None,
-        temperature: float = 1.0,
-        sigma_noise: float = 1.0,
         *,
-        new_params: str | Sequence[str] | None = None,
+        likelihood: str = "classification",
+        params: ParamSelection = None,
         include_bias: bool = True,
         include_norm: bool = True,
+        prior_mean: PriorMean = "pretrained",
+        new_params: str | Sequence[str] | None = None,
+        prior_precision: float = 1.0,
+        temperature: float = 1.0,
+        noise_std: float = 1.0,
+        fisher_type: str = "empirical",
         seed: int | None = None,
     ) -> None:
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
         self.model = model
-        self.likelihood = likelihood
-        self.fisher_type = fisher
+        self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
+        self.fisher_type = check_choice(fisher_type, "fisher_type", FISHER_TYPES)
         self.prior_precision = prior_precision
-        self.temperature = check_positive(temperature, "temperature")
-        self.sigma_noise = check_positive(sigma_noise, "sigma_noise")
+        self.temperature = temperature
+        self.noise_std = check_positive(noise_std, "noise_std")
         self.prior = GaussianPrior(
-            model, "zero" if prior_mean is None else prior_mean, 1.0, params=params, new_params=new_params,
-            include_bias=include_bias, include_norm=include_norm,
+            model, params=params, include_bias=include_bias, include_norm=include_norm,
+            prior_mean=prior_mean, new_params=new_params,
         )
         self.names: list[str] = list(self.prior.names)
         model_params = dict(model.named_parameters())
-        self.offsets = dict(zip(self.names, philox_offsets([model_params[n].shape for n in self.names])))
+        self.offsets = dict(zip(self.names, philox.tensor_offsets([model_params[n].shape for n in self.names])))
         if seed is None:
             seed = shared_seed()
-        philox.check_key(seed, 0)
+        philox.check_key(check_count(seed, "seed", 0), 0)
         self.seed = seed
         self._fisher: dict[str, Tensor] | None = None
         self._map: dict[str, Tensor] = {}
@@ -118,15 +116,19 @@ class DiagLaplace:
         self._prior_precision = check_positive(value, "prior_precision")
         self._std: dict[str, Tensor] | None = None  # std(), computed once for all samples
 
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = check_nonnegative(value, "temperature")
+        self._std = None
+
     # -- fitting -------------------------------------------------------------------------------
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
-        """Summed negative log-likelihood of a batch."""
-        output = output.float()
-        if self.likelihood == "classification":
-            return F.cross_entropy(output, target, reduction="sum")
-        variance = self.sigma_noise**2
-        squared = (output - target.reshape(output.shape).to(output.dtype)).square().sum()
-        return squared / (2 * variance) + output.numel() * 0.5 * math.log(2 * math.pi * variance)
+        """Summed negative log-likelihood of a batch (``bayeskern.likelihoods``)."""
+        return negative_log_likelihood(output, target, self.likelihood, self.noise_std, reduction="sum")
 
     def _label_sampler(self, device: torch.device):
         generator = torch.Generator(device=device).manual_seed(rank_seed(self.seed))
@@ -136,11 +138,11 @@ class DiagLaplace:
             if self.likelihood == "classification":
                 return torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
             noise = torch.randn(output.shape, generator=generator, device=output.device)
-            return output + self.sigma_noise * noise
+            return output + self.noise_std * noise
 
         return sample
 
-    def fit(self, loader: Iterable, progress: bool = True, reduce: bool | None = None) -> "DiagLaplace":
+    def fit(self, loader: Iterable, *, progress: bool = True, reduce: bool | None = None) -> "DiagLaplace":
         """Accumulate F over ``loader`` (batches ``(x, y)``) around the model's current weights.
 
         ``reduce``: sum F, the log-likelihood and the example count over the ranks of
@@ -179,20 +181,26 @@ class DiagLaplace:
 
     @property
     def posterior_precision(self) -> dict[str, Tensor]:
-        """``P = F / T + lambda`` per parameter name."""
-        return {name: f / self.temperature + self.prior_precision for name, f in self._require_fit().items()}
+        """``(F + lambda) / T`` per parameter name (infinite at T = 0)."""
+        return {name: (f + self.prior_precision) / self.temperature for name, f in self._require_fit().items()}
 
     def mean(self) -> dict[str, Tensor]:
         """theta* (the weights at ``fit``)."""
         self._require_fit()
         return dict(self._map)
 
+    def fixed_tensors(self) -> dict[str, Tensor]:
+        """Nothing: every tensor but the Bayesian ones is the model's own."""
+        return {}
+
     def std(self) -> dict[str, Tensor]:
-        """Posterior standard deviations ``P^-1/2``."""
-        return {name: p.rsqrt() for name, p in self.posterior_precision.items()}
+        """Posterior standard deviations ``sqrt(T / (F + lambda))``."""
+        scale = math.sqrt(self.temperature)
+        return {name: (f + self.prior_precision).rsqrt() * scale for name, f in self._require_fit().items()}
 
     def sample(self, index: int) -> dict[str, Tensor]:
-        """The index-th posterior sample ``theta* + eps / sqrt(P)`` (deterministic in ``index``)."""
+        """The index-th posterior sample ``theta* + eps * std`` (deterministic in ``index``)."""
+        index = check_count(index, "index", 0)
         if self._std is None:
             self._std = {n: s.to(self._map[n].dtype) for n, s in self.std().items()}
         return {
@@ -202,17 +210,18 @@ class DiagLaplace:
 
     # -- evidence and prior precision ----------------------------------------------------------
     def _log_det_terms(self) -> tuple[float, Tensor]:
-        """``||theta* - theta0||^2`` and the stacked ``F / T`` (float64)."""
+        """``||theta* - theta0||^2`` and the stacked ``F`` (float64)."""
         fisher = self._require_fit()
         distance = sum(float((self._map[n].double() - self.prior.mean(n).double()).square().sum()) for n in self.names)
-        return distance, torch.cat([fisher[n].double().flatten() / self.temperature for n in self.names])
+        return distance, torch.cat([fisher[n].double().flatten() for n in self.names])
 
     def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
-        """The Laplace evidence ``log Z(lambda)`` (module docstring), at ``prior_precision`` or the current lambda."""
+        """The Laplace evidence ``log Z(lambda)`` of the model (module docstring), at ``prior_precision`` or the
+        current lambda."""
         lam = self.prior_precision if prior_precision is None else check_positive(prior_precision, "prior_precision")
         distance, curvature = self._log_det_terms()
         log_det = float(torch.log(curvature + lam).sum())
-        return self.log_likelihood / self.temperature - 0.5 * lam * distance + 0.5 * curvature.numel() * math.log(lam) - 0.5 * log_det
+        return self.log_likelihood - 0.5 * lam * distance + 0.5 * curvature.numel() * math.log(lam) - 0.5 * log_det
 
     def _marglik_argmax(self) -> float:
         distance, curvature = self._log_det_terms()
@@ -239,14 +248,11 @@ class DiagLaplace:
             low, high = (middle, high) if slope(middle) > 0 else (low, middle)
         return math.exp(0.5 * (low + high))
 
-    def validation_nll(self, val_loader: Iterable, num_samples: int = 16, compile: bool = False) -> float:
+    def validation_nll(self, val_loader: Iterable, *, num_samples: int = 16, compile: bool = False) -> float:
         """Mean negative log predictive density of ``val_loader`` (batches ``(x, y)``) under the
-        Monte-Carlo predictive with ``num_samples`` samples."""
-        from ..predictive import predict
-
+        Monte-Carlo predictive with ``num_samples`` samples (regression: with ``noise_std``)."""
         targets = torch.cat([y for _, y in val_loader])
-        prediction = predict(self, val_loader, num_samples=num_samples, compile=compile,
-                             noise_std=self.sigma_noise if self.likelihood == "regression" else 0.0)
+        prediction = predict(self, val_loader, num_samples=num_samples, compile=compile)
         if self.likelihood == "classification":
             probs = prediction.probs.gather(-1, targets.to(prediction.probs.device).long().view(-1, 1))
             return float(-probs.clamp_min(torch.finfo(probs.dtype).tiny).log().mean())
@@ -256,6 +262,7 @@ class DiagLaplace:
 
     def optimize_prior_precision(
         self,
+        *,
         method: str = "marglik",
         val_loader: Iterable | None = None,
         grid: Sequence[float] | None = None,
@@ -270,8 +277,7 @@ class DiagLaplace:
         values whose predictive overflows (NaN or infinite NLL) are never chosen.
         """
         self._require_fit()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_choice(method, "method", METHODS)
         if method == "marglik":
             self.prior_precision = self._marglik_argmax()
             return self.prior_precision
@@ -283,7 +289,7 @@ class DiagLaplace:
         scores = []
         for value in grid:
             self.prior_precision = value
-            score = self.validation_nll(val_loader, num_samples, compile)
+            score = self.validation_nll(val_loader, num_samples=num_samples, compile=compile)
             scores.append(score if math.isfinite(score) else math.inf)  # a too-wide posterior overflows
         if all(score == math.inf for score in scores):
             raise ValueError("the validation NLL is not finite for any prior precision of the grid")
@@ -300,7 +306,7 @@ class DiagLaplace:
             "fisher_type": self.fisher_type,
             "prior_precision": self.prior_precision,
             "temperature": self.temperature,
-            "sigma_noise": self.sigma_noise,
+            "noise_std": self.noise_std,
             "seed": self.seed,
             "log_likelihood": self.log_likelihood,
             "num_data": self.num_data,
@@ -315,8 +321,8 @@ class DiagLaplace:
             raise ValueError("state_dict covers other parameters than this DiagLaplace")
         self.likelihood = state_dict["likelihood"]
         self.fisher_type = state_dict["fisher_type"]
-        self.temperature = check_positive(state_dict["temperature"], "temperature")
-        self.sigma_noise = check_positive(state_dict["sigma_noise"], "sigma_noise")
+        self.temperature = state_dict["temperature"]
+        self.noise_std = check_positive(state_dict["noise_std"], "noise_std")
         self.seed = int(state_dict["seed"])
         self.log_likelihood = state_dict["log_likelihood"]
         self.num_data = int(state_dict["num_data"])

@@ -1,9 +1,11 @@
-"""Parameter-level MC-dropout over any ``nn.Module`` (design.md section 5).
+"""Parameter-level MC-dropout over any ``nn.Module`` (docs/design.md, "MC-dropout").
 
 Each Bayesian weight is kept with probability ``1 - p`` (the mask is regenerated in backward).  ``mode="scale"``: ``w = z * mu / (1 - p)``; ``mode="prior"``:
 ``w = z * mu + (1 - z) * theta0`` (dropped weights fall back to the prior mean, as in BayesDLL).
 Regulariser (in place of the KL): ``(1 - p) / (2 sp^2) * ||mu - theta0||^2``, added to the loss as
-``kl_weight * reg / N``.  Every draw comes with the regulariser from one fused op over all tensors
+``reg / N``.  There is no temperature: with ``p`` fixed, the entropy of the dropout family does not
+depend on ``mu``, so tempering would leave the objective unchanged; ``p`` sets the spread and
+``prior_std`` the strength of the pull towards theta0.  Every draw comes with the regulariser from one fused op over all tensors
 (``bayeskern.ops.draw.weight_dropout_l2``); only the first draw of a step keeps it.
 
 Moments of one weight: scale mode ``E w = mu``, ``Var w = mu^2 p / (1 - p)``; prior mode
@@ -18,8 +20,9 @@ from torch import Tensor, nn
 
 from ..ops.draw import weight_dropout_l2
 from ..ops.dropout import check_probability
-from .prior import PriorMean, PriorStd, mangle
-from .wrapper import WeightPosterior
+from ..validation import check_choice
+from .prior import mangle
+from .weight_posterior import WeightPosterior
 
 MODES = ("scale", "prior")
 
@@ -33,21 +36,10 @@ class MCDropout(WeightPosterior):
 
     variational = ("mu",)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        p: float = 0.1,
-        prior_mean: PriorMean = "pretrained",
-        prior_std: PriorStd = 1.0,
-        *,
-        mode: str = "scale",
-        **options: Any,
-    ) -> None:
+    def __init__(self, model: nn.Module, *, p: float = 0.1, mode: str = "scale", **options: Any) -> None:
         check_probability(p)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.p, self.mode = float(p), mode
-        super().__init__(model, prior_mean, prior_std, **options)
+        self.p, self.mode = float(p), check_choice(mode, "mode", MODES)
+        super().__init__(model, **options)
 
     def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
         return {"mu": param.detach().clone()}
@@ -56,12 +48,12 @@ class MCDropout(WeightPosterior):
         for name in self.names:
             yield name, self.mu._parameters[mangle(name)], self.prior.mean(name)
 
-    def kl(self) -> Tensor:
+    def regulariser(self) -> Tensor:
         """``sum (1 - p) / (2 sp^2) * ||mu - theta0||^2`` over the Bayesian parameters."""
         return (1 - self.p) * self.prior.neg_log_prob({name: mu for name, mu, _ in self._mus()})
 
-    def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
-        """One draw and ``kl()`` from the fused ``weight_dropout_l2``."""
+    def _draw_with_regulariser(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
+        """One draw and ``regulariser()`` from the fused ``weight_dropout_l2``."""
         prior_means, prior_stds, offsets = self._fused_args()
         samples, l2 = weight_dropout_l2(
             [mu for _, mu, _ in self._mus()], self.p, prior_means, prior_stds, seed, offsets,
@@ -70,10 +62,10 @@ class MCDropout(WeightPosterior):
         return dict(zip(self.names, samples)), l2
 
     def mean(self) -> dict[str, Tensor]:
-        """Expected weights (with the point estimates and buffers, ready for functional_call)."""
+        """Expected Bayesian weights: ``mu`` (scale mode) or ``(1 - p) mu + p theta0`` (prior mode)."""
         if self.mode == "scale":
-            return self._full({name: mu.detach() for name, mu, _ in self._mus()})
-        return self._full({name: torch.lerp(mu.detach(), theta0, self.p) for name, mu, theta0 in self._mus()})
+            return {name: mu.detach() for name, mu, _ in self._mus()}
+        return {name: torch.lerp(mu.detach(), theta0, self.p) for name, mu, theta0 in self._mus()}
 
     def std(self) -> dict[str, Tensor]:
         """Per-weight std of the dropout distribution (see the module docstring)."""

@@ -1,16 +1,19 @@
 """The Gaussian prior every posterior shares: ``p(theta) = N(theta0, sp^2)`` per parameter.
 
-``theta0`` (the prior mean) is one of
+``theta0`` (the prior mean, ``prior_mean``) is one of
 
+* ``"pretrained"`` (the default) -- a frozen snapshot of the module's parameters taken once, at
+  construction;
 * ``"zero"``;
-* ``"pretrained"`` -- a frozen snapshot of the module's parameters taken once, at construction;
-  parameters named in ``new_params`` (names or globs, e.g. ``"head.*"`` for a freshly initialised
-  classifier) get mean zero instead;
 * a mapping (e.g. a ``state_dict``) from parameter name to tensor; it must hold every selected
   parameter not in ``new_params``, with the parameter's shape (extra keys such as buffers are
-  ignored).
+  ignored);
+* a sequence of tensors, one per selected parameter, in ``named_parameters()`` order.
 
-``sp`` (the prior std) is a positive float, or a mapping from names/globs to a positive float or a
+Parameters named in ``new_params`` (names or globs, e.g. ``"head.*"`` for a freshly initialised
+classifier) get mean zero whatever ``prior_mean`` says.
+
+``sp`` (the prior std, ``prior_std``) is a positive float, or a mapping from names/globs to a positive float or a
 tensor broadcastable to the parameter (the first matching key wins; every selected parameter
 must be covered).  A zero mean is stored as one 0-d zero and handed out as a broadcast view, so it
 costs no memory.
@@ -27,7 +30,8 @@ from torch import Tensor, nn
 
 from .selection import ParamSelection, select_parameters
 
-PriorMean = Union[str, Mapping[str, Tensor]]
+PriorMean = Union[str, Mapping[str, Tensor], Sequence[Tensor]]
+PRIOR_MEANS = ("pretrained", "zero")
 PriorStd = Union[float, Mapping[str, Union[float, Tensor]]]
 
 
@@ -36,8 +40,29 @@ def mangle(name: str) -> str:
     return name.replace(".", "/")
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """True if ``name`` equals one of ``patterns`` or matches it as an ``fnmatch`` glob."""
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def new_param_patterns(new_params: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``new_params`` as a tuple of names/globs (ValueError naming it when malformed)."""
+    return _as_patterns(new_params, "new_params")
+
+
+def prior_mean_by_name(prior_mean: PriorMean, names: Sequence[str]) -> str | Mapping[str, Tensor]:
+    """A ``prior_mean`` spec with a sequence of tensors turned into a mapping over ``names``."""
+    if isinstance(prior_mean, str):
+        if prior_mean not in PRIOR_MEANS:
+            raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors, got {prior_mean!r}")
+        return prior_mean
+    if isinstance(prior_mean, Mapping):
+        return prior_mean
+    if isinstance(prior_mean, Sequence) and all(isinstance(t, Tensor) for t in prior_mean):
+        if len(prior_mean) != len(names):
+            raise ValueError(f"prior_mean holds {len(prior_mean)} tensors but {len(names)} parameters are selected")
+        return dict(zip(names, prior_mean))
+    raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors, got {prior_mean!r}")
 
 
 def _as_patterns(value: str | Sequence[str] | None, arg: str) -> tuple[str, ...]:
@@ -77,27 +102,28 @@ class GaussianPrior(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        mean: PriorMean = "pretrained",
-        std: PriorStd = 1.0,
         *,
         params: ParamSelection = None,
-        new_params: str | Sequence[str] | None = None,
         include_bias: bool = True,
         include_norm: bool = True,
+        prior_mean: PriorMean = "pretrained",
+        new_params: str | Sequence[str] | None = None,
+        prior_std: PriorStd = 1.0,
     ) -> None:
         super().__init__()
         self.names: list[str] = select_parameters(
             model, params, include_bias=include_bias, include_norm=include_norm
         )
-        fresh = _as_patterns(new_params, "new_params")
+        fresh = new_param_patterns(new_params)
         model_params = dict(model.named_parameters())
+        means = prior_mean_by_name(prior_mean, self.names)
         self._zero: dict[str, torch.Size] = {}
         self._std: dict[str, float | Tensor] = {}
-        std_patterns = self._std_patterns(std)
+        std_patterns = self._std_patterns(prior_std)
         for name in self.names:
             param = model_params[name]
-            self._register_mean(name, param, mean, _matches(name, fresh))
-            self._register_std(name, param, std, std_patterns)
+            self._register_mean(name, param, means, matches(name, fresh))
+            self._register_std(name, param, prior_std, std_patterns)
 
     @staticmethod
     def _std_patterns(std: PriorStd) -> tuple[str, ...] | None:
@@ -105,14 +131,14 @@ class GaussianPrior(nn.Module):
             return _as_patterns(list(std), "prior_std keys")
         return None
 
-    def _register_mean(self, name: str, param: Tensor, mean: PriorMean, fresh: bool) -> None:
+    def _register_mean(self, name: str, param: Tensor, mean: str | Mapping[str, Tensor], fresh: bool) -> None:
         if fresh or (isinstance(mean, str) and mean == "zero"):
             self._zero[name] = param.shape
             self.register_buffer(mangle(name), param.new_zeros(()))
             return
         if isinstance(mean, str) and mean == "pretrained":
             value = param.detach().clone()
-        elif isinstance(mean, Mapping):
+        else:
             if name not in mean:
                 raise ValueError(f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)")
             value = mean[name]
@@ -120,15 +146,13 @@ class GaussianPrior(nn.Module):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"prior_mean for {name!r} has shape {shape}, the parameter has {tuple(param.shape)}")
             value = value.detach().to(device=param.device, dtype=param.dtype).clone()
-        else:
-            raise ValueError(f"prior_mean must be 'zero', 'pretrained' or a mapping of tensors, got {mean!r}")
         self.register_buffer(mangle(name), value.contiguous())
 
     def _register_std(self, name: str, param: Tensor, std: PriorStd, patterns: tuple[str, ...] | None) -> None:
         if patterns is None:
             self._std[name] = _check_std_value(name, std, param)
             return
-        key = next((p for p in patterns if _matches(name, (p,))), None)
+        key = next((p for p in patterns if matches(name, (p,))), None)
         if key is None:
             raise ValueError(f"prior_std has no entry (name or glob) for parameter {name!r}")
         value = _check_std_value(name, std[key], param)

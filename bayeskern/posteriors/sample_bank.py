@@ -29,69 +29,65 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayeskern.distributed import is_rank_zero
-from bayeskern.ops import noise
-
+from ..distributed import is_rank_zero, shared_seed
+from ..likelihoods import LIKELIHOODS
+from ..ops import noise, philox
+from ..validation import check_choice, check_count, check_positive
 from .selection import ParamSelection, select_parameters
-from .wrapper import LIKELIHOODS, philox_offsets
 
 MODES = ("samples", "moments")
-
-
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {minimum})")
-    return value
 
 
 class SampleBank:
     """Thinned SGLD iterates (or their running moments) of the selected parameters of ``model``.
 
-    Args:
+    Args (docs/vocabulary.md):
         model: the network the optimizer updates (never modified by the bank).
+        params, include_bias, include_norm: which parameters are Bayesian (``select_parameters``).
         burnin: number of initial steps discarded.
         thin: keep one iterate every ``thin`` steps after burn-in.
         max_samples: ring-buffer capacity in ``"samples"`` mode (the newest are kept).
-        device, dtype: where and how the samples are stored (dtype None: the parameters' own).
         mode: ``"samples"`` or ``"moments"`` (see the module docstring).
-        params: which parameters are Bayesian (``bayeskern.posteriors.selection``; None: all).
-        likelihood: ``"classification"`` or ``"regression"``, for ``bayeskern.predict``.
-        seed: Philox key of the moments-mode samples.
+        device, dtype: where and how the samples are stored (dtype None: the parameters' own).
+        likelihood, noise_std: the likelihood ``bayeskern.predict`` uses.
+        seed: Philox key of the moments-mode samples (None: drawn on rank 0 and broadcast).
         rank_zero_only: under ``torch.distributed``, keep samples on rank 0 only (module docstring).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        burnin: int,
-        thin: int,
-        max_samples: int,
+        *,
+        params: ParamSelection = None,
+        include_bias: bool = True,
+        include_norm: bool = True,
+        burnin: int = 0,
+        thin: int = 1,
+        max_samples: int = 32,
+        mode: str = "samples",
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
-        mode: str = "samples",
-        params: ParamSelection = None,
-        *,
         likelihood: str = "classification",
-        seed: int = 0,
+        noise_std: float = 1.0,
+        seed: int | None = None,
         rank_zero_only: bool = False,
     ) -> None:
-        self.burnin = _check_int(burnin, "burnin", 0)
-        self.thin = _check_int(thin, "thin", 1)
-        self.max_samples = _check_int(max_samples, "max_samples", 1)
-        self.seed = _check_int(seed, "seed", 0)
-        if mode not in MODES:
-            raise ValueError(f"Invalid mode: {mode!r} (must be one of {MODES})")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"Invalid likelihood: {likelihood!r} (must be one of {LIKELIHOODS})")
+        self.burnin = check_count(burnin, "burnin", 0)
+        self.thin = check_count(thin, "thin", 1)
+        self.max_samples = check_count(max_samples, "max_samples", 1)
+        self.seed = check_count(shared_seed() if seed is None else seed, "seed", 0)
+        self.mode = check_choice(mode, "mode", MODES)
+        self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
+        self.noise_std = check_positive(noise_std, "noise_std")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"Invalid dtype: {dtype!r} (must be a floating-point torch.dtype or None)")
-        self.model, self.mode, self.likelihood = model, mode, likelihood
+            raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        self.model = model
         self.rank_zero_only = bool(rank_zero_only)
         self.device, self.dtype = torch.device(device), dtype
-        self.names = select_parameters(model, params)
+        self.names = select_parameters(model, params, include_bias=include_bias, include_norm=include_norm)
         params_by_name = dict(model.named_parameters())
         self._params = {n: params_by_name[n] for n in self.names}
-        self._offsets = dict(zip(self.names, philox_offsets([p.shape for p in self._params.values()])))
+        self._offsets = dict(zip(self.names, philox.tensor_offsets([p.shape for p in self._params.values()])))
         self.num_updates = 0
         self._samples: deque[dict[str, Tensor]] = deque()
         self._count = 0
@@ -169,11 +165,15 @@ class SampleBank:
             return self._to_model(self._mean)
         return self._to_model({n: torch.stack([s[n].float() for s in self._samples]).mean(0) for n in self.names})
 
+    def fixed_tensors(self) -> dict[str, Tensor]:
+        """Nothing: every tensor but the Bayesian ones is the model's own."""
+        return {}
+
     @torch.no_grad()
     def sample(self, index: int) -> dict[str, Tensor]:
         """Sample ``index``: stored iterate ``index mod len(self)``, or a Gaussian draw from the moments."""
         self._check_nonempty()
-        index = _check_int(index, "index", 0)
+        index = check_count(index, "index", 0)
         if self.mode == "samples":
             return self._to_model(self._samples[index % len(self._samples)])
         draws = {}
@@ -187,6 +187,7 @@ class SampleBank:
         return {
             "mode": self.mode, "names": list(self.names), "burnin": self.burnin, "thin": self.thin,
             "max_samples": self.max_samples, "seed": self.seed, "likelihood": self.likelihood,
+            "noise_std": self.noise_std,
             "num_updates": self.num_updates, "count": self._count,
             "samples": [{n: t.clone() for n, t in s.items()} for s in self._samples],
             "mean": {n: t.clone() for n, t in self._mean.items()}, "m2": {n: t.clone() for n, t in self._m2.items()},
@@ -196,7 +197,7 @@ class SampleBank:
         """Restore ``state_dict()`` of a bank over the same parameters and mode."""
         if state_dict["mode"] != self.mode or list(state_dict["names"]) != self.names:
             raise ValueError("state_dict is from a SampleBank with another mode or other parameters")
-        for key in ("burnin", "thin", "max_samples", "seed", "likelihood", "num_updates"):
+        for key in ("burnin", "thin", "max_samples", "seed", "likelihood", "noise_std", "num_updates"):
             setattr(self, key, state_dict[key])
         self._count = state_dict["count"]
         place = lambda d: {n: t.to(self.device, self._storage_dtype(self._params[n]), copy=True) for n, t in d.items()}  # noqa: E731

@@ -1,11 +1,16 @@
-"""Mean-field Gaussian variational inference over any ``nn.Module`` (design.md section 5).
+"""Mean-field Gaussian variational inference over any ``nn.Module`` (docs/design.md, "VI").
 
 ``q(w) = N(mu, s^2)``, ``s = softplus(rho)``, initialised at ``mu = current weights`` and
-``s = init_std``.  The loss is the mean NLL over S reparameterised draws
-``w_s = mu + s * eps_s`` plus ``kl_weight * KL(q || p) / N`` with the Gaussian prior
-``p = N(theta0, sp^2)``.  Every draw (training, ``forward``, ``sample``) comes with the KL from one
-fused op over all tensors (``bayeskern.ops.draw.gaussian_sample_kl``); only the first draw of a step
-keeps its KL.
+``s = init_std``.  With the Gaussian prior ``p = N(theta0, sp^2)``, N examples and temperature T
+(the target is the tempered posterior ``p(w | D)^(1/T)``, docs/vocabulary.md), the loss is
+
+    (1/S) sum_s NLL(w_s) + (KL(q || p) - (T - 1) H[q]) / N,     w_s = mu + s * eps_s,
+
+the mean negative log-likelihood over S reparameterised draws plus the regulariser; it is
+``T / N`` times ``KL(q || p_T)`` up to a constant, and the negative ELBO per example at T = 1.
+``H[q] = sum log s + (D / 2) log(2 pi e)`` is the entropy of q (D weights).  Every draw (training,
+``forward``, ``sample``) comes with the KL from one fused op over all tensors
+(``bayeskern.ops.draw.gaussian_sample_kl``); only the first draw of a step keeps its KL.
 """
 from __future__ import annotations
 
@@ -16,31 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.kl import gaussian_kl
 from ..ops.draw import gaussian_sample_kl
-from .prior import PriorMean, PriorStd, mangle
-from .wrapper import WeightPosterior, check_positive
+from ..ops.kl import gaussian_kl
+from ..validation import check_nonnegative, check_positive
+from .prior import mangle
+from .weight_posterior import WeightPosterior
 
 
 class VI(WeightPosterior):
     """Mean-field Gaussian VI over the parameters selected by ``params`` (all by default).
 
-    ``init_std`` is the initial posterior std ``softplus(rho)``; the other arguments are those of
-    ``WeightPosterior`` (``num_data`` is required).
+    ``init_std`` is the initial posterior std ``softplus(rho)``; ``temperature`` is T >= 0 (module
+    docstring); the other arguments are those of ``WeightPosterior`` (``num_data`` is required).
     """
 
     variational = ("mu", "rho")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        prior_mean: PriorMean = "pretrained",
-        prior_std: PriorStd = 1.0,
-        init_std: float = 1e-3,
-        **options: Any,
-    ) -> None:
+    def __init__(self, model: nn.Module, *, init_std: float = 1e-3, temperature: float = 1.0, **options: Any) -> None:
         self.init_rho = math.log(math.expm1(check_positive(init_std, "init_std")))
-        super().__init__(model, prior_mean, prior_std, **options)
+        self.temperature = check_nonnegative(temperature, "temperature")
+        super().__init__(model, **options)
 
     def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
         return {"mu": param.detach().clone(), "rho": torch.full_like(param, self.init_rho)}
@@ -50,7 +50,7 @@ class VI(WeightPosterior):
             key = mangle(name)
             yield name, self.mu._parameters[key], self.rho._parameters[key]
 
-    def _draw_with_kl(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
+    def _draw_with_regulariser(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
         """One draw and ``kl()`` from the fused ``gaussian_sample_kl``."""
         _, mus, rhos = zip(*self._pairs())
         prior_means, prior_stds, offsets = self._fused_args()
@@ -64,9 +64,28 @@ class VI(WeightPosterior):
             gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds)
         )
 
+    def entropy(self) -> Tensor:
+        """``H[q] = sum log s + (D / 2) log(2 pi e)`` over the Bayesian parameters (float32 or wider)."""
+        total = None
+        for _, _, rho in self._pairs():
+            rho = rho.float() if rho.dtype in (torch.float16, torch.bfloat16) else rho
+            term = torch.log(F.softplus(rho)).sum() + 0.5 * rho.numel() * (1.0 + math.log(2 * math.pi))
+            total = term if total is None else total + term
+        return total
+
+    def _tempered(self, kl: Tensor) -> Tensor:
+        """``KL - (T - 1) H[q]``: the KL alone at T = 1 (no extra pass over rho)."""
+        if self.temperature == 1.0:
+            return kl
+        return kl - (self.temperature - 1.0) * self.entropy()
+
+    def regulariser(self) -> Tensor:
+        """``KL(q || p) - (T - 1) H[q]``, added to the loss divided by ``num_data``."""
+        return self._tempered(self.kl())
+
     def mean(self) -> dict[str, Tensor]:
-        """Posterior means ``mu`` (with the point estimates and buffers, ready for functional_call)."""
-        return self._full({name: mu.detach() for name, mu, _ in self._pairs()})
+        """Posterior means ``mu`` of the Bayesian parameters."""
+        return {name: mu.detach() for name, mu, _ in self._pairs()}
 
     def std(self) -> dict[str, Tensor]:
         """Posterior stds ``softplus(rho)`` of the Bayesian parameters."""

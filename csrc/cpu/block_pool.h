@@ -1,10 +1,9 @@
 // Reused memory for the large tensors the fused draws return every training step (the drawn
 // weights, the gradients of mu and rho).  glibc hands big freed blocks back to the kernel and the
-// next step faults every page in again (cpu-alloc.md: adding two 11.7M-element tensors took 13.4 ms
-// into a new tensor, 3.0 ms into an existing one); these tensors have the same sizes every step, so
-// their freed blocks are kept, by exact byte size, and handed out again.  The pool keeps at most
-// BAYESKERN_CPU_POOL_MB MiB of freed blocks (default 1024; 0 turns it off), until
-// release_cached_blocks() (bayeskern.ops.release_cached_memory) hands them back to the system.
+// next step faults every page in again, zeroing each on first touch; these tensors have the same
+// sizes every step, so their freed blocks are kept, by exact byte size, and handed out again.  The
+// pool keeps at most BAYESKERN_CPU_POOL_MB MiB of freed blocks (default 1024; 0 turns it off),
+// until release_cached_blocks() (bayeskern.ops.release_cached_memory) hands them back to the system.
 #pragma once
 
 #include <ATen/ATen.h>

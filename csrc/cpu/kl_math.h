@@ -1,5 +1,5 @@
 // Element maths of the Gaussian KL between N(mu, s^2), s = softplus(rho), and the prior N(m0, sp^2),
-// shared by the KL kernels (kl_kernels.cpp) and the fused VI draw (sample_kl_kernels.cpp):
+// shared by the KL kernels (kl_kernels.cpp) and the fused VI draw (draw_kernels.cpp):
 //   KL_j = log(sp / s_j) + (s_j^2 + (mu_j - m0_j)^2) / (2 sp^2) - 1/2
 //   dKL/dmu = (mu - m0) / sp^2,   dKL/drho = (s / sp^2 - 1 / s) * sigmoid(rho)
 // Templated over SIMD lanes (F = f32v) and scalars (F = float), like philox.h.
@@ -40,8 +40,8 @@ inline F kl_rho_factor(F s, float inv_var) {
 }
 
 // Below kSeriesRho, e = exp(rho) <= 0.0183 and the transcendental parts become short series in e
-// (truncation errors below 1e-9 relative, under float32 rounding), about a third of the general
-// path's cost -- posterior stds start small (VI's init_std 1e-3 is rho = -6.9) and mostly stay so:
+// (truncation errors below 1e-9 relative, under float32 rounding), far cheaper than the general
+// path -- posterior stds start small (VI's init_std 1e-3 is rho = -6.9) and mostly stay so:
 //   softplus(rho) = e (1 + q),  q = -e/2 + e^2/3 - e^3/4 + e^4/5
 //   log softplus(rho) = rho + log1p(q),  log1p(q) = q - q^2/2 + q^3/3 - q^4/4     (|q| < 0.0092)
 //   sigmoid(rho) = e (1 - e + e^2 - e^3 + e^4 - e^5)

@@ -1,0 +1,30 @@
+"""The two likelihoods every posterior and the predictive share.
+
+* ``"classification"``: categorical on logits f, ``-log p(y | f) = -log softmax(f)_y``;
+* ``"regression"``: Gaussian with std ``noise_std`` (sigma) per output,
+  ``-log p(y | f) = sum_k (f_k - y_k)^2 / (2 sigma^2) + log(2 pi sigma^2) / 2``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LIKELIHOODS = ("classification", "regression")
+
+
+def negative_log_likelihood(
+    output: Tensor, target: Tensor, likelihood: str, noise_std: float, reduction: str = "mean"
+) -> Tensor:
+    """``-log p(target | output)`` per example, then averaged (``"mean"``) or summed (``"sum"``) over
+    the examples (the first axis); computed in float32 or wider."""
+    if output.dtype in (torch.float16, torch.bfloat16):
+        output = output.float()
+    if likelihood == "classification":
+        return F.cross_entropy(output, target, reduction=reduction)
+    variance = noise_std**2
+    squared = (output - target.reshape(output.shape).to(output.dtype)).square()
+    total = squared.sum() / (2 * variance) + squared.numel() * 0.5 * math.log(2 * math.pi * variance)
+    return total / max(len(output), 1) if reduction == "mean" else total

@@ -1,0 +1,43 @@
+"""The protocol every posterior obeys; ``bayeskern.predict`` and checkpoints rely on nothing else.
+
+A posterior describes uncertainty over some parameters of an unmodified ``nn.Module``, ``model``:
+
+* ``names`` -- the Bayesian parameters, by ``model.named_parameters()`` name;
+* ``sample(index)`` and ``mean()`` -- one tensor per name in ``names`` (the same keys for every
+  posterior over the same selection); ``sample(index)`` is deterministic in ``index`` (sample i is
+  the same draw every time it is asked for), which lets ``bayeskern.predict`` chunk and compile the
+  Monte-Carlo loop, and returns tensors that later calls do not overwrite;
+* ``fixed_tensors()`` -- what else the posterior holds in place of the model's tensors (trained
+  point estimates and buffers; empty when the model's own are used);
+* ``likelihood`` (``"classification"`` or ``"regression"``) and ``noise_std`` (the regression
+  likelihood's observation-noise std).
+
+Predictions run the module through ``torch.func.functional_call(model, {**model tensors,
+**fixed_tensors(), **sample(index)}, ...)``, so the module is never edited.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Posterior(Protocol):
+    model: nn.Module
+    names: list[str]
+    likelihood: str
+    noise_std: float
+
+    def sample(self, index: int) -> dict[str, Tensor]:
+        """The Bayesian tensors of the index-th posterior sample (deterministic in index)."""
+
+    def mean(self) -> dict[str, Tensor]:
+        """The Bayesian tensors at the posterior mean."""
+
+    def fixed_tensors(self) -> dict[str, Tensor]:
+        """Point estimates and buffers the posterior holds in place of the model's."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...

@@ -4,7 +4,8 @@ Every benchmark records ``benchmark.extra_info``: ``group`` (what is compared), 
 implementation) and, on the implementation every other in the group is compared against,
 ``baseline=True``; ``bytes`` (memory traffic of one call) where bandwidth is reported;
 ``peak_bytes`` (memory.py) where peak memory is compared.
-``python benchmarks/report.py results.json`` turns a ``--benchmark-json`` file into the README table.
+``python benchmarks/report.py results.json`` turns a ``--benchmark-json`` file into markdown tables;
+``python benchmarks/report.py`` renders benchmarks/README.md from notes.md and results/*.json.
 
 Run: ``pytest benchmarks/ --benchmark-only [--benchmark-json=results.json]`` (not part of the test
 run).  Suites: test_bench_ops.py / test_bench_draw.py / test_bench_sgld.py (kernels against the eager

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
+from .batches import OutputFn, as_call, batch_length, inputs_of, logits_of, move_to, split_inputs
 from .likelihoods import LIKELIHOODS
 from .protocol import Posterior
 from .validation import check_choice, check_count, check_nonnegative
@@ -73,12 +74,20 @@ class Prediction:
     variance: Tensor | None = None  # regression: (N, ...) predictive variance
 
 
-def _forward(
-    module: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict[str, Any], classification: bool
-) -> tuple[Tensor, ...]:
+@dataclass(frozen=True)
+class _Reading:
+    """How to read a sample's result: the batch's inputs (for ``output_fn``), ``output_fn`` and the likelihood."""
+
+    inputs: Any
+    output_fn: OutputFn | None
+    classification: bool
+
+
+def _forward(module: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict[str, Any],
+             reading: _Reading) -> tuple[Tensor, ...]:
     """One posterior sample: outputs and, for classification, probabilities and their entropy."""
-    out = functional_call(module, params, args, kwargs)
-    if not classification:
+    out = logits_of(functional_call(module, params, args, kwargs), reading.inputs, reading.output_fn)
+    if not reading.classification:
         return (out,)
     log_p = torch.log_softmax(out.float(), dim=-1)
     p = log_p.exp()
@@ -86,10 +95,10 @@ def _forward(
 
 
 def _forward_chunk(
-    module: nn.Module, params: list[dict[str, Tensor]], args: tuple, kwargs: dict[str, Any], classification: bool
+    module: nn.Module, params: list[dict[str, Tensor]], args: tuple, kwargs: dict[str, Any], reading: _Reading
 ) -> list[tuple[Tensor, ...]]:
     """``_forward`` for each of several samples (compiled, one graph for all of them)."""
-    return [_forward(module, p, args, kwargs, classification) for p in params]
+    return [_forward(module, p, args, kwargs, reading) for p in params]
 
 
 class _Runner:
@@ -101,15 +110,15 @@ class _Runner:
 
     def __call__(
         self, module: nn.Module, params: list[dict[str, Tensor]], args: tuple, kwargs: dict[str, Any],
-        classification: bool,
+        reading: _Reading,
     ) -> list[tuple[Tensor, ...]]:
         if self.compiled:
             try:
-                return _compiled()(module, params, args, kwargs, classification)
+                return _compiled()(module, params, args, kwargs, reading)
             except Exception as err:  # any compiler error: predicting must still work
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); predicting eagerly", RuntimeWarning)
                 self.compiled = False
-        return [_forward(module, p, args, kwargs, classification) for p in params]
+        return [_forward(module, p, args, kwargs, reading) for p in params]
 
 
 _COMPILED: Callable[..., list[tuple[Tensor, ...]]] | None = None
@@ -131,17 +140,13 @@ def _chunk_size(num_samples: int, sample_bytes: int) -> int:
     return max(k for k in range(1, most + 1) if num_samples % k == 0)
 
 
-def _inputs_of(batch: Any) -> Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _batches(inputs: Tensor | Iterable[Any], batch_size: int | None) -> Iterator[Tensor]:
-    if isinstance(inputs, Tensor):
-        yield from (inputs,) if batch_size is None else inputs.split(batch_size)
-    else:
-        for batch in inputs:
-            x = _inputs_of(batch)
-            yield from (x,) if batch_size is None else x.split(batch_size)
+def _batches(inputs: Any, batch_size: int | None) -> Iterator[Any]:
+    """The model inputs of each batch: ``inputs`` itself when it is one batch (a tensor or a Mapping),
+    else those of every batch it yields; split further into ``batch_size`` examples."""
+    batches = (inputs,) if isinstance(inputs, (Tensor, Mapping)) else inputs
+    for batch in batches:
+        x = inputs_of(batch)
+        yield from (x,) if batch_size is None else split_inputs(x, batch_size)
 
 
 class _Samples:
@@ -229,17 +234,18 @@ class _Target:
             self.prefix = path + "."
             self.head_base = {n[len(self.prefix):]: t for n, t in base.items() if n.startswith(self.prefix)}
 
-    def per_sample(self, x: Tensor) -> _PerSample:
+    def per_sample(self, x: Any) -> _PerSample:
+        args, kwargs = as_call(x)
         if self.head is not None:
-            captured = _submodule_inputs(self.model, self.body_params, self.head, x)
+            captured = _submodule_inputs(self.model, self.body_params, self.head, args, kwargs)
             if captured is not None:
                 return _PerSample(self.head, self.head_base, self.prefix, *captured)
             self.head = None  # the check failed: run the whole network from now on
-        return _PerSample(self.model, self.base, "", (x,), {})
+        return _PerSample(self.model, self.base, "", args, kwargs)
 
 
 def _submodule_inputs(
-    model: nn.Module, params: dict[str, Tensor], head: nn.Module, x: Tensor
+    model: nn.Module, params: dict[str, Tensor], head: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict[str, Any]] | None:
     """The args and kwargs ``head`` gets in one forward of ``model`` (with ``params``) on ``x``, if
     the model returns the output of that one call of ``head`` unmodified and its inputs hold no NaN;
@@ -251,7 +257,7 @@ def _submodule_inputs(
 
     handle = head.register_forward_hook(capture, with_kwargs=True)
     try:
-        out = functional_call(model, params, (x,))
+        out = functional_call(model, params, args, kwargs)
     finally:
         handle.remove()
     if len(calls) != 1 or calls[0][2] is not out or not isinstance(out, Tensor) or out._version != calls[0][3]:
@@ -269,7 +275,7 @@ def _entropy(p: Tensor) -> Tensor:
 @torch.no_grad()
 def predict(
     posterior: Posterior,
-    inputs: Tensor | Iterable[Any],
+    inputs: Any,
     *,
     num_samples: int = 32,
     compile: bool = True,
@@ -277,13 +283,15 @@ def predict(
     return_logits: bool = False,
     likelihood: str | None = None,
     noise_std: float | None = None,
+    output_fn: OutputFn | None = None,
 ) -> Prediction:
     """Monte-Carlo prediction with ``num_samples`` posterior samples (see the module docstring).
 
-    ``inputs`` is a tensor or an iterable of batches (a DataLoader yielding ``x`` or ``(x, y, ...)``);
-    ``batch_size`` splits each of them further.  ``likelihood`` and ``noise_std`` (the regression
-    likelihood's observation noise, added to the variance) default to the posterior's
-    (``"classification"`` and 0 if it has none).  ``compile=False`` runs eagerly; results agree with
+    ``inputs`` is one batch of model inputs (a tensor or a Mapping of keyword inputs) or an iterable
+    of loader batches (``bayeskern.batches``: inputs, ``(inputs, targets, ...)``, Mappings with
+    ``labels``, which are ignored); ``batch_size`` splits each of them further.  ``likelihood``,
+    ``noise_std`` (the regression likelihood's observation noise, added to the variance) and
+    ``output_fn`` default to the posterior's (``"classification"``, 0 and None if it has none).  ``compile=False`` runs eagerly; results agree with
     the compiled run to float rounding.
     """
     likelihood = check_choice(likelihood or getattr(posterior, "likelihood", "classification"), "likelihood", LIKELIHOODS)
@@ -291,6 +299,7 @@ def predict(
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
     noise_std = check_nonnegative(getattr(posterior, "noise_std", 0.0) if noise_std is None else noise_std, "noise_std")
+    output_fn = output_fn if output_fn is not None else getattr(posterior, "output_fn", None)
     model = posterior.model
     classification = likelihood == "classification"
     was_training = model.training
@@ -298,12 +307,12 @@ def predict(
     try:
         base = {**_state(model), **posterior.fixed_tensors()}
         model_device = next((t.device for t in base.values()), torch.device("cpu"))
-        single_batch = isinstance(inputs, Tensor) and (batch_size is None or len(inputs) <= batch_size)
+        single_batch = isinstance(inputs, (Tensor, Mapping)) and (batch_size is None or batch_length(inputs) <= batch_size)
         samples = _Samples(posterior, num_samples, model_device, cache=not single_batch)
         target, run = _Target(model, base, samples, model_device), _Runner(compile)
         parts = [
-            _predict_batch(x.to(samples.device), samples, run, target, classification, return_logits)
-            for x in _batches(inputs, batch_size)
+            _predict_batch(x, samples, run, target, _Reading(x, output_fn, classification), return_logits)
+            for x in (move_to(batch, samples.device) for batch in _batches(inputs, batch_size))
         ]
     finally:
         model.train(was_training)
@@ -316,8 +325,9 @@ def predict(
 
 
 def _predict_batch(
-    x: Tensor, samples: _Samples, run: _Runner, target: _Target, classification: bool, return_logits: bool
+    x: Any, samples: _Samples, run: _Runner, target: _Target, reading: _Reading, return_logits: bool
 ) -> dict[str, Tensor]:
+    classification = reading.classification
     S = samples.num_samples
     outputs: list[Tensor] = []
     total: Tensor | float = 0.0
@@ -328,7 +338,7 @@ def _predict_batch(
         result
         for start in range(0, S, chunk)
         for result in run(call.module, [call.params(samples[s]) for s in range(start, start + chunk)], call.args,
-                          call.kwargs, classification)
+                          call.kwargs, reading)
     )
     for s, result in enumerate(results):
         if return_logits:

@@ -5,9 +5,16 @@ imports bayeskern.  Set BAYESKERN_TEST_DEVICE=cuda (benchmarks/device_check.sh d
 tests on a GPU with compiled Triton kernels instead.
 """
 import os
+import sys
 
 import pytest
 import torch
+
+# The checkout's root must not be on sys.path: its Triton folder ``kernels/`` (installed as
+# ``bayeskern.kernels``) would shadow the PyPI package ``kernels`` that transformers imports.
+# ``python -m pytest`` puts the current directory first; bayeskern itself comes from the install.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 if os.environ.get("BAYESKERN_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
+from ..batches import OutputFn, as_call, batch_length, logits_of, split_batch
 from .fallback import accumulate_per_example
 from .tracing import Plan, Probe, Tap
 
@@ -36,15 +37,6 @@ class SquaredGradients:
     loss: float                # sum over examples of loss_fn(output, true target) (per-example convention)
     num_examples: int
     plan: Plan
-
-
-def as_call(x: Any) -> tuple[tuple, dict[str, Any]]:
-    """The model's positional and keyword arguments for an input batch (tensor, sequence or dict)."""
-    if isinstance(x, dict):
-        return (), dict(x)
-    if isinstance(x, (tuple, list)):
-        return tuple(x), {}
-    return (x,), {}
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -63,8 +55,10 @@ def _same_outputs(out: Any, expected: Any) -> bool:
 class _Pass:
     """State of one accumulation: the plan (from the first batch) and the accumulators."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: Callable, reduction: str, sample_targets):
-        self.model, self.loss_fn, self.reduction, self.sample_targets = model, loss_fn, reduction, sample_targets
+    def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: Callable, reduction: str, sample_targets,
+                 output_fn: OutputFn | None):
+        self.model, self.reduction, self.sample_targets = model, reduction, sample_targets
+        self.raw_loss_fn, self.output_fn = loss_fn, output_fn
         self.params = dict(model.named_parameters())
         self.chosen = {name: self.params[name] for name in names}
         self.fisher = {
@@ -93,7 +87,7 @@ class _Pass:
         if not names:
             return frozen
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(*args, **kwargs), y)
+            loss = self.loss_fn(self.model(*args, **kwargs), y, (args, kwargs))
             grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
         return frozen + [name for name, g in zip(names, grads) if g is not None]
 
@@ -131,18 +125,24 @@ class _Pass:
             self.plan.broadcast, self.plan.viewed = {}, []
         return self._tap_forward(args, kwargs, batch)
 
+    def loss_fn(self, out: Any, target: Tensor, call: tuple[tuple, dict[str, Any]]) -> Tensor:
+        """``loss_fn`` on the logits read from the model's output for the inputs of ``call``."""
+        args, kwargs = call
+        return self.raw_loss_fn(logits_of(out, kwargs if kwargs else args, self.output_fn), target)
+
     def step(self, x: Any, y: Tensor) -> None:
         device = self.trigger.device
         args, kwargs = _to(as_call(x), device)
         y = y.to(device)
-        batch = y.shape[0]
+        batch = batch_length((args, kwargs))
         out = self._first_forward(args, kwargs, y, batch) if self.plan is None else self._tap_forward(args, kwargs, batch)
         scale = batch if self.reduction == "mean" else 1
-        target = y if self.sample_targets is None else self.sample_targets(_detach(out))
-        loss = self.loss_fn(out, target) * scale
+        logits = logits_of(_detach(out), kwargs if kwargs else args, self.output_fn)
+        target = y if self.sample_targets is None else self.sample_targets(logits)
+        loss = self.loss_fn(out, target, (args, kwargs)) * scale
         if isinstance(loss, Tensor) and loss.requires_grad:
             torch.autograd.grad(loss, self.trigger, allow_unused=True)
-        true_loss = loss if self.sample_targets is None else self.loss_fn(_detach(out), y) * scale
+        true_loss = loss if self.sample_targets is None else self.raw_loss_fn(logits, y) * scale
         self.loss += float(true_loss.detach())
         self.num_examples += batch
         if self.plan.fallback:
@@ -161,16 +161,20 @@ def squared_gradients(
     names: Sequence[str] | None = None,
     *,
     reduction: str = "sum",
-    sample_targets: Callable[[Any], Tensor] | None = None,
+    sample_targets: Callable[[Tensor], Tensor] | None = None,
+    output_fn: OutputFn | None = None,
     progress: bool = False,
 ) -> SquaredGradients:
     """Sum over all examples of ``batches`` of the squared per-example gradients of ``loss_fn``.
 
-    ``batches`` yields ``(x, y, ...)``; ``x`` is the model's input (a tensor, a sequence of positional
-    arguments or a dict of keyword arguments) with the examples along the first dimension.
-    ``names`` picks parameters (default: all).  ``sample_targets(output)``, if given, draws the
+    ``batches`` yields loader batches (``bayeskern.batches``: ``(inputs, targets, ...)`` or a Mapping
+    holding ``labels``); the inputs (a tensor, a sequence of positional arguments or a Mapping of
+    keyword arguments) have the examples along the first dimension.  ``loss_fn(logits, targets)``
+    sees the logits read from the model's output (``bayeskern.batches.logits_of``, ``output_fn``).
+    ``names`` picks parameters (default: all).  ``sample_targets(logits)``, if given, draws the
     targets the gradients are taken for (the MC Fisher) instead of ``y``; ``loss`` in the result
-    always uses ``y``.  Raises ValueError for an empty ``batches``, an unknown name or reduction.
+    always uses ``y``.  Raises ValueError for an empty ``batches``, an unknown name or reduction, a
+    batch without targets.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -181,12 +185,12 @@ def squared_gradients(
         raise ValueError(f"names: {unknown} are not parameters of the model")
     if not names:
         raise ValueError("names selects no parameter")
-    state = _Pass(model, names, loss_fn, reduction, sample_targets)
+    state = _Pass(model, names, loss_fn, reduction, sample_targets, output_fn)
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
         for batch in tqdm(batches, disable=not progress, desc="fisher"):
-            state.step(batch[0], batch[1])
+            state.step(*split_batch(batch))
     finally:
         for module, mode in training.items():
             module.training = mode

@@ -25,9 +25,10 @@ def accumulate_per_example(
     args: tuple,
     kwargs: dict[str, Any],
     target: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Any, Tensor, tuple[tuple, dict[str, Any]]], Tensor],
 ) -> None:
-    """``fisher[name] += sum_b (d loss_fn(model(x_b), y_b) / d theta_name)^2`` for every name in fisher."""
+    """``fisher[name] += sum_b (d loss_fn(model(x_b), y_b, x_b) / d theta_name)^2`` for every name in
+    fisher; ``x_b`` is example b's ``(args, kwargs)``, as a batch of one."""
     frozen = {name: p.detach() for name, p in model.named_parameters() if name not in fisher}
     frozen.update(model.named_buffers())
     chosen = {name: model.get_parameter(name).detach() for name in fisher}
@@ -35,7 +36,7 @@ def accumulate_per_example(
     def example_loss(chosen: dict[str, Tensor], args: tuple, kwargs: dict[str, Any], target: Tensor) -> Tensor:
         batch_of_one = (tuple(a.unsqueeze(0) for a in args), {k: v.unsqueeze(0) for k, v in kwargs.items()})
         out = functional_call(model, {**frozen, **chosen}, *batch_of_one)
-        return loss_fn(out, target.unsqueeze(0))
+        return loss_fn(out, target.unsqueeze(0), batch_of_one)
 
     per_example = vmap(grad(example_loss), in_dims=(None, 0, 0, 0))
     chunk = max(1, CHUNK_ELEMENTS // max(1, sum(p.numel() for p in chosen.values())))

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..batches import OutputFn, split_batch
 from ..curvature import squared_gradients
 from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, shared_seed
 from ..likelihoods import LIKELIHOODS, negative_log_likelihood
@@ -64,6 +65,7 @@ class DiagLaplace:
         temperature: T >= 0 (module docstring; 0 puts every sample at theta*).
         noise_std: observation-noise std of the regression likelihood.
         fisher_type: ``"empirical"`` (true labels) or ``"mc"`` (labels sampled from the model).
+        output_fn: ``(output, inputs) -> logits`` for outputs ``bayeskern.batches`` cannot read.
         seed: Philox seed of the samples (None: drawn on rank 0 and broadcast, so every rank must
             construct the posterior).
     """
@@ -82,6 +84,7 @@ class DiagLaplace:
         temperature: float = 1.0,
         noise_std: float = 1.0,
         fisher_type: str = "empirical",
+        output_fn: OutputFn | None = None,
         seed: int | None = None,
     ) -> None:
         self.model = model
@@ -90,6 +93,7 @@ class DiagLaplace:
         self.prior_precision = prior_precision
         self.temperature = temperature
         self.noise_std = check_positive(noise_std, "noise_std")
+        self.output_fn = output_fn
         self.prior = GaussianPrior(
             model, params=params, include_bias=include_bias, include_norm=include_norm,
             prior_mean=prior_mean, new_params=new_params,
@@ -143,7 +147,8 @@ class DiagLaplace:
         return sample
 
     def fit(self, loader: Iterable, *, progress: bool = True, reduce: bool | None = None) -> "DiagLaplace":
-        """Accumulate F over ``loader`` (batches ``(x, y)``) around the model's current weights.
+        """Accumulate F over ``loader`` around the model's current weights (batches ``(inputs, targets)``
+        or Mappings holding ``labels``, ``bayeskern.batches``).
 
         ``reduce``: sum F, the log-likelihood and the example count over the ranks of
         ``torch.distributed`` (a collective; None: whenever a process group is initialised).  The
@@ -154,7 +159,8 @@ class DiagLaplace:
         sampler = self._label_sampler(device) if self.fisher_type == "mc" else None
         try:
             result = squared_gradients(
-                self.model, loader, self.nll, self.names, sample_targets=sampler, progress=progress and is_rank_zero()
+                self.model, loader, self.nll, self.names, sample_targets=sampler, output_fn=self.output_fn,
+                progress=progress and is_rank_zero(),
             )
         except ValueError as error:
             raise ValueError(f"fit: {error}") from None
@@ -249,9 +255,9 @@ class DiagLaplace:
         return math.exp(0.5 * (low + high))
 
     def validation_nll(self, val_loader: Iterable, *, num_samples: int = 16, compile: bool = False) -> float:
-        """Mean negative log predictive density of ``val_loader`` (batches ``(x, y)``) under the
+        """Mean negative log predictive density of ``val_loader`` (batches as ``fit`` takes them) under the
         Monte-Carlo predictive with ``num_samples`` samples (regression: with ``noise_std``)."""
-        targets = torch.cat([y for _, y in val_loader])
+        targets = torch.cat([split_batch(batch)[1] for batch in val_loader])
         prediction = predict(self, val_loader, num_samples=num_samples, compile=compile)
         if self.likelihood == "classification":
             probs = prediction.probs.gather(-1, targets.to(prediction.probs.device).long().view(-1, 1))

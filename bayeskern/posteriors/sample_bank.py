@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..batches import OutputFn
 from ..distributed import is_rank_zero, shared_seed
 from ..likelihoods import LIKELIHOODS
 from ..ops import noise, philox
@@ -50,6 +51,7 @@ class SampleBank:
         mode: ``"samples"`` or ``"moments"`` (see the module docstring).
         device, dtype: where and how the samples are stored (dtype None: the parameters' own).
         likelihood, noise_std: the likelihood ``bayeskern.predict`` uses.
+        output_fn: ``(output, inputs) -> logits`` for outputs ``bayeskern.batches`` cannot read.
         seed: Philox key of the moments-mode samples (None: drawn on rank 0 and broadcast).
         rank_zero_only: under ``torch.distributed``, keep samples on rank 0 only (module docstring).
     """
@@ -69,6 +71,7 @@ class SampleBank:
         dtype: torch.dtype | None = None,
         likelihood: str = "classification",
         noise_std: float = 1.0,
+        output_fn: OutputFn | None = None,
         seed: int | None = None,
         rank_zero_only: bool = False,
     ) -> None:
@@ -81,7 +84,7 @@ class SampleBank:
         self.noise_std = check_positive(noise_std, "noise_std")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-        self.model = model
+        self.model, self.output_fn = model, output_fn
         self.rank_zero_only = bool(rank_zero_only)
         self.device, self.dtype = torch.device(device), dtype
         self.names = select_parameters(model, params, include_bias=include_bias, include_norm=include_norm)

@@ -8,7 +8,11 @@
   at least one parameter;
 * a callable ``(name, param) -> bool``;
 * ``"last_layer"`` -- the parameters owned directly by the last module, in ``named_modules()``
-  (registration) order, that owns any eligible parameter (a fresh classifier head in timm models).
+  (registration) order, that owns any eligible parameter (a fresh classifier head in timm models);
+* ``"lora"`` -- the adapter weights of a ``peft`` LoRA model: every parameter named ``lora_A`` /
+  ``lora_B`` (``...q_proj.lora_A.default.weight``) or ``lora_embedding_A`` / ``lora_embedding_B``.
+  The base weights stay as they are (frozen by peft: never copied, never trained); a model without
+  adapters raises ValueError.
 
 Biases and normalisation parameters are then kept or dropped by ``include_bias`` and
 ``include_norm``, decided by the owning module, not by name: a bias is the tensor a module holds as
@@ -48,6 +52,14 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return owners
 
 
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def is_lora_adapter(name: str) -> bool:
+    """True for the name of a peft LoRA adapter weight (a path component in ``LORA_PARTS``)."""
+    return any(part in LORA_PARTS for part in name.split("."))
+
+
 def _eligible(module: nn.Module, attr: str, include_bias: bool, include_norm: bool) -> bool:
     if isinstance(module, NORM_TYPES):
         return include_norm
@@ -84,6 +96,11 @@ def select_parameters(
     params_by_name = dict(model.named_parameters())
     if params is None:
         chosen = set(eligible)
+    elif isinstance(params, str) and params == "lora":
+        chosen = {n for n in eligible if is_lora_adapter(n)}
+        if not chosen:
+            raise ValueError("params='lora' selects the LoRA adapter weights (lora_A / lora_B), but the model has "
+                             "none: wrap it with peft.get_peft_model(model, LoraConfig(...)) first")
     elif isinstance(params, str) and params == "last_layer":
         last = None
         for name in eligible:  # named_modules order: the last owner wins
@@ -96,7 +113,7 @@ def select_parameters(
     elif isinstance(params, Sequence):
         chosen = _match_patterns(list(owners), params) & set(eligible)
     else:
-        raise ValueError(f"params must be None, 'last_layer', names/globs or a predicate, got {params!r}")
+        raise ValueError(f"params must be None, 'last_layer', 'lora', names/globs or a predicate, got {params!r}")
     names = [n for n in eligible if n in chosen]
     if not names:
         raise ValueError(f"params={params!r} selects no parameter of the model")

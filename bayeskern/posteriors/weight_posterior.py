@@ -4,14 +4,18 @@
 registered*: its code and its parameter objects are never touched.  The wrapper registers
 
 * the variational parameters of the Bayesian weights (defined by the subclass: mu, rho, ...),
-* trainable copies of every other parameter (``point``: ordinary point estimates) and copies of
-  the buffers (``buffers_``: BatchNorm running statistics update in place as usual),
+* trainable copies of every other trainable parameter (``point``: ordinary point estimates) and
+  copies of the buffers (``buffers_``: BatchNorm running statistics update in place as usual);
+  frozen parameters (``requires_grad=False``, e.g. the base weights of a PEFT model) are read from
+  the model at every call and never copied,
 * the prior snapshot (``prior``) and the noise state ``rng_state = (base seed, steps taken)``,
 
 so ``post.parameters()`` is everything an optimizer trains and ``state_dict`` captures a run,
 including where the noise stream is.  A forward pass draws weights and runs the network through
 ``torch.func.functional_call``.  ``sample(i)`` and ``mean()`` return the Bayesian tensors only;
-``fixed_tensors()`` returns the point estimates and buffers (docs/vocabulary.md).
+``fixed_tensors()`` returns the point estimates and buffers (docs/vocabulary.md).  Inputs, loader
+batches and model outputs follow ``bayeskern.batches`` (tensors, tuples, Mappings with ``labels``,
+outputs with ``logits``, or ``output_fn``).
 
 Noise (docs/design.md, "Noise"): parameter ``k`` owns Philox elements ``[offset_k, offset_k + numel_k)``
 (``ops.philox.tensor_offsets``).  Training call ``t`` uses seed ``(base + (t + 1) * 0x9E3779B97F4A7C15)
@@ -31,13 +35,14 @@ every rank.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..batches import LABELS, Inputs, OutputFn, as_call, logits_of, move_to, split_batch
 from ..distributed import rank_stream, shared_seed
 from ..likelihoods import LIKELIHOODS, negative_log_likelihood
 from ..ops import philox
@@ -46,7 +51,6 @@ from .prior import GaussianPrior, PriorMean, PriorStd, mangle
 from .selection import ParamSelection
 
 _WEYL = 0x9E3779B97F4A7C15
-Inputs = Tensor | tuple[Any, ...]
 Criterion = Callable[[Any, Tensor], Tensor]
 
 
@@ -82,6 +86,7 @@ class WeightPosterior(nn.Module):
         train_samples: int = 1,
         likelihood: str = "classification",
         noise_std: float = 1.0,
+        output_fn: OutputFn | None = None,
         seed: int | None = None,
     ) -> None:
         """Arguments shared by every subclass (docs/vocabulary.md):
@@ -93,6 +98,7 @@ class WeightPosterior(nn.Module):
         num_data: N, the training-set size (the regulariser is divided by it).
         train_samples: S, weight draws averaged per ``loss`` call.
         likelihood, noise_std: the likelihood of ``loss``'s default criterion and of ``bayeskern.predict``.
+        output_fn: ``(output, inputs) -> logits`` for outputs ``bayeskern.batches`` cannot read.
         seed: base Philox seed (None: drawn on rank 0 and broadcast, ``distributed.shared_seed``).
         """
         super().__init__()
@@ -100,6 +106,7 @@ class WeightPosterior(nn.Module):
         self.train_samples = check_count(train_samples, "train_samples", 1)
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.noise_std = check_positive(noise_std, "noise_std")
+        self.output_fn = output_fn
         self.__dict__["model"] = model  # held, not registered: the wrapper trains its own copies
         self.prior = GaussianPrior(
             model, params=params, include_bias=include_bias, include_norm=include_norm,
@@ -108,7 +115,7 @@ class WeightPosterior(nn.Module):
         self.names: list[str] = list(self.prior.names)
         model_params = dict(model.named_parameters())
         self.offsets = dict(zip(self.names, philox.tensor_offsets([model_params[n].shape for n in self.names])))
-        self._point_names = [name for name in model_params if name not in self.offsets]
+        self._point_names = [name for name, p in model_params.items() if name not in self.offsets and p.requires_grad]
         self.point = _Store()
         for name in self._point_names:
             param = model_params[name]
@@ -186,15 +193,20 @@ class WeightPosterior(nn.Module):
         the model's tensors besides the Bayesian ones."""
         return {name: t.detach() for name, t in self._others().items()}
 
+    def _device(self) -> torch.device:
+        return self.rng_state.device
+
     def functional_forward(self, weights: dict[str, Tensor], inputs: Inputs) -> Any:
-        """Run the wrapped model with ``weights`` for the Bayesian parameters."""
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
-        return functional_call(self.model, {**self._others(), **weights}, args)
+        """Run the wrapped model on ``inputs`` (moved to the posterior's device) with ``weights`` for
+        the Bayesian parameters; returns the model's output as it is."""
+        args, kwargs = as_call(move_to(inputs, self._device()))
+        return functional_call(self.model, {**self._others(), **weights}, args, kwargs)
 
     def forward(self, inputs: Inputs, targets: Tensor | None = None, criterion: Criterion | None = None) -> Any:
-        """One stochastic forward pass with freshly drawn weights; with ``targets``, ``loss(inputs,
-        targets, criterion)`` instead (the call to make through ``DistributedDataParallel``)."""
-        if targets is not None:
+        """One stochastic forward pass with freshly drawn weights (the model's output as it is); with
+        ``targets`` -- or a Mapping ``inputs`` holding ``labels`` -- ``loss(inputs, targets, criterion)``
+        instead (the call to make through ``DistributedDataParallel``)."""
+        if targets is not None or (isinstance(inputs, Mapping) and LABELS in inputs):
             return self.loss(inputs, targets, criterion)
         return self.functional_forward(self._draw(self._next_seed(), rank_stream(0)), inputs)
 
@@ -202,19 +214,28 @@ class WeightPosterior(nn.Module):
         """The mean negative log-likelihood of a minibatch under ``likelihood`` (``bayeskern.likelihoods``)."""
         return negative_log_likelihood(output, targets, self.likelihood, self.noise_std)
 
-    def loss(self, inputs: Inputs, targets: Tensor, criterion: Criterion | None = None) -> Tensor:
-        """``(1/S) sum_s criterion(model_{w_s}(inputs), targets) + regulariser() / num_data``.
+    def loss(self, inputs: Inputs, targets: Tensor | None = None, criterion: Criterion | None = None) -> Tensor:
+        """``(1/S) sum_s criterion(logits_{w_s}(inputs), targets) + regulariser() / num_data``.
 
+        ``inputs`` are the model's inputs (``bayeskern.batches``); without ``targets`` they must be a
+        Mapping batch holding them under ``labels`` (the other keys are the model's keyword inputs).
+        ``logits`` is read from the model's output (``bayeskern.batches.logits_of``, ``output_fn``).
         ``criterion`` returns the mean negative log-likelihood of the minibatch (default: ``nll``, the
         posterior's likelihood); the S = ``train_samples`` weight draws share one fresh seed and use
         streams ``0..S-1`` (folded with the rank under ``torch.distributed``, see the module
         docstring).  In train mode BatchNorm running statistics update once per draw.
         """
+        if targets is None:
+            inputs, targets = split_batch(inputs)
+        inputs, targets = move_to((inputs, targets), self._device())
         criterion = self.nll if criterion is None else criterion
         seed = self._next_seed()
         first, regulariser = self._draw_with_regulariser(seed, rank_stream(0))
         draws = itertools.chain([first], (self._draw(seed, rank_stream(s)) for s in range(1, self.train_samples)))
-        nll = sum(criterion(self.functional_forward(weights, inputs), targets) for weights in draws) / self.train_samples
+        nll = sum(
+            criterion(logits_of(self.functional_forward(weights, inputs), inputs, self.output_fn), targets)
+            for weights in draws
+        ) / self.train_samples
         return nll + self._tempered(regulariser) / self.num_data
 
     def _tempered(self, regulariser: Tensor) -> Tensor:

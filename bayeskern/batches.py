@@ -73,11 +73,12 @@ def move_to(value: Any, device: torch.device) -> Any:
 
 
 def batch_length(inputs: Inputs) -> int:
-    """The number of examples: the first dimension of the first tensor in ``inputs``."""
-    for leaf in tree_leaves(inputs):
-        if isinstance(leaf, Tensor) and leaf.dim() > 0:
-            return leaf.shape[0]
-    raise ValueError("the inputs hold no tensor with a batch dimension")
+    """The number of examples: the largest first dimension of the tensors in ``inputs`` (keyword
+    inputs shared by every example, such as a ``(1, T)`` ``position_ids``, broadcast over it)."""
+    lengths = [leaf.shape[0] for leaf in tree_leaves(inputs) if isinstance(leaf, Tensor) and leaf.dim() > 0]
+    if not lengths:
+        raise ValueError("the inputs hold no tensor with a batch dimension")
+    return max(lengths)
 
 
 def split_inputs(inputs: Inputs, size: int) -> list[Inputs]:
@@ -90,8 +91,11 @@ def split_inputs(inputs: Inputs, size: int) -> list[Inputs]:
     ]
 
 
-def logits_of(output: Any, inputs: Inputs, output_fn: OutputFn | None = None) -> Tensor:
-    """The logits (or regression mean) in a model's ``output``, checked to have one row per example.
+def logits_of(
+    output: Any, inputs: Inputs, output_fn: OutputFn | None = None, *, classification: bool = False
+) -> Tensor:
+    """The logits (or regression mean) in a model's ``output``, checked to have one row per example
+    (and, with ``classification``, to be ``(N, num_classes)``).
 
     Raises ValueError naming what was found when no tensor can be read, or when ``output_fn``
     returns something other than a tensor with the batch's first dimension."""
@@ -107,6 +111,18 @@ def logits_of(output: Any, inputs: Inputs, output_fn: OutputFn | None = None) ->
     if logits.dim() == 0 or logits.shape[0] != length:
         raise ValueError(f"{where} gave logits of shape {tuple(logits.shape)}; expected ({length}, ...), "
                          "one row per example")
+    if classification:
+        check_classification_logits(logits, output_fn)
+    return logits
+
+
+def check_classification_logits(logits: Tensor, output_fn: OutputFn | None = None) -> Tensor:
+    """``logits`` if it is ``(N, num_classes)``; else ValueError naming its shape (e.g. a causal LM's
+    ``(N, T, V)`` logits of every position, where ``output_fn`` should pick the answer's)."""
+    if logits.dim() != 2:
+        where = "output_fn" if output_fn is not None else "the model's output"
+        raise ValueError(f"{where} gave logits of shape {tuple(logits.shape)}; classification expects "
+                         f"({logits.shape[0]}, num_classes), one row of class logits per example")
     return logits
 
 

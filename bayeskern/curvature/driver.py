@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from ..batches import OutputFn, as_call, batch_length, logits_of, split_batch
-from .fallback import accumulate_per_example
+from .fallback import PerExample
 from .tracing import Plan, Probe, Tap
 
 REDUCTIONS = ("sum", "mean")
@@ -69,6 +70,7 @@ class _Pass:
         self.trigger = torch.zeros((), device=next(iter(self.chosen.values())).device, requires_grad=True)
         self.loss = 0.0
         self.num_examples = 0
+        self.per_example = PerExample()
 
     def _tap_forward(self, args: tuple, kwargs: dict, batch: int) -> Any:
         tapped = self.plan.rule + list(self.plan.broadcast) + self.plan.viewed
@@ -82,14 +84,20 @@ class _Pass:
     def _unseen_but_used(self, args: tuple, kwargs: dict, y: Tensor) -> list[str]:
         """Of the parameters the probe never saw, those the loss depends on all the same (used by
         code the tracing cannot see, e.g. a C++ op): a plain backward on this batch tells."""
-        frozen = [name for name in self.plan.unused if not self.params[name].requires_grad]  # cannot tell: assume used
-        names = [name for name in self.plan.unused if name not in frozen]
-        if not names:
-            return frozen
+        if not self.plan.unused:
+            return []
+        # frozen ones (peft's base weights, a ModulesToSaveWrapper's original_module) are asked
+        # through stand-ins that require grad; the model is not touched
+        stand_ins = {name: self.params[name].detach().requires_grad_() for name in self.plan.unused
+                     if not self.params[name].requires_grad}
+        asked = {name: stand_ins.get(name, self.params[name]) for name in self.plan.unused}
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(*args, **kwargs), y, (args, kwargs))
-            grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
-        return frozen + [name for name, g in zip(names, grads) if g is not None]
+            out = functional_call(self.model, stand_ins, args, kwargs) if stand_ins else self.model(*args, **kwargs)
+            loss = self.loss_fn(out, y, (args, kwargs))
+            if not loss.requires_grad:
+                return []
+            grads = torch.autograd.grad(loss, list(asked.values()), allow_unused=True)
+        return [name for name, g in zip(asked, grads) if g is not None]
 
     def _probe(self, args: tuple, kwargs: dict, batch: int) -> tuple[Plan, Any]:
         probe = Probe(self.chosen, batch)
@@ -105,7 +113,7 @@ class _Pass:
         self.plan, expected = self._probe(args, kwargs, batch)
         if batch > 1:
             small = 2 if batch > 2 else 1
-            sliced = tree_map(lambda t: t[:small] if isinstance(t, Tensor) else t, (args, kwargs))
+            sliced = tree_map(lambda t: t[:small] if _is_batched(t, batch) else t, (args, kwargs))
             try:
                 self.plan.agree(self._probe(*sliced, small)[0])
             except RuntimeError:  # a model that cannot run so few examples: keep the first plan
@@ -147,7 +155,12 @@ class _Pass:
         self.num_examples += batch
         if self.plan.fallback:
             fisher = {name: self.fisher[name] for name in self.plan.fallback}
-            accumulate_per_example(self.model, fisher, args, kwargs, target, self.loss_fn)
+            self.per_example(self.model, fisher, args, kwargs, target, self.loss_fn)
+
+
+def _is_batched(value: Any, batch: int) -> bool:
+    """Whether ``value`` is a tensor of the batch's examples (first dimension ``batch``)."""
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch
 
 
 def _detach(out: Any) -> Any:

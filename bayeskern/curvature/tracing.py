@@ -10,8 +10,15 @@
 * ``viewed``    -- used once, by a view op giving shape ``(1, ...)`` (ConvNeXt's
   ``gamma.reshape(1, -1, 1, 1)``): that view is expanded to the batch instead (checked likewise);
 * ``unused``    -- seen in no op (the driver checks with one plain backward that the loss does not
-  depend on it either; then its Fisher stays zero);
-* ``fallback``  -- anything else (shared weights, custom maths): per-example gradients by torch.func.
+  depend on it either -- through a stand-in requiring grad for a frozen parameter, e.g. the unused
+  ``original_module`` of peft's ModulesToSaveWrapper; then its Fisher stays zero);
+* ``fallback``  -- anything else (shared weights, custom maths, a view read as an attribute such as
+  peft's ``lora_embedding_A.T``): per-example gradients by torch.func.
+
+Attribute reads (``p.shape``) are no use, except those giving a differentiable view (``p.T``,
+``p.mT``, ...); in ``Tap`` these are detached like every other use of a parameter, so no
+parameter reaches the graph except through the trigger (one that did would let the backward pass
+skip the hooks).
 
 ``Tap`` runs the forward pass of the Fisher computation.  Every model parameter reaching an op is
 detached, so the backward pass computes no weight gradient at all; a zero scalar ``trigger``
@@ -40,8 +47,19 @@ from .rules import (
 )
 
 
+_CONTAINERS = (tuple, list, dict)
+
+
 def _is_attribute_read(func: Callable) -> bool:
     return getattr(func, "__name__", "") == "__get__"  # p.shape, p.dtype, ...: not a use
+
+
+# attribute reads that are differentiable views of the tensor (peft's ``lora_embedding_A.T``): a use
+VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
+def _is_view_read(func: Callable) -> bool:
+    return getattr(getattr(func, "__self__", None), "__name__", None) in VIEW_ATTRIBUTES
 
 
 @dataclass
@@ -93,10 +111,15 @@ class Probe(_ParamModes):
         self.unsupported: set[str] = set()
         self.ranks: dict[str, int] = {}  # rank of the batch-first operand of an elementwise use
         self.viewed: set[str] = set()  # used by a view op that gives shape (1, ...)
+        self.attribute_views: set[str] = set()  # read as p.T, p.mT, ...: torch.func only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _is_attribute_read(func):
+            name = self.name(args[0]) if args and _is_view_read(func) else None
+            if name is not None:
+                self.other_uses[name] += 1
+                self.attribute_views.add(name)
             return func(*args, **kwargs)
         rule = RULES.get(func)
         roles: dict[str, Any] = {}
@@ -126,7 +149,9 @@ class Probe(_ParamModes):
         plan = Plan()
         for name, param in self.params.items():
             rule_uses, other_uses = self.rule_uses[name], self.other_uses[name]
-            if rule_uses == 1 and other_uses == 0 and name not in self.unsupported:
+            if name in self.attribute_views:
+                plan.fallback.append(name)
+            elif rule_uses == 1 and other_uses == 0 and name not in self.unsupported:
                 plan.rule.append(name)
             elif rule_uses == 0 and other_uses > 0 and broadcastable(param):
                 plan.broadcast[name] = param.dim()
@@ -174,10 +199,20 @@ class Tap(_ParamModes):
             self.expanded[name] = self._per_example(name, expand_to_batch(value.detach(), self.broadcast[name], self.batch))
         return self.expanded[name]
 
+    def _substitute_all(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``_substitute`` on every leaf of an op's arguments (a flat comprehension for flat ones:
+        this runs for every op of the forward pass, and a pytree map costs more than small ops)."""
+        if any(isinstance(v, _CONTAINERS) for v in args) or any(isinstance(v, _CONTAINERS) for v in kwargs.values()):
+            return tree_map(self._substitute, (args, kwargs))
+        return tuple(self._substitute(v) for v in args), {k: self._substitute(v) for k, v in kwargs.items()}
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _is_attribute_read(func):
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if isinstance(out, Tensor) and out.requires_grad and args and self.name(args[0]) is not None:
+                out = out.detach()  # p.T: a parameter must not reach the graph past the trigger
+            return out
         if func in VIEWS and args and self.name(args[0]) in self.viewed:
             view = func(args[0].detach(), *args[1:], **kwargs)
             return self._per_example(self.name(args[0]), view.expand(self.batch, *view.shape[1:]))
@@ -186,7 +221,7 @@ class Tap(_ParamModes):
         if rule is not None:
             call = rule.bind(args, kwargs)
             slots = {role: self.fisher.get(self.name(call.get(role)) or "") for role in ROLES}
-        args, kwargs = tree_map(self._substitute, (args, kwargs))
+        args, kwargs = self._substitute_all(args, kwargs)
         out = func(*args, **kwargs)
         if slots is not None and any(s is not None for s in slots.values()):
             out = self._hook(out, rule, slots, call)

@@ -10,5 +10,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["bayeskern", "bayeskern.*"]) + ["bayeskern.kernels", "bayeskern.csrc"],
     package_dir={"bayeskern.kernels": "kernels", "bayeskern.csrc": "csrc"},
-    package_data={"bayeskern.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]},
+    package_data={"bayeskern": ["py.typed"], "bayeskern.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]},
 )

@@ -12,13 +12,19 @@ TORCH_LIBRARY(bayeskern_cpp, m) {
   m.def("weight_dropout_backward(Tensor grad, float p, int seed, int offset, int stream, float scale) -> Tensor");
   m.def("fill_normal_(Tensor(a!) out, int seed, int offset, int stream) -> Tensor(a!)");
   m.def("fill_uniform_(Tensor(a!) out, int seed, int offset, int stream) -> Tensor(a!)");
-  m.def("sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] prior_means, Tensor(b!)[] square_avgs, float lr, float prior_precision, float noise_scale, float alpha, float eps, int seed, int step, int[] offsets) -> ()");
+  m.def(
+      "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] prior_means, Tensor(b!)[] square_avgs, float lr, float prior_precision, float noise_scale, float alpha, float eps, int seed, int step, int[] offsets) -> ()");
   m.def("gaussian_kl(Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> Tensor");
-  m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> (Tensor, Tensor)");
+  m.def(
+      "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> (Tensor, Tensor)");
   m.def("first_nonfinite(Tensor[] tensors) -> int");
-  m.def("gaussian_sample_kl(Tensor[] mus, Tensor[] rhos, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
-  m.def("gaussian_sample_kl_backward(Tensor[] grads, Tensor grad_kl, Tensor[] mus, Tensor[] rhos, Tensor[] samples, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor[])");
-  m.def("weight_dropout_l2(Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
-  m.def("weight_dropout_l2_backward(Tensor[] grads, Tensor grad_l2, Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> Tensor[]");
+  m.def(
+      "gaussian_sample_kl(Tensor[] mus, Tensor[] rhos, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
+  m.def(
+      "gaussian_sample_kl_backward(Tensor[] grads, Tensor grad_kl, Tensor[] mus, Tensor[] rhos, Tensor[] samples, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor[])");
+  m.def(
+      "weight_dropout_l2(Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> (Tensor[], Tensor)");
+  m.def(
+      "weight_dropout_l2_backward(Tensor[] grads, Tensor grad_l2, Tensor[] mus, float p, bool fill_prior, Tensor?[] prior_means, float[] prior_stds, int seed, int[] offsets, int stream) -> Tensor[]");
   m.def("release_cached_blocks() -> int", &bayeskern::cpu::release_cached_blocks);  // no tensors: one kernel
 }

@@ -166,9 +166,9 @@ BK_HD F sigmoid(F x) {
 // cos and sin of 2*pi*u for u = k * 2^-24 in [0, 1), with exact octant reduction.
 template <class F, class U>
 BK_HD void sincos_turns(F u, F& cos_out, F& sin_out) {
-  const F y = u * 8.0f;                       // exact
+  const F y = u * 8.0f;                               // exact
   const F j = floor_lanes((y + 1.0f) * 0.5f) * 2.0f;  // nearest even octant: 0, 2, 4, 6, 8
-  const F x = (y - j) * 0.78539816339744831f;   // y - j exact; x in [-pi/4, pi/4]
+  const F x = (y - j) * 0.78539816339744831f;         // y - j exact; x in [-pi/4, pi/4]
   const F z = x * x;
   F s = F{} + -1.9515295891e-4f;
   s = s * z + 8.3321608736e-3f;

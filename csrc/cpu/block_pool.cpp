@@ -90,7 +90,8 @@ at::Tensor pooled_empty_like(const at::Tensor& t) {
   const size_t bytes = (data_bytes + kAlignment - 1) / kAlignment * kAlignment;  // aligned_alloc's rule
   if (data_bytes == 0) return at::empty_like(t, at::MemoryFormat::Contiguous);
   void* block = pool().take(bytes);
-  return at::from_blob(block, t.sizes(), [bytes](void* p) { pool().give_back(p, bytes); }, t.options());
+  return at::from_blob(
+      block, t.sizes(), [bytes](void* p) { pool().give_back(p, bytes); }, t.options());
 }
 
 int64_t release_cached_blocks() { return static_cast<int64_t>(pool().release_all()); }

@@ -149,9 +149,9 @@ struct DropoutDraw {
 void check_lists(at::TensorList mus, at::TensorList rhos, const c10::List<std::optional<at::Tensor>>& prior_means,
                  at::ArrayRef<double> prior_stds, at::IntArrayRef offsets) {
   const size_t n = mus.size();
-  TORCH_CHECK((rhos.empty() || rhos.size() == n) && prior_means.size() == n && prior_stds.size() == n &&
-                  offsets.size() == n,
-              "bayeskern_cpp: a fused draw needs one prior mean, prior std and offset (and rho) per mu");
+  TORCH_CHECK(
+      (rhos.empty() || rhos.size() == n) && prior_means.size() == n && prior_stds.size() == n && offsets.size() == n,
+      "bayeskern_cpp: a fused draw needs one prior mean, prior std and offset (and rho) per mu");
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(mus[i].is_contiguous() && mus[i].scalar_type() == mus[0].scalar_type(),
                 "bayeskern_cpp: a fused draw needs contiguous mus of one dtype (tensor ", i, ")");
@@ -159,8 +159,8 @@ void check_lists(at::TensorList mus, at::TensorList rhos, const c10::List<std::o
                                  rhos[i].scalar_type() == mus[0].scalar_type()),
                 "bayeskern_cpp: a fused draw needs a contiguous rho of mu's size and dtype (tensor ", i, ")");
     const std::optional<at::Tensor> m0 = prior_means[i];
-    TORCH_CHECK(!m0.has_value() || (m0->is_contiguous() && m0->numel() == mus[i].numel() &&
-                                    m0->scalar_type() == mus[0].scalar_type()),
+    TORCH_CHECK(!m0.has_value() ||
+                    (m0->is_contiguous() && m0->numel() == mus[i].numel() && m0->scalar_type() == mus[0].scalar_type()),
                 "bayeskern_cpp: a fused draw needs a contiguous prior mean of mu's size and dtype (tensor ", i, ")");
   }
 }

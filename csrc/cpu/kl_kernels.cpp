@@ -49,9 +49,9 @@ void check_inputs(const at::Tensor& mu, const at::Tensor& rho, const std::option
   TORCH_CHECK(mu.is_contiguous() && rho.is_contiguous() && mu.numel() == rho.numel(),
               "bayeskern_cpp: gaussian_kl needs contiguous mu and rho of one size");
   if (prior_mean.has_value()) {
-    TORCH_CHECK(prior_mean->scalar_type() == at::kFloat && prior_mean->is_contiguous() &&
-                    prior_mean->numel() == mu.numel(),
-                "bayeskern_cpp: gaussian_kl needs a contiguous float32 prior_mean of mu's size");
+    TORCH_CHECK(
+        prior_mean->scalar_type() == at::kFloat && prior_mean->is_contiguous() && prior_mean->numel() == mu.numel(),
+        "bayeskern_cpp: gaussian_kl needs a contiguous float32 prior_mean of mu's size");
   }
 }
 

@@ -24,8 +24,8 @@ void check_dense(const at::Tensor& t, const char* name) {
 // Runs out[j] = math(noise_j, in_0[j], ..., in_{K-1}[j]) over n elements placed at `offset`.
 // `math` takes and returns f32v lanes; inputs may be null (read as zero).
 template <int K, class scalar_t, class Noise, class Math>
-void fused_elementwise(std::array<const scalar_t*, K> inputs, scalar_t* out, int64_t n, uint64_t seed,
-                       uint64_t offset, uint64_t stream, Noise noise, Math math) {
+void fused_elementwise(std::array<const scalar_t*, K> inputs, scalar_t* out, int64_t n, uint64_t seed, uint64_t offset,
+                       uint64_t stream, Noise noise, Math math) {
   if (n == 0) return;
   const uint64_t q_first = offset / 4;
   const uint64_t q_last = (offset + n - 1) / 4;
@@ -66,26 +66,24 @@ at::Tensor gaussian_sample_cpu(const at::Tensor& mu, const at::Tensor& rho, int6
   check_dense(rho, "rho");
   auto out = at::empty_like(mu);
   BK_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "gaussian_sample_cpu", [&] {
-    fused_elementwise<2, scalar_t>({mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>()},
-                                   out.mutable_data_ptr<scalar_t>(), mu.numel(), seed, offset, stream,
-                                   NormalNoise{}, [](f32v eps, const std::array<f32v, 2>& x) {
-                                     return x[0] + softplus<f32v, u32v>(x[1]) * eps;
-                                   });
+    fused_elementwise<2, scalar_t>(
+        {mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>()}, out.mutable_data_ptr<scalar_t>(), mu.numel(),
+        seed, offset, stream, NormalNoise{},
+        [](f32v eps, const std::array<f32v, 2>& x) { return x[0] + softplus<f32v, u32v>(x[1]) * eps; });
   });
   return out;
 }
 
-at::Tensor gaussian_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& rho, int64_t seed,
-                                        int64_t offset, int64_t stream) {
+at::Tensor gaussian_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& rho, int64_t seed, int64_t offset,
+                                        int64_t stream) {
   check_dense(grad, "grad");
   check_dense(rho, "rho");
   auto grad_rho = at::empty_like(rho);
   BK_DISPATCH_KERNEL_TYPES(rho.scalar_type(), "gaussian_sample_backward_cpu", [&] {
-    fused_elementwise<2, scalar_t>({grad.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>()},
-                                   grad_rho.mutable_data_ptr<scalar_t>(), rho.numel(), seed, offset, stream,
-                                   NormalNoise{}, [](f32v eps, const std::array<f32v, 2>& x) {
-                                     return x[0] * eps * sigmoid<f32v, u32v>(x[1]);
-                                   });
+    fused_elementwise<2, scalar_t>(
+        {grad.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>()}, grad_rho.mutable_data_ptr<scalar_t>(),
+        rho.numel(), seed, offset, stream, NormalNoise{},
+        [](f32v eps, const std::array<f32v, 2>& x) { return x[0] * eps * sigmoid<f32v, u32v>(x[1]); });
   });
   return grad_rho;
 }
@@ -99,27 +97,25 @@ at::Tensor weight_dropout_cpu(const at::Tensor& w, double p, int64_t seed, int64
   const float scale = fill.has_value() ? 1.0f : 1.0f / (1.0f - p32);
   BK_DISPATCH_KERNEL_TYPES(w.scalar_type(), "weight_dropout_cpu", [&] {
     const scalar_t* fill_ptr = fill.has_value() ? fill->const_data_ptr<scalar_t>() : nullptr;
-    fused_elementwise<2, scalar_t>({w.const_data_ptr<scalar_t>(), fill_ptr}, out.mutable_data_ptr<scalar_t>(),
-                                   w.numel(), seed, offset, stream, UniformNoise{},
-                                   [p32, scale](f32v u, const std::array<f32v, 2>& x) {
-                                     return select(u >= p32, x[0] * scale, x[1]);
-                                   });
+    fused_elementwise<2, scalar_t>(
+        {w.const_data_ptr<scalar_t>(), fill_ptr}, out.mutable_data_ptr<scalar_t>(), w.numel(), seed, offset, stream,
+        UniformNoise{},
+        [p32, scale](f32v u, const std::array<f32v, 2>& x) { return select(u >= p32, x[0] * scale, x[1]); });
   });
   return out;
 }
 
-at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, double p, int64_t seed, int64_t offset,
-                                       int64_t stream, double scale) {
+at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, double p, int64_t seed, int64_t offset, int64_t stream,
+                                       double scale) {
   check_dense(grad, "grad");
   auto grad_w = at::empty_like(grad);
   const float p32 = static_cast<float>(p);
   const float scale32 = static_cast<float>(scale);
   BK_DISPATCH_KERNEL_TYPES(grad.scalar_type(), "weight_dropout_backward_cpu", [&] {
-    fused_elementwise<1, scalar_t>({grad.const_data_ptr<scalar_t>()}, grad_w.mutable_data_ptr<scalar_t>(),
-                                   grad.numel(), seed, offset, stream, UniformNoise{},
-                                   [p32, scale32](f32v u, const std::array<f32v, 1>& x) {
-                                     return select(u >= p32, x[0] * scale32, f32v{});
-                                   });
+    fused_elementwise<1, scalar_t>(
+        {grad.const_data_ptr<scalar_t>()}, grad_w.mutable_data_ptr<scalar_t>(), grad.numel(), seed, offset, stream,
+        UniformNoise{},
+        [p32, scale32](f32v u, const std::array<f32v, 1>& x) { return select(u >= p32, x[0] * scale32, f32v{}); });
   });
   return grad_w;
 }

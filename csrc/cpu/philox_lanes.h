@@ -42,8 +42,8 @@ inline void philox4x32_10(cpu::u32v& c0, cpu::u32v& c1, cpu::u32v& c2, cpu::u32v
     k1 += kPhiloxKeyB;
   }
   for (int j = 0; j < 4; ++j) {
-    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(x[0][j])),
-                                         _mm512_cvtepi64_epi32(x[1][j]), 1);
+    const __m512i w =
+        _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(x[0][j])), _mm512_cvtepi64_epi32(x[1][j]), 1);
     *words[j] = reinterpret_cast<cpu::u32v>(w);
   }
 }
@@ -85,8 +85,8 @@ struct UniformNoise {
   void operator()(uint64_t seed, uint64_t stream, uint64_t q0, float* out) const {
     u32v w0, w1, w2, w3;
     philox_step(seed, stream, q0, w0, w1, w2, w3);
-    interleave(uniform_from_word<f32v, u32v>(w0), uniform_from_word<f32v, u32v>(w1),
-               uniform_from_word<f32v, u32v>(w2), uniform_from_word<f32v, u32v>(w3), out);
+    interleave(uniform_from_word<f32v, u32v>(w0), uniform_from_word<f32v, u32v>(w1), uniform_from_word<f32v, u32v>(w2),
+               uniform_from_word<f32v, u32v>(w3), out);
   }
 };
 

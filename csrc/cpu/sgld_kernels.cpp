@@ -66,9 +66,9 @@ void sgld_steps(const std::vector<Slice<scalar_t>>& slices, const StepPlan& plan
   });
 }
 
-void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList prior_means,
-                   at::TensorList square_avgs, double lr, double prior_precision, double noise_scale, double alpha,
-                   double eps, int64_t seed, int64_t step, at::IntArrayRef offsets) {
+void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList prior_means, at::TensorList square_avgs,
+                   double lr, double prior_precision, double noise_scale, double alpha, double eps, int64_t seed,
+                   int64_t step, at::IntArrayRef offsets) {
   check_sgld_lists(params, grads, prior_means, square_avgs, offsets);
   const size_t count = params.size();
   if (count == 0) return;
@@ -105,7 +105,8 @@ bool chunk_finite(const scalar_t* x, int64_t n) {
 int64_t first_nonfinite_cpu(at::TensorList tensors) {
   std::vector<int64_t> chunk_tensor, chunk_start;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(tensors[i].is_contiguous() && tensors[i].device().is_cpu(), "bayeskern_cpp: first_nonfinite needs contiguous CPU tensors");
+    TORCH_CHECK(tensors[i].is_contiguous() && tensors[i].device().is_cpu(),
+                "bayeskern_cpp: first_nonfinite needs contiguous CPU tensors");
     for (int64_t start = 0; start < tensors[i].numel(); start += kCheckChunk) {
       chunk_tensor.push_back(static_cast<int64_t>(i));
       chunk_start.push_back(start);
@@ -117,9 +118,8 @@ int64_t first_nonfinite_cpu(at::TensorList tensors) {
     for (int64_t c = begin; c < end; ++c) {
       const at::Tensor& t = tensors[chunk_tensor[c]];
       const int64_t n = std::min(kCheckChunk, t.numel() - chunk_start[c]);
-      BK_DISPATCH_KERNEL_TYPES(t.scalar_type(), "first_nonfinite_cpu", [&] {
-        finite[c] = chunk_finite(t.const_data_ptr<scalar_t>() + chunk_start[c], n);
-      });
+      BK_DISPATCH_KERNEL_TYPES(t.scalar_type(), "first_nonfinite_cpu",
+                               [&] { finite[c] = chunk_finite(t.const_data_ptr<scalar_t>() + chunk_start[c], n); });
     }
   });
   const auto bad = std::find(finite.begin(), finite.end(), 0);

@@ -13,7 +13,7 @@
 namespace bayeskern {
 namespace cpu {
 
-constexpr int kLanes = 16;                 // Philox blocks per SIMD step
+constexpr int kLanes = 16;                  // Philox blocks per SIMD step
 constexpr int kBlockElements = 4 * kLanes;  // elements per SIMD step
 
 typedef float f32v __attribute__((vector_size(4 * kLanes)));

@@ -49,13 +49,14 @@ class StepPlan {
         const int64_t end = std::min(total_steps_, begin + kChunkSteps);
         // the tensor holding step `begin`: the last one starting at or before it
         auto it = std::upper_bound(tensors_.begin(), tensors_.end(), begin,
-                                   [](int64_t s, const Entry& e) { return s < e.first_step; }) - 1;
+                                   [](int64_t s, const Entry& e) { return s < e.first_step; }) -
+                  1;
         for (int64_t flat = begin; flat < end; ++flat) {
           while (it + 1 != tensors_.end() && (it + 1)->first_step <= flat) ++it;
           const uint64_t q0 = it->q_first + static_cast<uint64_t>(flat - it->first_step) * kLanes;
           const int64_t base = static_cast<int64_t>(4 * q0) - static_cast<int64_t>(it->offset);
-          body(chunk, Step{it->index, q0, base, std::max<int64_t>(0, -base),
-                           std::min<int64_t>(kBlockElements, it->n - base)});
+          body(chunk,
+               Step{it->index, q0, base, std::max<int64_t>(0, -base), std::min<int64_t>(kBlockElements, it->n - base)});
         }
       }
     });

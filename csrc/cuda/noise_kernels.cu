@@ -36,9 +36,9 @@ struct UniformNoise {
 
 // out[j] = math(noise_j, a[j], b[j]) for n elements placed at `offset`; a and b may be null.
 template <class scalar_t, class Noise, class Math>
-__global__ void fused_elementwise_kernel(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n,
-                                         uint64_t seed, uint64_t offset, uint64_t stream, uint64_t q_first,
-                                         uint64_t blocks, Noise noise, Math math) {
+__global__ void fused_elementwise_kernel(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, uint64_t seed,
+                                         uint64_t offset, uint64_t stream, uint64_t q_first, uint64_t blocks,
+                                         Noise noise, Math math) {
   for (uint64_t t = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; t < blocks;
        t += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
     const uint64_t q = q_first + t;
@@ -69,13 +69,15 @@ void launch(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, int6
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   const uint64_t max_grid = static_cast<uint64_t>(sm_count) * 32;
   const int grid = static_cast<int>(std::min<uint64_t>((blocks + kThreads - 1) / kThreads, max_grid));
-  fused_elementwise_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      a, b, out, n, seed, offset, stream, q_first, blocks, noise, math);
+  fused_elementwise_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, b, out, n, seed, offset, stream,
+                                                                                     q_first, blocks, noise, math);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 struct SampleMath {
-  __device__ float operator()(float eps, float mu, float rho) const { return mu + softplus<float, uint32_t>(rho) * eps; }
+  __device__ float operator()(float eps, float mu, float rho) const {
+    return mu + softplus<float, uint32_t>(rho) * eps;
+  }
 };
 struct SampleGradMath {
   __device__ float operator()(float eps, float grad, float rho) const {
@@ -95,14 +97,14 @@ at::Tensor gaussian_sample_cuda(const at::Tensor& mu, const at::Tensor& rho, int
   const c10::cuda::CUDAGuard guard(mu.device());
   auto out = at::empty_like(mu);
   BK_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "gaussian_sample_cuda", [&] {
-    launch(mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-           mu.numel(), seed, offset, stream, NormalNoise{}, SampleMath{});
+    launch(mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), mu.numel(),
+           seed, offset, stream, NormalNoise{}, SampleMath{});
   });
   return out;
 }
 
-at::Tensor gaussian_sample_backward_cuda(const at::Tensor& grad, const at::Tensor& rho, int64_t seed,
-                                         int64_t offset, int64_t stream) {
+at::Tensor gaussian_sample_backward_cuda(const at::Tensor& grad, const at::Tensor& rho, int64_t seed, int64_t offset,
+                                         int64_t stream) {
   const c10::cuda::CUDAGuard guard(rho.device());
   auto grad_rho = at::empty_like(rho);
   BK_DISPATCH_KERNEL_TYPES(rho.scalar_type(), "gaussian_sample_backward_cuda", [&] {
@@ -120,20 +122,20 @@ at::Tensor weight_dropout_cuda(const at::Tensor& w, double p, int64_t seed, int6
   const DropoutMath math{p32, fill.has_value() ? 1.0f : 1.0f / (1.0f - p32)};
   BK_DISPATCH_KERNEL_TYPES(w.scalar_type(), "weight_dropout_cuda", [&] {
     const scalar_t* fill_ptr = fill.has_value() ? fill->const_data_ptr<scalar_t>() : nullptr;
-    launch(w.const_data_ptr<scalar_t>(), fill_ptr, out.mutable_data_ptr<scalar_t>(), w.numel(), seed, offset,
-           stream, UniformNoise{}, math);
+    launch(w.const_data_ptr<scalar_t>(), fill_ptr, out.mutable_data_ptr<scalar_t>(), w.numel(), seed, offset, stream,
+           UniformNoise{}, math);
   });
   return out;
 }
 
-at::Tensor weight_dropout_backward_cuda(const at::Tensor& grad, double p, int64_t seed, int64_t offset,
-                                        int64_t stream, double scale) {
+at::Tensor weight_dropout_backward_cuda(const at::Tensor& grad, double p, int64_t seed, int64_t offset, int64_t stream,
+                                        double scale) {
   const c10::cuda::CUDAGuard guard(grad.device());
   auto grad_w = at::empty_like(grad);
   const DropoutMath math{static_cast<float>(p), static_cast<float>(scale)};
   BK_DISPATCH_KERNEL_TYPES(grad.scalar_type(), "weight_dropout_backward_cuda", [&] {
-    launch(grad.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
-           grad_w.mutable_data_ptr<scalar_t>(), grad.numel(), seed, offset, stream, UniformNoise{}, math);
+    launch(grad.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), grad_w.mutable_data_ptr<scalar_t>(),
+           grad.numel(), seed, offset, stream, UniformNoise{}, math);
   });
   return grad_w;
 }
@@ -147,7 +149,8 @@ at::Tensor& fill_normal_cuda(at::Tensor& out, int64_t seed, int64_t offset, int6
 }
 
 at::Tensor& fill_uniform_cuda(at::Tensor& out, int64_t seed, int64_t offset, int64_t stream) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "fill_uniform_ needs a contiguous float32 tensor");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "fill_uniform_ needs a contiguous float32 tensor");
   const c10::cuda::CUDAGuard guard(out.device());
   launch(static_cast<const float*>(nullptr), static_cast<const float*>(nullptr), out.mutable_data_ptr<float>(),
          out.numel(), seed, offset, stream, UniformNoise{}, IdentityMath{});

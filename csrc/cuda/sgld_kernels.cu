@@ -37,7 +37,8 @@ __device__ int find_record(const Record* records, int count, uint64_t block) {
   int lo = 0, hi = count - 1;  // the last record whose first_block <= block
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (static_cast<uint64_t>(records[mid].first_block) <= block) lo = mid; else hi = mid - 1;
+    if (static_cast<uint64_t>(records[mid].first_block) <= block) lo = mid;
+    else hi = mid - 1;
   }
   return lo;
 }
@@ -83,9 +84,9 @@ __global__ void sgld_kernel(const Record* records, int count, uint64_t total_blo
   }
 }
 
-void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList prior_means,
-                    at::TensorList square_avgs, double lr, double prior_precision, double noise_scale, double alpha,
-                    double eps, int64_t seed, int64_t step, at::IntArrayRef offsets) {
+void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList prior_means, at::TensorList square_avgs,
+                    double lr, double prior_precision, double noise_scale, double alpha, double eps, int64_t seed,
+                    int64_t step, at::IntArrayRef offsets) {
   check_sgld_lists(params, grads, prior_means, square_avgs, offsets);
   const size_t count = params.size();
   if (count == 0) return;

@@ -23,7 +23,7 @@ def negative_log_likelihood(
     if output.dtype in (torch.float16, torch.bfloat16):
         output = output.float()
     if likelihood == "classification":
-        return F.cross_entropy(output, target, reduction=reduction)
+        return F.cross_entropy(output, target if target.is_floating_point() else target.long(), reduction=reduction)
     variance = noise_std**2
     squared = (output - target.reshape(output.shape).to(output.dtype)).square()
     total = squared.sum() / (2 * variance) + squared.numel() * 0.5 * math.log(2 * math.pi * variance)

@@ -23,23 +23,58 @@ samples per call, larger ones one (several large samples per call lose their act
 locality; benchmarks/README.md has the measurements).  If compilation fails the engine warns and
 runs eagerly, one sample at a time.
 
+Vectorised path: when the random tensors are a small part of the network (LoRA adapters, a head
+that the last-layer path below cannot split off), K samples run in one call with the samples in a
+leading batch dimension: ``torch.func.vmap`` over ``sample -> forward({**frozen, **sample})`` with
+the K samples' random tensors stacked (in_dims 0) and the inputs and every other tensor shared; the
+forward is that of the module run per sample (the head where the last-layer path below applies).
+Everything computed before the first random tensor (embeddings, a frozen body) runs once per chunk,
+unbatched, and every frozen weight is read once per chunk instead of K times; the per-op overhead
+(Python, kernel launches) is paid once per chunk too.  The results equal the loop's to float rounding
+(the same ops, batched).  Automatic choice (``vectorize=None``; ``_vectorizes``): vectorise when the
+random tensors take at most ``VECTOR_SHARE`` of the bytes of the module run per sample (its
+parameters and buffers, random ones included) and a chunk of at least two samples fits
+``VECTOR_BYTES``.  Why: per chunk of K samples the vectorised call reads ``(1 - f + K f) W`` bytes of
+weights against the loop's ``K W`` (f the random share, W the module's bytes) and does the same
+flops, so with f <= 1/8 and K >= 8 it reads at most about a quarter as much; when f is large (all
+weights random) there is little to share, its K-fold activations only cost memory and the loop,
+which can be compiled, is used.  The vectorised call is not compiled (compiling a vmapped
+transformer takes minutes and did not make it faster on CPU); CPU attention runs through the math kernel of
+``scaled_dot_product_attention``, which has a batching rule.  ``vectorize=True`` forces it,
+``False`` forbids it.  If vmap cannot run the model (an op without a batching rule, control flow on
+a sample-dependent value, random ops in eval mode, an in-place update of a shared tensor with a
+sample-dependent one) the engine warns once and runs the loop for the rest of the call; an output
+of the wrong shape (``bayeskern.batches.logits_of``) raises its ValueError, as the loop would.
+
+K for the vectorised path: the largest K <= S with ``K * (random bytes + activation bytes of one
+sample) <= VECTOR_BYTES``, the S samples cut into equal chunks of at most K.  The activation bytes of
+one sample are measured on every vectorised call: ``LIVE_FACTOR`` times the largest sample-dependent
+module output (a no-grad forward holds about that many tensors of the largest size at once: the
+residual, an op's input, its output and a temporary), per element of the call's inputs, and scaled
+to the next batch's inputs.  The first vectorised call of a ``predict`` has no measurement yet and
+is bounded by the random bytes alone; an out-of-memory error (``torch.OutOfMemoryError``, on a
+GPU) halves K and retries.
+
 Last-layer posteriors: the random tensors often all lie in one submodule, the head.  When the model
 returns that submodule's output untouched, the rest of the network does not depend on the sample:
 it runs once per batch, the head's inputs are captured with a forward hook, and only the head runs
 S times.  Checked on every batch: the head must run exactly once, its output must be the model's
 output, unmodified, and its inputs must hold no NaN with the random tensors set to NaN for that
 forward (so the rest of the network did not read them); otherwise the whole network runs per
-sample, for this batch and the next ones.
+sample, for this batch and the next ones.  A container that is never called itself (the
+``ModuleList`` holding every LoRA'd layer) is no head: the check is skipped.
 
 Memory: inputs run in batches of ``batch_size`` (or as the loader yields them); the S samples are
 drawn once and reused for every batch when they fit in ``SAMPLE_CACHE_BYTES``; beyond it, the first
 samples that fit stay cached and the others are redrawn for every batch (``sample`` is deterministic
 in its index), so memory stays within the budget plus at most three samples (compiled: plus one
-chunk, at most ``CHUNK_BYTES`` of random tensors or one sample).  A tensor predicted in one batch
+chunk, at most ``CHUNK_BYTES`` of random tensors or one sample; vectorised: plus one chunk's stacked
+random tensors and activations, within ``VECTOR_BYTES`` once measured).  A tensor predicted in one batch
 draws every sample once anyway, so nothing is cached: each sample is freed once used.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,7 +83,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
 from .batches import OutputFn, as_call, batch_length, inputs_of, logits_of, move_to, split_inputs
@@ -59,6 +95,9 @@ from .validation import check_choice, check_count, check_nonnegative
 SAMPLE_CACHE_BYTES = 1 << 30
 CHUNK_SAMPLES = 32  # at most this many samples per compiled call (the graph grows with it)
 CHUNK_BYTES = 4 << 20  # ... whose random tensors take at most this many bytes together
+VECTOR_SHARE = 1 / 8  # vectorise automatically when the random tensors are at most this share of the module's bytes
+VECTOR_BYTES = 1 << 30  # K samples per vectorised call: K * (random + activation bytes of a sample) at most this
+LIVE_FACTOR = 4  # activation bytes of a sample: this many times its largest sample-dependent module output
 
 
 @dataclass
@@ -86,7 +125,8 @@ class _Reading:
 def _forward(module: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict[str, Any],
              reading: _Reading) -> tuple[Tensor, ...]:
     """One posterior sample: outputs and, for classification, probabilities and their entropy."""
-    out = logits_of(functional_call(module, params, args, kwargs), reading.inputs, reading.output_fn)
+    out = logits_of(functional_call(module, params, args, kwargs), reading.inputs, reading.output_fn,
+                    classification=reading.classification)
     if not reading.classification:
         return (out,)
     log_p = torch.log_softmax(out.float(), dim=-1)
@@ -103,10 +143,25 @@ def _forward_chunk(
 
 class _Runner:
     """Calls ``_forward_chunk`` compiled (once per model/shape/chunk size) or ``_forward`` once per
-    sample eagerly; falls back to eager, with a warning, if compilation or the compiled call fails."""
+    sample eagerly; falls back to eager, with a warning, if compilation or the compiled call fails.
+    ``vectorize`` (None: automatic, see ``_vectorizes``) and the activation measurements govern the
+    vectorised path (``_vectorized_results``), dropped for the loop, with a warning, if vmap fails."""
 
-    def __init__(self, compile: bool) -> None:
+    def __init__(self, compile: bool, vectorize: bool | None = None) -> None:
         self.compiled = compile
+        self.vectorize = vectorize
+        self.vmap_failed = False
+        self.activation_per_element: dict[int, float] = {}  # per module run: bytes per sample and input element
+
+    def vectorizes(self, call: _PerSample, samples: _Samples) -> bool:
+        """Whether this batch's samples run vectorised (module docstring)."""
+        if self.vmap_failed or self.vectorize is False or not samples.random:
+            return False
+        if self.vectorize:
+            return True
+        per_element = self.activation_per_element.get(id(call.module), 0.0)
+        activation = int(per_element * max(_elements((call.args, call.kwargs)), 1))
+        return _vectorizes(samples.num_samples, samples.random_bytes, call.module_bytes, activation)
 
     def __call__(
         self, module: nn.Module, params: list[dict[str, Tensor]], args: tuple, kwargs: dict[str, Any],
@@ -131,6 +186,44 @@ def _compiled() -> Callable[..., list[tuple[Tensor, ...]]]:
         # weights here are inputs (a new sample each call), so on CPU it made resnet18 1.6x slower.
         _COMPILED = torch.compile(_forward_chunk, options={"layout_optimization": False})
     return _COMPILED
+
+
+def _forward_vmapped(
+    module: nn.Module, base: dict[str, Tensor], stacked: dict[str, Tensor], args: tuple, kwargs: dict[str, Any],
+    reading: _Reading,
+) -> tuple[Tensor, ...]:
+    """``_forward`` of K samples at once: vmap over the stacked random tensors (leading dimension K),
+    everything else shared; the results carry a leading dimension K."""
+    def one(sample: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return _forward(module, {**base, **sample}, args, kwargs, reading)
+
+    return vmap(one, randomness="error")(stacked)
+
+
+def _vectorizes(num_samples: int, random_bytes: int, module_bytes: int, activation_bytes: int = 0) -> bool:
+    """The automatic choice of the vectorised path (module docstring): the random tensors take at most
+    ``VECTOR_SHARE`` of the module's bytes and a chunk of at least two samples fits ``VECTOR_BYTES``."""
+    return (num_samples > 1 and random_bytes <= VECTOR_SHARE * module_bytes
+            and _vector_chunk(num_samples, random_bytes, activation_bytes) >= 2)
+
+
+def _vector_chunk(num_samples: int, random_bytes: int, activation_bytes: int) -> int:
+    """Samples per vectorised call: the most, up to S, whose random tensors and activations fit in
+    ``VECTOR_BYTES``, at least 1."""
+    return max(1, min(num_samples, VECTOR_BYTES // max(random_bytes + activation_bytes, 1)))
+
+
+def _elements(value: Any) -> int:
+    return sum(t.numel() for t in tree_leaves(value) if isinstance(t, Tensor))
+
+
+def _bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _is_batched(t: Tensor) -> bool:
+    is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
+    return True if is_batched is None else bool(is_batched(t))
 
 
 def _chunk_size(num_samples: int, sample_bytes: int) -> int:
@@ -209,6 +302,7 @@ class _PerSample:
     prefix: str
     args: tuple
     kwargs: dict[str, Any]
+    module_bytes: int  # of the module's tensors in ``base`` (random ones included)
 
     def params(self, drawn: dict[str, Tensor]) -> dict[str, Tensor]:
         cut = len(self.prefix)
@@ -223,25 +317,29 @@ class _Target:
         self, model: nn.Module, base: dict[str, Tensor], samples: _Samples, model_device: torch.device
     ) -> None:
         self.model, self.base = model, base
+        self.model_bytes = _bytes(base.values())
         path = _owner(samples.random)
         first = samples[0]  # held or cached: not drawn again
         floating = all(t.is_floating_point() for t in first.values())
         self.head = model.get_submodule(path) if path and floating and model_device == samples.device else None
+        if self.head is not None and type(self.head).forward is nn.Module.forward:
+            self.head = None  # a container that is never called (ModuleList of LoRA'd layers): no head
         if self.head is not None:
             # the body runs with the random tensors all NaN: a head input with a NaN used them
             poisoned = {n: torch.full_like(t, math.nan) for n, t in first.items()}
             self.body_params = {**self.base, **poisoned}
             self.prefix = path + "."
             self.head_base = {n[len(self.prefix):]: t for n, t in base.items() if n.startswith(self.prefix)}
+            self.head_bytes = _bytes(self.head_base.values())
 
     def per_sample(self, x: Any) -> _PerSample:
         args, kwargs = as_call(x)
         if self.head is not None:
             captured = _submodule_inputs(self.model, self.body_params, self.head, args, kwargs)
             if captured is not None:
-                return _PerSample(self.head, self.head_base, self.prefix, *captured)
+                return _PerSample(self.head, self.head_base, self.prefix, *captured, self.head_bytes)
             self.head = None  # the check failed: run the whole network from now on
-        return _PerSample(self.model, self.base, "", args, kwargs)
+        return _PerSample(self.model, self.base, "", args, kwargs, self.model_bytes)
 
 
 def _submodule_inputs(
@@ -279,6 +377,7 @@ def predict(
     *,
     num_samples: int = 32,
     compile: bool = True,
+    vectorize: bool | None = None,
     batch_size: int | None = None,
     return_logits: bool = False,
     likelihood: str | None = None,
@@ -291,9 +390,14 @@ def predict(
     of loader batches (``bayeskern.batches``: inputs, ``(inputs, targets, ...)``, Mappings with
     ``labels``, which are ignored); ``batch_size`` splits each of them further.  ``likelihood``,
     ``noise_std`` (the regression likelihood's observation noise, added to the variance) and
-    ``output_fn`` default to the posterior's (``"classification"``, 0 and None if it has none).  ``compile=False`` runs eagerly; results agree with
-    the compiled run to float rounding.
+    ``output_fn`` default to the posterior's (``"classification"``, 0 and None if it has none).
+    ``compile=False`` runs the per-sample loop eagerly; results agree with the compiled run to float
+    rounding.  ``vectorize`` runs several samples per call under ``torch.func.vmap`` (True), never
+    (False) or where the random tensors are a small part of the model (None, the default; module
+    docstring); results agree with the loop's to float rounding.
     """
+    if vectorize is not None and not isinstance(vectorize, bool):
+        raise ValueError(f"vectorize must be True, False or None, got {vectorize!r}")
     likelihood = check_choice(likelihood or getattr(posterior, "likelihood", "classification"), "likelihood", LIKELIHOODS)
     num_samples = check_count(num_samples, "num_samples", 1)
     if batch_size is not None:
@@ -309,7 +413,7 @@ def predict(
         model_device = next((t.device for t in base.values()), torch.device("cpu"))
         single_batch = isinstance(inputs, (Tensor, Mapping)) and (batch_size is None or batch_length(inputs) <= batch_size)
         samples = _Samples(posterior, num_samples, model_device, cache=not single_batch)
-        target, run = _Target(model, base, samples, model_device), _Runner(compile)
+        target, run = _Target(model, base, samples, model_device), _Runner(compile, vectorize)
         parts = [
             _predict_batch(x, samples, run, target, _Reading(x, output_fn, classification), return_logits)
             for x in (move_to(batch, samples.device) for batch in _batches(inputs, batch_size))
@@ -333,13 +437,16 @@ def _predict_batch(
     total: Tensor | float = 0.0
     second: Tensor | float = 0.0  # classification: sum of H[p_s]; regression: Welford's M2
     call = target.per_sample(x)
-    chunk = _chunk_size(S, samples.random_bytes) if run.compiled else 1
-    results = (
-        result
-        for start in range(0, S, chunk)
-        for result in run(call.module, [call.params(samples[s]) for s in range(start, start + chunk)], call.args,
-                          call.kwargs, reading)
-    )
+    if run.vectorizes(call, samples):
+        results = _vectorized_results(run, call, samples, reading)
+    else:
+        chunk = _chunk_size(S, samples.random_bytes) if run.compiled else 1
+        results = (
+            result
+            for start in range(0, S, chunk)
+            for result in run(call.module, [call.params(samples[s]) for s in range(start, start + chunk)], call.args,
+                              call.kwargs, reading)
+        )
     for s, result in enumerate(results):
         if return_logits:
             outputs.append(result[0])
@@ -362,3 +469,57 @@ def _predict_batch(
     if return_logits:
         fields["logits"] = torch.stack(outputs)
     return fields
+
+
+def _vectorized_results(
+    run: _Runner, call: _PerSample, samples: _Samples, reading: _Reading
+) -> Iterator[tuple[Tensor, ...]]:
+    """The per-sample results of the vectorised path, chunk by chunk (module docstring); if vmap fails,
+    a warning and the loop for the samples left."""
+    S, key = samples.num_samples, id(call.module)
+    elements = max(_elements((call.args, call.kwargs)), 1)
+    cut = len(call.prefix)
+    on_cpu = next((t.device for t in call.base.values()), samples.device).type == "cpu"
+    start, most = 0, S
+    while start < S:
+        activation = int(run.activation_per_element.get(key, 0.0) * elements)
+        k = min(most, _vector_chunk(S, samples.random_bytes, activation))
+        k = math.ceil((S - start) / math.ceil((S - start) / k))  # equal chunks of at most k
+        drawn = [samples[s] for s in range(start, start + k)]
+        stacked = {name[cut:]: torch.stack([d[name] for d in drawn])
+                   for name in drawn[0] if name.startswith(call.prefix)}
+        del drawn
+        largest = 0
+
+        def measure(module: nn.Module, args: Any, output: Any) -> None:
+            nonlocal largest
+            for t in tree_leaves(output):
+                if isinstance(t, Tensor) and _is_batched(t):  # logical (one sample's) size
+                    largest = max(largest, t.numel() * t.element_size())
+
+        handle = nn.modules.module.register_module_forward_hook(measure)
+        try:
+            # CPU flash attention has no batching rule (vmap would loop over the samples): the math kernel has
+            with sdpa_kernel([SDPBackend.MATH]) if on_cpu else contextlib.nullcontext():
+                out = _forward_vmapped(call.module, call.base, stacked, call.args, call.kwargs, reading)
+        except ValueError:  # the outputs' shape (``logits_of``): the loop would raise it too
+            raise
+        except torch.OutOfMemoryError:
+            if k == 1:
+                raise
+            most = k // 2
+            continue
+        except Exception as err:  # no batching rule, data-dependent control flow, ...: the loop still works
+            warnings.warn(f"torch.func.vmap failed ({type(err).__name__}: {err}); predicting one sample at a time",
+                          RuntimeWarning, stacklevel=2)
+            run.vmap_failed = True
+            for s in range(start, S):
+                yield from run(call.module, [call.params(samples[s])], call.args, call.kwargs, reading)
+            return
+        finally:
+            handle.remove()
+        del stacked
+        measured = LIVE_FACTOR * largest / elements
+        run.activation_per_element[key] = max(run.activation_per_element.get(key, 0.0), measured)
+        yield from zip(*(t.unbind(0) for t in out))
+        start += k

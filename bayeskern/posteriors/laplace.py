@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batches import OutputFn, split_batch
+from ..batches import OutputFn, check_classification_logits, split_batch
 from ..curvature import squared_gradients
 from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, shared_seed
 from ..likelihoods import LIKELIHOODS, negative_log_likelihood
@@ -132,6 +132,8 @@ class DiagLaplace:
     # -- fitting -------------------------------------------------------------------------------
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Summed negative log-likelihood of a batch (``bayeskern.likelihoods``)."""
+        if self.likelihood == "classification":
+            check_classification_logits(output, self.output_fn)
         return negative_log_likelihood(output, target, self.likelihood, self.noise_std, reduction="sum")
 
     def _label_sampler(self, device: torch.device):
@@ -140,6 +142,7 @@ class DiagLaplace:
         def sample(output: Tensor) -> Tensor:
             output = output.float()
             if self.likelihood == "classification":
+                check_classification_logits(output, self.output_fn)
                 return torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
             noise = torch.randn(output.shape, generator=generator, device=output.device)
             return output + self.noise_std * noise

@@ -228,14 +228,21 @@ class WeightPosterior(nn.Module):
         if targets is None:
             inputs, targets = split_batch(inputs)
         inputs, targets = move_to((inputs, targets), self._device())
+        classification = criterion is None and self.likelihood == "classification"  # (N, C) logits
         criterion = self.nll if criterion is None else criterion
+        steps_taken = int(self.rng_state[1])
         seed = self._next_seed()
-        first, regulariser = self._draw_with_regulariser(seed, rank_stream(0))
-        draws = itertools.chain([first], (self._draw(seed, rank_stream(s)) for s in range(1, self.train_samples)))
-        nll = sum(
-            criterion(logits_of(self.functional_forward(weights, inputs), inputs, self.output_fn), targets)
-            for weights in draws
-        ) / self.train_samples
+        try:
+            first, regulariser = self._draw_with_regulariser(seed, rank_stream(0))
+            draws = itertools.chain([first], (self._draw(seed, rank_stream(s)) for s in range(1, self.train_samples)))
+            nll = sum(
+                criterion(logits_of(self.functional_forward(weights, inputs), inputs, self.output_fn,
+                                    classification=classification), targets)
+                for weights in draws
+            ) / self.train_samples
+        except Exception:
+            self.rng_state[1] = steps_taken  # a failed call leaves the noise stream where it was
+            raise
         return nll + self._tempered(regulariser) / self.num_data
 
     def _tempered(self, regulariser: Tensor) -> Tensor:

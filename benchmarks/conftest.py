@@ -12,7 +12,8 @@ run).  Suites: test_bench_ops.py / test_bench_draw.py / test_bench_sgld.py (kern
 composition), test_bench_methods.py (each posterior against the deterministic network: training step, Fisher
 epoch, predict, peak memory; models and sizes in cases.py), test_bench_peers.py (bayesian-torch,
 IVON, laplace-torch in the same groups, where installed), test_bench_vi.py (predict compiled vs
-eager), test_bench_laplace.py (Fisher against the per-example prior art).
+eager), test_bench_laplace.py (Fisher against the per-example prior art), test_bench_lora.py (every
+method over the LoRA adapters of a LLaMA-style transformers classifier against plain LoRA fine-tuning).
 
 Sizes: ``BAYESKERN_BENCH_SIZES`` (comma-separated element counts, default 1M and 16M);
 device: ``BAYESKERN_BENCH_DEVICE`` (default cpu); ``BAYESKERN_BENCH_QUICK=1``: every suite at tiny
@@ -21,9 +22,17 @@ as ``bayeskern-finetune`` does) unless ``BAYESKERN_BENCH_RETAIN_MEMORY=0`` (glib
 JSON's machine info records which.
 """
 import os
+import sys
 
 import pytest
 import torch
+
+# The checkout's root must not be on sys.path (as in tests/conftest.py): its Triton folder ``kernels/``
+# (installed as ``bayeskern.kernels``) would shadow the PyPI package ``kernels`` that transformers
+# imports (test_bench_lora.py).  ``python -m pytest`` puts the current directory first; bayeskern
+# itself comes from the install.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 if os.environ.get("BAYESKERN_BENCH_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton cases are skipped on CPU (too slow to time)

@@ -8,13 +8,18 @@
 # where installed) on ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
 # two pytest runs per model (JSON + table each) under time limits (BAYESKERN_BENCH_RUN_TIMEOUT per run,
 # BAYESKERN_BENCH_METHODS_BUDGET for all), so a slow model cannot sink the rest.
-# On a machine without CUDA it skips the CUDA parts and runs the same benchmark + report pipelines
-# on tiny CPU sizes (the overhead suite in quick mode on the MLP), so CI exercises the script.
+# Then the LoRA suite (test_bench_lora.py, preset 1b): every method over the LoRA adapters (r = 8) of a
+# ~1B-parameter LLaMA (random weights in bf16) against plain LoRA fine-tuning, batch 8 x 512 tokens:
+# steps, peak memory, the Laplace fit, predict at batch 1/2/4 (BAYESKERN_BENCH_LORA_TIMEOUT s, default 150).
+# On a machine without CUDA it skips the CUDA parts (and the LoRA suite, unless BAYESKERN_BENCH_LORA_CPU=1
+# runs it in quick mode) and runs the same benchmark + report pipelines on tiny CPU sizes (the overhead
+# suite in quick mode on the MLP), so CI exercises the script.
 #
 #   bash benchmarks/device_check.sh [RESULTS_DIR]      (default: benchmarks/results, or $OUT if set)
 #
-# Budget: under 8 minutes on one H100.  Wheels missing on the device machine (pytest-benchmark,
-# py-cpuinfo) can travel in .whl/ (see benchmarks/README.md, "GPU checks"); they are installed when present.
+# Budget: under 10 minutes on one H100 (the LoRA suite about 2 of them).  Wheels missing on the device
+# machine (pytest-benchmark, py-cpuinfo) can travel in .whl/ (see benchmarks/README.md, "GPU checks");
+# they are installed when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -96,3 +101,25 @@ for model in "${MODELS[@]}"; do
     fi
   done
 done
+
+# LoRA over a ~1B LLaMA (bf16, random weights): the methods' steps, peak memory, Laplace fit and predict
+# against plain LoRA fine-tuning (test_bench_lora.py; its validation-NLL comparison of the priors runs on
+# CPU and is left out here).  Needs transformers and peft.
+name="lora-$DEVICE-$STAMP"
+if [ "$DEVICE" = cpu ] && [ "${BAYESKERN_BENCH_LORA_CPU:-0}" != 1 ]; then
+  echo "== LoRA benchmarks skipped: no CUDA device (BAYESKERN_BENCH_LORA_CPU=1 runs them in quick mode)"
+elif ! (cd /tmp && $PY -c "import transformers, peft") 2>/dev/null; then  # not from the root: kernels/
+  echo "== LoRA benchmarks skipped: transformers or peft is not installed"
+else
+  preset=1b limit=${BAYESKERN_BENCH_LORA_TIMEOUT:-150}
+  [ "$DEVICE" = cpu ] && preset=quick limit=${BAYESKERN_BENCH_LORA_TIMEOUT:-600}
+  echo "== LoRA benchmarks on $DEVICE: LLaMA preset $preset (limit ${limit}s)"
+  if BAYESKERN_BENCH_DEVICE=$DEVICE BAYESKERN_BENCH_LORA_PRESET=${BAYESKERN_BENCH_LORA_PRESET:-$preset} \
+      timeout "$limit" $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_lora.py \
+      -k "not validation_nll" --benchmark-only --benchmark-json="$RESULTS/$name.json" >"$RESULTS/$name.log" 2>&1; then
+    $PY benchmarks/report.py "$RESULTS/$name.json" | tee "$RESULTS/$name.md"
+  else
+    echo "$name failed or ran out of time:"; tail -30 "$RESULTS/$name.log"
+    [ "$DEVICE" = cuda ] || exit 1
+  fi
+fi

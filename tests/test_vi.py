@@ -246,3 +246,13 @@ def test_bad_arguments_are_rejected_by_name(kwargs, name):
 
 def test_timm_models_train_under_vi_without_modification():
     train_wrapped_timm_model(lambda model: VI(model, init_std=1e-3, num_data=100, new_params=["fc.*", "head.*"]))
+
+
+def test_inputs_move_to_the_device_of_the_models_weights():
+    """A posterior over a model on another device sends its inputs there (checked with 'meta',
+    which computes shapes only, standing in for a GPU)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to("meta")
+    post = VI(model, num_data=10, seed=0)
+    out = post(torch.randn(5, 3))
+    assert out.device.type == "meta" and out.shape == (5, 2)
+    assert post.loss(torch.randn(5, 3), torch.zeros(5, dtype=torch.long)).device.type == "meta"

@@ -194,7 +194,8 @@ class WeightPosterior(nn.Module):
         return {name: t.detach() for name, t in self._others().items()}
 
     def _device(self) -> torch.device:
-        return self.rng_state.device
+        """Where the Bayesian weights live (the model's device, or wherever ``.to()`` moved them)."""
+        return self.get_submodule(self.variational[0])._parameters[mangle(self.names[0])].device
 
     def functional_forward(self, weights: dict[str, Tensor], inputs: Inputs) -> Any:
         """Run the wrapped model on ``inputs`` (moved to the posterior's device) with ``weights`` for

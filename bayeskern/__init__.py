@@ -4,6 +4,7 @@
 on first access; it and the scipy/scikit-learn parts of ``bayeskern.metrics`` come with
 ``pip install 'bayeskern[app]'``.
 """
+
 import importlib as _importlib
 
 from . import distributed, metrics, ops
@@ -22,6 +23,7 @@ from .predictive import Prediction, predict
 __version__ = "0.1.0"
 
 __all__ = [
+    "VI",
     "BayesSGLD",
     "DiagLaplace",
     "GaussianPrior",
@@ -29,7 +31,6 @@ __all__ = [
     "Posterior",
     "Prediction",
     "SampleBank",
-    "VI",
     "__version__",
     "distributed",
     "metrics",

@@ -16,8 +16,10 @@ first element; of an object or Mapping with ``logits`` (``transformers``' ``Mode
 field.  ``output_fn(output, inputs) -> Tensor`` maps anything else, e.g. a causal LM's logits at the
 last non-padding position restricted to the answer tokens (docs/design.md, "Batches and outputs").
 """
+
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,8 +50,10 @@ def split_batch(batch: Any, *, need_targets: bool = True) -> tuple[Inputs, Tenso
             raise ValueError(f"a batch of {len(batch)} element(s) holds no targets: give (inputs, targets)")
         return batch[0], None
     if need_targets:
-        raise ValueError(f"a batch of type {type(batch).__name__} holds no targets: give (inputs, targets) or a "
-                         f"Mapping with {LABELS!r}")
+        raise ValueError(
+            f"a batch of type {type(batch).__name__} holds no targets: give (inputs, targets) or a "
+            f"Mapping with {LABELS!r}"
+        )
     return batch, None
 
 
@@ -84,11 +88,11 @@ def batch_length(inputs: Inputs) -> int:
 def split_inputs(inputs: Inputs, size: int) -> list[Inputs]:
     """``inputs`` cut into pieces of at most ``size`` examples (every batch-first tensor is split alike)."""
     length = batch_length(inputs)
-    return [
-        tree_map(lambda t: t[start:start + size] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == length else t,
-                 inputs)
-        for start in range(0, length, size)
-    ]
+
+    def piece(t: Any, start: int) -> Any:
+        return t[start : start + size] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == length else t
+
+    return [tree_map(functools.partial(piece, start=start), inputs) for start in range(0, length, size)]
 
 
 def logits_of(
@@ -109,8 +113,9 @@ def logits_of(
         raise ValueError(f"{where} gave a {type(logits).__name__}, not a tensor of logits")
     length = batch_length(inputs)
     if logits.dim() == 0 or logits.shape[0] != length:
-        raise ValueError(f"{where} gave logits of shape {tuple(logits.shape)}; expected ({length}, ...), "
-                         "one row per example")
+        raise ValueError(
+            f"{where} gave logits of shape {tuple(logits.shape)}; expected ({length}, ...), one row per example"
+        )
     if classification:
         check_classification_logits(logits, output_fn)
     return logits
@@ -121,8 +126,10 @@ def check_classification_logits(logits: Tensor, output_fn: OutputFn | None = Non
     ``(N, T, V)`` logits of every position, where ``output_fn`` should pick the answer's)."""
     if logits.dim() != 2:
         where = "output_fn" if output_fn is not None else "the model's output"
-        raise ValueError(f"{where} gave logits of shape {tuple(logits.shape)}; classification expects "
-                         f"({logits.shape[0]}, num_classes), one row of class logits per example")
+        raise ValueError(
+            f"{where} gave logits of shape {tuple(logits.shape)}; classification expects "
+            f"({logits.shape[0]}, num_classes), one row of class logits per example"
+        )
     return logits
 
 
@@ -136,5 +143,7 @@ def _default_logits(output: Any) -> Any:
         return logits
     if isinstance(output, (tuple, list)) and output:
         return output[0]
-    raise ValueError(f"cannot read logits from a {type(output).__name__}: return a tensor, a tuple, an object "
-                     "with .logits, or pass output_fn")
+    raise ValueError(
+        f"cannot read logits from a {type(output).__name__}: return a tensor, a tuple, an object "
+        "with .logits, or pass output_fn"
+    )

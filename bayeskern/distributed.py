@@ -12,6 +12,7 @@ How each posterior uses them (the README's "Data-parallel training" section has 
 * ``VI`` / ``MCDropout``: training draws use ``rank_stream(s)``, distinct per rank.
 * ``SampleBank(rank_zero_only=True)``: keeps samples on rank 0 only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -93,6 +94,13 @@ def all_reduce_sum(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 __all__ = [
-    "all_reduce_sum", "collective_device", "is_distributed", "is_rank_zero", "rank", "rank_seed", "rank_stream",
-    "shared_seed", "world_size",
+    "all_reduce_sum",
+    "collective_device",
+    "is_distributed",
+    "is_rank_zero",
+    "rank",
+    "rank_seed",
+    "rank_stream",
+    "shared_seed",
+    "world_size",
 ]

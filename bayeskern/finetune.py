@@ -1,4 +1,5 @@
 """``python -m bayeskern.finetune``: the same as the ``bayeskern-finetune`` command."""
+
 import sys
 
 from .app.finetune import main

@@ -4,6 +4,7 @@
 * ``"regression"``: Gaussian with std ``noise_std`` (sigma) per output,
   ``-log p(y | f) = sum_k (f_k - y_k)^2 / (2 sigma^2) + log(2 pi sigma^2) / 2``.
 """
+
 from __future__ import annotations
 
 import math

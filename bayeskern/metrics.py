@@ -14,6 +14,7 @@ Only torch and numpy are imported with the module; ``fit_temperature`` imports s
 ``ood_auroc``/``ood_report`` import scikit-learn when called (both come with
 ``pip install 'bayeskern[app]'``; without them those functions raise ImportError saying so).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,7 @@ def _optional(module: str, package: str):
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f"this bayeskern.metrics function needs {package} ({error}); "
-            "install it with: pip install 'bayeskern[app]'",
+            f"this bayeskern.metrics function needs {package} ({error}); install it with: pip install 'bayeskern[app]'",
             name=error.name,
         ) from error
 
@@ -100,9 +100,7 @@ def _probs(x: ArrayLike, from_logits: bool, name: str = "probs", ndim: int = 2) 
         raise ValueError(f"{name} has negative entries{hint}")
     deviation = (t.sum(-1) - 1).abs().max().item()
     if deviation > SUM_TOL:
-        raise ValueError(
-            f"{name} rows must sum to 1 (largest deviation {deviation:.3g} > {SUM_TOL}){hint}"
-        )
+        raise ValueError(f"{name} rows must sum to 1 (largest deviation {deviation:.3g} > {SUM_TOL}){hint}")
     return t
 
 
@@ -122,9 +120,7 @@ def _targets(targets: ArrayLike, scores: torch.Tensor, scores_name: str) -> torc
     return t.long()
 
 
-def _prepare(
-    probs: ArrayLike, targets: ArrayLike, from_logits: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare(probs: ArrayLike, targets: ArrayLike, from_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
     p = _probs(probs, from_logits)
     return p, _targets(targets, p, "probs")
 
@@ -207,9 +203,7 @@ def _edges(confidence: torch.Tensor, n_bins: int, binning: Binning) -> torch.Ten
     return torch.from_numpy(levels)
 
 
-def _bin(
-    confidence: torch.Tensor, hit: torch.Tensor, n_bins: int, binning: Binning
-) -> CalibrationBins:
+def _bin(confidence: torch.Tensor, hit: torch.Tensor, n_bins: int, binning: Binning) -> CalibrationBins:
     """Bins of ``confidence`` with their mean confidence and mean ``hit``."""
     edges = _edges(confidence, n_bins, binning)
     index = torch.searchsorted(edges[1:-1].contiguous(), confidence)  # e_b < conf <= e_{b+1}
@@ -222,8 +216,12 @@ def _bin(
 
 
 def calibration_bins(
-    probs: ArrayLike, targets: ArrayLike, n_bins: int = 15,
-    *, binning: Binning = "uniform", from_logits: bool = False,
+    probs: ArrayLike,
+    targets: ArrayLike,
+    n_bins: int = 15,
+    *,
+    binning: Binning = "uniform",
+    from_logits: bool = False,
 ) -> CalibrationBins:
     """Top-label reliability bins of conf_i against hit_i (what ``ece`` and the plots use)."""
     p, y = _prepare(probs, targets, from_logits)
@@ -232,8 +230,13 @@ def calibration_bins(
 
 
 def ece(
-    probs: ArrayLike, targets: ArrayLike, n_bins: int = 15,
-    *, norm: Norm = "l1", binning: Binning = "uniform", from_logits: bool = False,
+    probs: ArrayLike,
+    targets: ArrayLike,
+    n_bins: int = 15,
+    *,
+    norm: Norm = "l1",
+    binning: Binning = "uniform",
+    from_logits: bool = False,
 ) -> float:
     """Top-label expected calibration error; see ``CalibrationBins.error`` for the norms."""
     bins = calibration_bins(probs, targets, n_bins, binning=binning, from_logits=from_logits)
@@ -241,16 +244,24 @@ def ece(
 
 
 def mce(
-    probs: ArrayLike, targets: ArrayLike, n_bins: int = 15,
-    *, binning: Binning = "uniform", from_logits: bool = False,
+    probs: ArrayLike,
+    targets: ArrayLike,
+    n_bins: int = 15,
+    *,
+    binning: Binning = "uniform",
+    from_logits: bool = False,
 ) -> float:
     """Maximum calibration error: the largest gap over non-empty bins."""
     return ece(probs, targets, n_bins, norm="max", binning=binning, from_logits=from_logits)
 
 
 def classwise_ece(
-    probs: ArrayLike, targets: ArrayLike, n_bins: int = 15,
-    *, binning: Binning = "uniform", from_logits: bool = False,
+    probs: ArrayLike,
+    targets: ArrayLike,
+    n_bins: int = 15,
+    *,
+    binning: Binning = "uniform",
+    from_logits: bool = False,
 ) -> float:
     """Class-wise ECE (Kull et al., 2019): (1/C) sum_c ECE of p_{.c} against 1[y = c]."""
     p, y = _prepare(probs, targets, from_logits)
@@ -307,9 +318,7 @@ def mutual_information(sample_probs: ArrayLike, *, from_logits: bool = False) ->
     return (predictive_entropy(p) - expected_entropy(p)).clamp_min(0.0)
 
 
-def _ood_labels_scores(
-    scores_in: ArrayLike, scores_out: ArrayLike
-) -> tuple[np.ndarray, np.ndarray]:
+def _ood_labels_scores(scores_in: ArrayLike, scores_out: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Labels (1 = out-of-distribution) and scores for scikit-learn."""
     s_in = _as_float64(scores_in, "scores_in", 1)
     s_out = _as_float64(scores_out, "scores_out", 1)
@@ -341,9 +350,7 @@ def ood_report(scores_in: ArrayLike, scores_out: ArrayLike) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- temperature
-def fit_temperature(
-    logits: ArrayLike, targets: ArrayLike, *, bounds: tuple[float, float] = (1e-2, 1e2)
-) -> float:
+def fit_temperature(logits: ArrayLike, targets: ArrayLike, *, bounds: tuple[float, float] = (1e-2, 1e2)) -> float:
     """Temperature T > 0 minimising the NLL of softmax(logits / T):
 
         NLL(T) = (1/N) sum_i [ logsumexp_c(z_ic / T) - z_{i y_i} / T ].

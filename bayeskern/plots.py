@@ -5,6 +5,7 @@ touches pyplot's global state or needs a display. The bins and the ECE/MCE come 
 ``bayeskern.metrics.calibration_bins``. Needs matplotlib (``pip install 'bayeskern[app]'``);
 ``import bayeskern`` loads this module only when ``bayeskern.plots`` is first used.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -40,11 +41,21 @@ def _draw(ax_diagram: Axes, ax_histogram: Axes, bins: CalibrationBins, title: st
     accuracy, confidence = bins.accuracy.numpy()[filled], bins.confidence.numpy()[filled]
 
     ax_diagram.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    ax_diagram.bar(left[filled], accuracy, width[filled], align="edge",
-                   color="tab:blue", edgecolor="black", label="accuracy")
-    ax_diagram.bar(left[filled], confidence - accuracy, width[filled], bottom=accuracy,
-                   align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
-                   label="gap to confidence")
+    ax_diagram.bar(
+        left[filled], accuracy, width[filled], align="edge", color="tab:blue", edgecolor="black", label="accuracy"
+    )
+    ax_diagram.bar(
+        left[filled],
+        confidence - accuracy,
+        width[filled],
+        bottom=accuracy,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
     for name, norm in (("ECE", "l1"), ("MCE", "max")):
         ax_diagram.plot([], [], " ", label=f"{name} = {bins.error(norm):.4f}")
     ax_diagram.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
@@ -72,13 +83,16 @@ def reliability_figure(
     """
     if not probs_by_name:
         raise ValueError("probs_by_name is empty")
-    all_bins = [calibration_bins(probs, targets, n_bins, binning=binning, from_logits=from_logits)
-                for probs in probs_by_name.values()]
+    all_bins = [
+        calibration_bins(probs, targets, n_bins, binning=binning, from_logits=from_logits)
+        for probs in probs_by_name.values()
+    ]
     width, height = PANEL_INCHES
     figure = Figure(figsize=(width * len(all_bins), height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, len(all_bins), squeeze=False, sharex=True, sharey="row",
-                           gridspec_kw={"height_ratios": [3, 1]})
+    axes = figure.subplots(
+        2, len(all_bins), squeeze=False, sharex=True, sharey="row", gridspec_kw={"height_ratios": [3, 1]}
+    )
     for title, bins, ax_diagram, ax_histogram in zip(probs_by_name, all_bins, *axes):
         _draw(ax_diagram, ax_histogram, bins, title)
     return figure
@@ -101,8 +115,7 @@ def reliability_diagram(
 ) -> Path:
     """Write a reliability diagram to ``path`` (format from its suffix, e.g. .png; a PNG is
     ``PANEL_INCHES * DPI`` = 400 x 500 pixels) and return the path."""
-    figure = reliability_figure({title or "": probs}, targets, n_bins,
-                                binning=binning, from_logits=from_logits)
+    figure = reliability_figure({title or "": probs}, targets, n_bins, binning=binning, from_logits=from_logits)
     return _save(figure, path)
 
 
@@ -116,6 +129,5 @@ def compare_reliability(
     from_logits: bool = False,
 ) -> Path:
     """Write the reliability diagrams of several methods side by side (400 pixels wide each)."""
-    figure = reliability_figure(probs_by_name, targets, n_bins,
-                                binning=binning, from_logits=from_logits)
+    figure = reliability_figure(probs_by_name, targets, n_bins, binning=binning, from_logits=from_logits)
     return _save(figure, path)

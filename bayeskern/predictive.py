@@ -72,14 +72,15 @@ chunk, at most ``CHUNK_BYTES`` of random tensors or one sample; vectorised: plus
 random tensors and activations, within ``VECTOR_BYTES`` once measured).  A tensor predicted in one batch
 draws every sample once anyway, so nothing is cached: each sample is freed once used.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -122,11 +123,16 @@ class _Reading:
     classification: bool
 
 
-def _forward(module: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict[str, Any],
-             reading: _Reading) -> tuple[Tensor, ...]:
+def _forward(
+    module: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict[str, Any], reading: _Reading
+) -> tuple[Tensor, ...]:
     """One posterior sample: outputs and, for classification, probabilities and their entropy."""
-    out = logits_of(functional_call(module, params, args, kwargs), reading.inputs, reading.output_fn,
-                    classification=reading.classification)
+    out = logits_of(
+        functional_call(module, params, args, kwargs),
+        reading.inputs,
+        reading.output_fn,
+        classification=reading.classification,
+    )
     if not reading.classification:
         return (out,)
     log_p = torch.log_softmax(out.float(), dim=-1)
@@ -164,14 +170,19 @@ class _Runner:
         return _vectorizes(samples.num_samples, samples.random_bytes, call.module_bytes, activation)
 
     def __call__(
-        self, module: nn.Module, params: list[dict[str, Tensor]], args: tuple, kwargs: dict[str, Any],
+        self,
+        module: nn.Module,
+        params: list[dict[str, Tensor]],
+        args: tuple,
+        kwargs: dict[str, Any],
         reading: _Reading,
     ) -> list[tuple[Tensor, ...]]:
         if self.compiled:
             try:
                 return _compiled()(module, params, args, kwargs, reading)
             except Exception as err:  # any compiler error: predicting must still work
-                warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); predicting eagerly", RuntimeWarning)
+                message = f"torch.compile failed ({type(err).__name__}: {err}); predicting eagerly"
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
                 self.compiled = False
         return [_forward(module, p, args, kwargs, reading) for p in params]
 
@@ -189,11 +200,16 @@ def _compiled() -> Callable[..., list[tuple[Tensor, ...]]]:
 
 
 def _forward_vmapped(
-    module: nn.Module, base: dict[str, Tensor], stacked: dict[str, Tensor], args: tuple, kwargs: dict[str, Any],
+    module: nn.Module,
+    base: dict[str, Tensor],
+    stacked: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict[str, Any],
     reading: _Reading,
 ) -> tuple[Tensor, ...]:
     """``_forward`` of K samples at once: vmap over the stacked random tensors (leading dimension K),
     everything else shared; the results carry a leading dimension K."""
+
     def one(sample: dict[str, Tensor]) -> tuple[Tensor, ...]:
         return _forward(module, {**base, **sample}, args, kwargs, reading)
 
@@ -203,8 +219,11 @@ def _forward_vmapped(
 def _vectorizes(num_samples: int, random_bytes: int, module_bytes: int, activation_bytes: int = 0) -> bool:
     """The automatic choice of the vectorised path (module docstring): the random tensors take at most
     ``VECTOR_SHARE`` of the module's bytes and a chunk of at least two samples fits ``VECTOR_BYTES``."""
-    return (num_samples > 1 and random_bytes <= VECTOR_SHARE * module_bytes
-            and _vector_chunk(num_samples, random_bytes, activation_bytes) >= 2)
+    return (
+        num_samples > 1
+        and random_bytes <= VECTOR_SHARE * module_bytes
+        and _vector_chunk(num_samples, random_bytes, activation_bytes) >= 2
+    )
 
 
 def _vector_chunk(num_samples: int, random_bytes: int, activation_bytes: int) -> int:
@@ -329,7 +348,7 @@ class _Target:
             poisoned = {n: torch.full_like(t, math.nan) for n, t in first.items()}
             self.body_params = {**self.base, **poisoned}
             self.prefix = path + "."
-            self.head_base = {n[len(self.prefix):]: t for n, t in base.items() if n.startswith(self.prefix)}
+            self.head_base = {n[len(self.prefix) :]: t for n, t in base.items() if n.startswith(self.prefix)}
             self.head_bytes = _bytes(self.head_base.values())
 
     def per_sample(self, x: Any) -> _PerSample:
@@ -398,7 +417,9 @@ def predict(
     """
     if vectorize is not None and not isinstance(vectorize, bool):
         raise ValueError(f"vectorize must be True, False or None, got {vectorize!r}")
-    likelihood = check_choice(likelihood or getattr(posterior, "likelihood", "classification"), "likelihood", LIKELIHOODS)
+    likelihood = check_choice(
+        likelihood or getattr(posterior, "likelihood", "classification"), "likelihood", LIKELIHOODS
+    )
     num_samples = check_count(num_samples, "num_samples", 1)
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
@@ -411,7 +432,9 @@ def predict(
     try:
         base = {**_state(model), **posterior.fixed_tensors()}
         model_device = next((t.device for t in base.values()), torch.device("cpu"))
-        single_batch = isinstance(inputs, (Tensor, Mapping)) and (batch_size is None or batch_length(inputs) <= batch_size)
+        single_batch = isinstance(inputs, (Tensor, Mapping)) and (
+            batch_size is None or batch_length(inputs) <= batch_size
+        )
         samples = _Samples(posterior, num_samples, model_device, cache=not single_batch)
         target, run = _Target(model, base, samples, model_device), _Runner(compile, vectorize)
         parts = [
@@ -444,8 +467,13 @@ def _predict_batch(
         results = (
             result
             for start in range(0, S, chunk)
-            for result in run(call.module, [call.params(samples[s]) for s in range(start, start + chunk)], call.args,
-                              call.kwargs, reading)
+            for result in run(
+                call.module,
+                [call.params(samples[s]) for s in range(start, start + chunk)],
+                call.args,
+                call.kwargs,
+                reading,
+            )
         )
     for s, result in enumerate(results):
         if return_logits:
@@ -463,7 +491,9 @@ def _predict_batch(
         probs = total / S
         entropy = _entropy(probs)
         expected = second / S
-        fields.update(probs=probs, entropy=entropy, expected_entropy=expected, mutual_info=(entropy - expected).clamp_min(0))
+        fields.update(
+            probs=probs, entropy=entropy, expected_entropy=expected, mutual_info=(entropy - expected).clamp_min(0)
+        )
     else:
         fields.update(mean=total, variance=second / S)
     if return_logits:
@@ -486,8 +516,9 @@ def _vectorized_results(
         k = min(most, _vector_chunk(S, samples.random_bytes, activation))
         k = math.ceil((S - start) / math.ceil((S - start) / k))  # equal chunks of at most k
         drawn = [samples[s] for s in range(start, start + k)]
-        stacked = {name[cut:]: torch.stack([d[name] for d in drawn])
-                   for name in drawn[0] if name.startswith(call.prefix)}
+        stacked = {
+            name[cut:]: torch.stack([d[name] for d in drawn]) for name in drawn[0] if name.startswith(call.prefix)
+        }
         del drawn
         largest = 0
 
@@ -510,8 +541,11 @@ def _vectorized_results(
             most = k // 2
             continue
         except Exception as err:  # no batching rule, data-dependent control flow, ...: the loop still works
-            warnings.warn(f"torch.func.vmap failed ({type(err).__name__}: {err}); predicting one sample at a time",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"torch.func.vmap failed ({type(err).__name__}: {err}); predicting one sample at a time",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             run.vmap_failed = True
             for s in range(start, S):
                 yield from run(call.module, [call.params(samples[s])], call.args, call.kwargs, reading)

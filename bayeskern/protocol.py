@@ -15,6 +15,7 @@ A posterior describes uncertainty over some parameters of an unmodified ``nn.Mod
 Predictions run the module through ``torch.func.functional_call(model, {**model tensors,
 **fixed_tensors(), **sample(index)}, ...)``, so the module is never edited.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable

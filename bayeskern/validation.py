@@ -1,4 +1,5 @@
 """Argument checks shared by the public API: each raises ValueError naming the argument."""
+
 from __future__ import annotations
 
 import math

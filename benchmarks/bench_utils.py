@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark suites (see conftest.py for the conventions)."""
+
 import os
 
 import torch

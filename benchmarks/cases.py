@@ -18,6 +18,7 @@ Environment (every variable optional):
 * ``BAYESKERN_BENCH_INTERLEAVED_ROUNDS``: rounds of each training step timed alternately with the
   deterministic step (``interleaved_ratio``; default 20; 2 in quick mode; 0 skips it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +32,9 @@ from dataclasses import dataclass
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from bench_utils import QUICK, record, synchronize
 from memory import Step, peak_bytes
+from torch import nn
 
 NUM_CLASSES = 10
 NUM_DATA = 50_000  # N of the posteriors' data terms (its value does not change the cost)
@@ -59,7 +59,9 @@ def compile_enabled(device: torch.device) -> bool:
 
 def _mlp() -> nn.Module:
     width = 64 if QUICK else 1024
-    return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, NUM_CLASSES))
+    return nn.Sequential(
+        nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, NUM_CLASSES)
+    )
 
 
 def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
@@ -103,8 +105,10 @@ def batches(name: str, device: torch.device, count: int = 1) -> list[tuple[torch
     gen = torch.Generator().manual_seed(1)
     b = batch_size(name)
     return [
-        (torch.randn(b, *MODELS[name].input_shape, generator=gen).to(device),
-         torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(device))
+        (
+            torch.randn(b, *MODELS[name].input_shape, generator=gen).to(device),
+            torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(device),
+        )
         for _ in range(count)
     ]
 
@@ -134,8 +138,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 
 def measure(
-    benchmark, device: torch.device, setup: Callable[[], Step], group: str, impl: str, name: str,
-    timed_setup: Callable[[], Step] | None = None, **info,
+    benchmark,
+    device: torch.device,
+    setup: Callable[[], Step],
+    group: str,
+    impl: str,
+    name: str,
+    timed_setup: Callable[[], Step] | None = None,
+    **info,
 ) -> None:
     """Peak memory of the case built by ``setup`` (which also warms it up), then the time of its
     step (or of the one ``timed_setup`` builds, where memory is tracked on a different step)."""
@@ -149,8 +159,18 @@ def measure(
         step()
         synchronize(device)
 
-    record(benchmark, group, impl, baseline=impl == "deterministic", model=name, batch_size=batch_size(name),
-           params=sum(p.numel() for p in net.parameters()), peak_bytes=peak, amp=AMP or "none", **info)
+    record(
+        benchmark,
+        group,
+        impl,
+        baseline=impl == "deterministic",
+        model=name,
+        batch_size=batch_size(name),
+        params=sum(p.numel() for p in net.parameters()),
+        peak_bytes=peak,
+        amp=AMP or "none",
+        **info,
+    )
     benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
@@ -170,4 +190,3 @@ def interleaved_ratio(baseline: Step, step: Step, device: torch.device, rounds: 
             synchronize(device)
             times[k].append(time.perf_counter() - start)
     return statistics.median(times[1]) / statistics.median(times[0])
-

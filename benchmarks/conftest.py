@@ -21,6 +21,7 @@ sizes, to check it runs.  The process keeps freed CPU memory (``bayeskern.ops.re
 as ``bayeskern-finetune`` does) unless ``BAYESKERN_BENCH_RETAIN_MEMORY=0`` (glibc's defaults); the
 JSON's machine info records which.
 """
+
 import os
 import sys
 

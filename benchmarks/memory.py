@@ -18,6 +18,7 @@ it returns the peak of the bytes live during all that, counting only what the ca
   nothing and is not counted.  Tensors created outside the mode, and
   memory that libraries allocate internally (e.g. oneDNN workspaces), are not seen.
 """
+
 from __future__ import annotations
 
 import gc

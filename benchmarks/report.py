@@ -26,6 +26,7 @@ and ``speed-up`` (baseline / time); where both record ``extra_info["peak_bytes"]
 fraction of the clone's bytes/s.  The header names the
 machine, the accelerator and the torch version recorded in the JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,7 +115,10 @@ def table(benchmarks: list[dict], only: str | None = None, skip: set[str] | froz
                 clone_rate = clone["extra_info"]["bytes"] / clone["stats"]["mean"]
                 bandwidth = info["bytes"] / mean / clone_rate
             impl = f"**{info['impl']}** (baseline)" if info.get("baseline") else info["impl"]
-            rows.append(f"| {group} | {impl} | {_fmt_time(mean)} | {ratio} | {speedup} | {memory} | {_extras(entry, bandwidth)} |")
+            rows.append(
+                f"| {group} | {impl} | {_fmt_time(mean)} | {ratio} | {speedup} | {memory} "
+                f"| {_extras(entry, bandwidth)} |"
+            )
     return rows
 
 
@@ -181,10 +185,17 @@ def render_readme(results_dir: Path, notes: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="*", type=Path,
-                        help="pytest-benchmark --benchmark-json output (none: render benchmarks/README.md)")
-    parser.add_argument("--out", type=Path,
-                        help="write the markdown here (default: stdout for JSON arguments, else benchmarks/README.md)")
+    parser.add_argument(
+        "json",
+        nargs="*",
+        type=Path,
+        help="pytest-benchmark --benchmark-json output (none: render benchmarks/README.md)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the markdown here (default: stdout for JSON arguments, else benchmarks/README.md)",
+    )
     parser.add_argument("--groups", help="only the groups matching this regular expression (JSON arguments)")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="result files of the README")
     parser.add_argument("--notes", type=Path, default=HERE / "notes.md", help="the README's template")

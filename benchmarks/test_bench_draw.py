@@ -12,17 +12,17 @@ draw and its prior term (upstream gradients g_k for the drawn tensors and c for 
 
 The per-tensor and fused implementations run on the device's default backend.
 """
+
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from bench_utils import QUICK, record, synchronize
 
 import bayeskern.ops as ops
 from bayeskern.ops.philox import tensor_offsets
-
-from bench_utils import QUICK, record, synchronize
 
 P = 0.1
 PRIOR_STD = 1.0
@@ -39,8 +39,12 @@ def _gaussian_impls(mus, rhos, means, offsets):
     def eager():
         samples = [mu + F.softplus(rho) * torch.randn_like(mu) for mu, rho in zip(mus, rhos)]
         kl = sum(
-            (torch.log(torch.tensor(PRIOR_STD)) - torch.log(F.softplus(rho))
-             + (F.softplus(rho) ** 2 + (mu - m0) ** 2) / (2 * PRIOR_STD**2) - 0.5).sum()
+            (
+                torch.log(torch.tensor(PRIOR_STD))
+                - torch.log(F.softplus(rho))
+                + (F.softplus(rho) ** 2 + (mu - m0) ** 2) / (2 * PRIOR_STD**2)
+                - 0.5
+            ).sum()
             for mu, rho, m0 in zip(mus, rhos, means)
         )
         return samples, kl
@@ -93,6 +97,12 @@ def test_draw_forward_backward(benchmark, bench_device, kind, impl):
         synchronize(bench_device)
         return grads
 
-    record(benchmark, f"{kind} fwd+bwd {model_name} params {bench_device.type}", impl, baseline=impl == "eager",
-           params=sum(p.numel() for p in params), tensors=len(params))
+    record(
+        benchmark,
+        f"{kind} fwd+bwd {model_name} params {bench_device.type}",
+        impl,
+        baseline=impl == "eager",
+        params=sum(p.numel() for p in params),
+        tensors=len(params),
+    )
     benchmark.pedantic(call, rounds=1 if QUICK else 10, iterations=1, warmup_rounds=1)

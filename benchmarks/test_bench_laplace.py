@@ -19,8 +19,10 @@ On CUDA (``BAYESKERN_BENCH_DEVICE=cuda``, as the device check runs it) the model
 ResNet-50 and ViT-B/16 at 224 px, batch 64.  ``BAYESKERN_BENCH_QUICK=1`` shrinks every model and batch
 for a smoke run.
 """
+
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 
@@ -28,17 +30,16 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from bench_utils import QUICK, record, synchronize
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from bayeskern.posteriors.laplace import DiagLaplace
 
-from bench_utils import QUICK, record, synchronize
-
 
 def _mlp(*widths: int) -> nn.Module:
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+    for fan_in, fan_out in itertools.pairwise(widths):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
@@ -79,7 +80,9 @@ def _setup(name: str, device: torch.device, prior_art: bool):
     count = prior_art_count if prior_art else count
     torch.manual_seed(0)
     model = build().to(device).eval()
-    batches = [(torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)) for _ in range(count)]
+    batches = [
+        (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)) for _ in range(count)
+    ]
     return model, batches
 
 
@@ -99,7 +102,7 @@ def _loop(model, batches):
     for x, y in batches:
         for i in range(len(y)):
             model.zero_grad(set_to_none=True)
-            _sum_ce(model(x[i:i + 1]), y[i:i + 1]).backward()
+            _sum_ce(model(x[i : i + 1]), y[i : i + 1]).backward()
             for n, p in params.items():
                 fisher[n] += p.grad.square()
     return fisher

@@ -35,6 +35,7 @@ batch 8 x 512 tokens: the device check's); ``BAYESKERN_BENCH_LORA_LAYERS``, ``_H
 ``_SAMPLES`` (10) override the preset; ``BAYESKERN_BENCH_QUICK=1`` makes everything tiny.  Also
 ``BAYESKERN_BENCH_DEVICE``, ``_ROUNDS``, ``_INTERLEAVED_ROUNDS``, ``_FISHER_BATCHES`` (cases.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -109,7 +110,8 @@ def _case() -> LoraCase:
         raise ValueError(f"BAYESKERN_BENCH_LORA_DTYPE must be one of {', '.join(_DTYPES)}, got {values['dtype']!r}")
     batches = os.environ.get("BAYESKERN_BENCH_LORA_PREDICT_BATCHES", "1,2,4")
     return LoraCase(
-        **values, rank=int(os.environ.get("BAYESKERN_BENCH_LORA_RANK", 8)),
+        **values,
+        rank=int(os.environ.get("BAYESKERN_BENCH_LORA_RANK", 8)),
         predict_batches=tuple(int(b) for b in batches.split(",") if b),
         predict_seq=int(os.environ.get("BAYESKERN_BENCH_LORA_PREDICT_SEQ", 8 if QUICK else 16)),
         samples=int(os.environ.get("BAYESKERN_BENCH_LORA_SAMPLES", 10)),
@@ -122,8 +124,17 @@ VECTORIZE = "vectorize" in inspect.signature(predict).parameters  # the forced p
 
 # -- model and batches -------------------------------------------------------------------------
 def llama_lora(
-    layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, *, rank: int = 8,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_labels: int = NUM_LABELS,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    *,
+    rank: int = 8,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    num_labels: int = NUM_LABELS,
     seed: int = 0,
 ) -> nn.Module:
     """A ``LlamaForSequenceClassification`` with random weights in ``dtype`` on ``device``, wrapped with
@@ -132,9 +143,17 @@ def llama_lora(
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=max(512, CASE.seq), pad_token_id=PAD, num_labels=num_labels)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max(512, CASE.seq),
+        pad_token_id=PAD,
+        num_labels=num_labels,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForSequenceClassification(config).to(dtype)
@@ -146,16 +165,28 @@ def llama_lora(
 def model(device_type: str) -> nn.Module:
     """One instance per device for the whole session (a 1B model takes a while to build)."""
     c = CASE
-    return llama_lora(c.layers, c.hidden, c.intermediate, c.heads, c.kv_heads, c.vocab, rank=c.rank,
-                      dtype=_DTYPES[c.dtype], device=device_type)
+    return llama_lora(
+        c.layers,
+        c.hidden,
+        c.intermediate,
+        c.heads,
+        c.kv_heads,
+        c.vocab,
+        rank=c.rank,
+        dtype=_DTYPES[c.dtype],
+        device=device_type,
+    )
 
 
 def text_batch(size: int, seq: int, device: torch.device, seed: int = 1) -> dict[str, torch.Tensor]:
     """A collated batch (``input_ids``, ``attention_mask``, ``labels``) of random tokens, no padding."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, CASE.vocab, (size, seq), generator=gen)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "labels": torch.randint(0, NUM_LABELS, (size,), generator=gen)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, NUM_LABELS, (size,), generator=gen),
+    }
     return {key: value.to(device) for key, value in batch.items()}
 
 
@@ -183,9 +214,18 @@ def _measure(benchmark, device: torch.device, setup: Callable[[], Step], group: 
         step()
         synchronize(device)
 
-    record(benchmark, group, impl, baseline=impl == "deterministic", model=CASE.name, dtype=CASE.dtype,
-           params=sum(p.numel() for p in net.parameters()), trainable=sum(p.numel() for _, p in _trainable(net)),
-           peak_bytes=peak, **info)
+    record(
+        benchmark,
+        group,
+        impl,
+        baseline=impl == "deterministic",
+        model=CASE.name,
+        dtype=CASE.dtype,
+        params=sum(p.numel() for p in net.parameters()),
+        trainable=sum(p.numel() for _, p in _trainable(net)),
+        peak_bytes=peak,
+        **info,
+    )
     benchmark.pedantic(call, rounds=cases.ROUNDS, iterations=1, warmup_rounds=1)
     return step
 
@@ -194,7 +234,8 @@ def _interleaved(benchmark, device: torch.device, baseline: Callable[[], Step], 
     if cases.INTERLEAVED_ROUNDS > 0:
         model(device.type).zero_grad(set_to_none=True)
         benchmark.extra_info["interleaved_ratio"] = cases.interleaved_ratio(
-            baseline(), step(), device, cases.INTERLEAVED_ROUNDS)
+            baseline(), step(), device, cases.INTERLEAVED_ROUNDS
+        )
 
 
 # -- 1. training steps (and 5. the prior's cost) -----------------------------------------------
@@ -213,6 +254,7 @@ def train_setup(impl: str, device: torch.device) -> Step:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return plain
     if impl == "sgld":
         sgld = BayesSGLD(_trainable(net), lr=1e-6, num_data=NUM_DATA, seed=0)
@@ -225,6 +267,7 @@ def train_setup(impl: str, device: torch.device) -> Step:
             loss.backward()
             sgld.step()
             bank.update()
+
         return langevin
     if impl.startswith("vi"):
         prior_mean = "zero" if impl.endswith("=zero") else "pretrained"
@@ -239,6 +282,7 @@ def train_setup(impl: str, device: torch.device) -> Step:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return bayesian
 
 
@@ -247,8 +291,12 @@ def test_train_step(benchmark, bench_device, impl):
     group = _group("train step", bench_device, CASE.batch, CASE.seq)
     _measure(benchmark, bench_device, lambda: train_setup(impl, bench_device), group, impl)
     if impl != "deterministic":
-        _interleaved(benchmark, bench_device, lambda: train_setup("deterministic", bench_device),
-                     lambda: train_setup(impl, bench_device))
+        _interleaved(
+            benchmark,
+            bench_device,
+            lambda: train_setup("deterministic", bench_device),
+            lambda: train_setup(impl, bench_device),
+        )
 
 
 # -- 3. the Laplace fit ------------------------------------------------------------------------
@@ -260,10 +308,12 @@ def fisher_setup(impl: str, device: torch.device) -> Step:
     net = model(device.type).eval()
     loader = _loader(device, cases.FISHER_BATCHES)
     if impl == "deterministic":
+
         def epoch():
             for batch in loader:
                 net.zero_grad(set_to_none=True)
                 F.cross_entropy(net(**_inputs(batch)).logits, batch["labels"], reduction="sum").backward()
+
         return epoch
     return lambda: DiagLaplace(net, params="lora", seed=0).fit(loader, progress=False)
 
@@ -271,11 +321,16 @@ def fisher_setup(impl: str, device: torch.device) -> Step:
 @pytest.mark.parametrize("impl", ["deterministic", "laplace"])
 def test_fisher_epoch(benchmark, bench_device, impl):
     group = _group("Fisher epoch", bench_device, CASE.batch, CASE.seq, batches=cases.FISHER_BATCHES)
-    _measure(benchmark, bench_device, lambda: fisher_setup(impl, bench_device), group, impl,
-             batches=cases.FISHER_BATCHES)
+    _measure(
+        benchmark, bench_device, lambda: fisher_setup(impl, bench_device), group, impl, batches=cases.FISHER_BATCHES
+    )
     if impl != "deterministic":
-        _interleaved(benchmark, bench_device, lambda: fisher_setup("deterministic", bench_device),
-                     lambda: fisher_setup(impl, bench_device))
+        _interleaved(
+            benchmark,
+            bench_device,
+            lambda: fisher_setup("deterministic", bench_device),
+            lambda: fisher_setup(impl, bench_device),
+        )
 
 
 # -- 4. predict --------------------------------------------------------------------------------
@@ -305,6 +360,7 @@ def predict_setup(impl: str, device: torch.device, batch_size: int) -> Step:
         def forwards():
             with torch.no_grad():
                 return [net(**inputs).logits for _ in range(repeats)]
+
         return forwards
     post = _posterior(impl.split()[0], device.type)
     options = _FORCED.get(impl.split()[-1], {})
@@ -316,11 +372,22 @@ def predict_setup(impl: str, device: torch.device, batch_size: int) -> Step:
 def test_predict(benchmark, bench_device, batch_size, impl):
     _posterior("vi", bench_device.type), _posterior("laplace", bench_device.type)  # built before tracking
     group = _group("predict", bench_device, batch_size, CASE.predict_seq, S=CASE.samples)
-    _measure(benchmark, bench_device, lambda: predict_setup(impl, bench_device, batch_size), group, impl,
-             samples=CASE.samples, vectorize=str(_FORCED.get(impl.split()[-1], {}).get("vectorize", "default")))
+    _measure(
+        benchmark,
+        bench_device,
+        lambda: predict_setup(impl, bench_device, batch_size),
+        group,
+        impl,
+        samples=CASE.samples,
+        vectorize=str(_FORCED.get(impl.split()[-1], {}).get("vectorize", "default")),
+    )
     if impl != "deterministic":
-        _interleaved(benchmark, bench_device, lambda: predict_setup("deterministic", bench_device, batch_size),
-                     lambda: predict_setup(impl, bench_device, batch_size))
+        _interleaved(
+            benchmark,
+            bench_device,
+            lambda: predict_setup("deterministic", bench_device, batch_size),
+            lambda: predict_setup(impl, bench_device, batch_size),
+        )
 
 
 # -- 5. the adapters' prior: validation NLL after a short fine-tuning ----------------------------
@@ -409,11 +476,21 @@ def test_prior_validation_nll(benchmark, method):
     assert math.isfinite(nll)
     impl = "plain LoRA" if method == "deterministic" else f"VI prior_mean={method.split()[1]}"
     task = PRIOR_TASK
-    group = (f"prior llama2x64-lora8 cpu: val NLL after {task['steps']} steps (b{task['batch']}, "
-             f"N={task['train']}, {len(seeds)} seeds)")
-    record(benchmark, group, f"{impl}: val NLL {nll:.3f}, error {error:.3f}", baseline=method == "deterministic",
-           method=method, val_nll=nll, val_error=error, val_nll_per_seed=[r["val_nll"] for r in results],
-           seeds=len(seeds))
+    group = (
+        f"prior llama2x64-lora8 cpu: val NLL after {task['steps']} steps (b{task['batch']}, "
+        f"N={task['train']}, {len(seeds)} seeds)"
+    )
+    record(
+        benchmark,
+        group,
+        f"{impl}: val NLL {nll:.3f}, error {error:.3f}",
+        baseline=method == "deterministic",
+        method=method,
+        val_nll=nll,
+        val_error=error,
+        val_nll_per_seed=[r["val_nll"] for r in results],
+        seeds=len(seeds),
+    )
 
 
 if __name__ == "__main__":  # the prior comparison alone: python benchmarks/test_bench_lora.py

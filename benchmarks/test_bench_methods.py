@@ -19,18 +19,19 @@ Groups (models and sizes from ``cases.py``; every entry records ``peak_bytes``, 
 Kernel-level ratios against the eager composition are in test_bench_ops.py and test_bench_sgld.py;
 the peer libraries' steps join these groups from test_bench_peers.py.
 """
+
 from __future__ import annotations
 
 import functools
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
+from memory import Step
 
-import cases
 from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, MCDropout, SampleBank
 from bayeskern.predictive import predict
-from memory import Step
 
 
 def train_setup(name: str, impl: str, device: torch.device) -> Step:
@@ -53,11 +54,21 @@ def train_setup(name: str, impl: str, device: torch.device) -> Step:
 @pytest.mark.parametrize("impl", ["deterministic", "vi", "mc_dropout", "sgld"])
 @pytest.mark.parametrize("name", cases.SELECTED)
 def test_train_step(benchmark, bench_device, name, impl):
-    cases.measure(benchmark, bench_device, lambda: train_setup(name, impl, bench_device),
-            cases.group_name("train step", name, bench_device), impl, name)
+    cases.measure(
+        benchmark,
+        bench_device,
+        lambda: train_setup(name, impl, bench_device),
+        cases.group_name("train step", name, bench_device),
+        impl,
+        name,
+    )
     if impl != "deterministic" and cases.INTERLEAVED_ROUNDS > 0:
-        ratio = cases.interleaved_ratio(train_setup(name, "deterministic", bench_device),
-                                        train_setup(name, impl, bench_device), bench_device, cases.INTERLEAVED_ROUNDS)
+        ratio = cases.interleaved_ratio(
+            train_setup(name, "deterministic", bench_device),
+            train_setup(name, impl, bench_device),
+            bench_device,
+            cases.INTERLEAVED_ROUNDS,
+        )
         benchmark.extra_info["interleaved_ratio"] = ratio
 
 
@@ -109,12 +120,14 @@ def predict_setup(name: str, impl: str, device: torch.device, num_samples: int, 
         def forwards():
             with torch.no_grad(), cases.autocast(device):
                 return [forward(x) for _ in range(num_samples)]
+
         return forwards
     post = _posterior(impl, name, device, num_samples)
 
     def run():
         with cases.autocast(device):
             return predict(post, x, num_samples=num_samples, compile=compile)
+
     return run
 
 
@@ -130,5 +143,14 @@ def test_predict(benchmark, bench_device, name, num_samples, impl):
     if compile and not tracked_compiled:
         timed_setup = lambda: predict_setup(name, impl, bench_device, num_samples, True)  # noqa: E731
     group = cases.group_name("predict", name, bench_device, S=num_samples)
-    cases.measure(benchmark, bench_device, lambda: predict_setup(name, impl, bench_device, num_samples, tracked_compiled),
-                  group, impl, name, timed_setup=timed_setup, samples=num_samples, compile=compile)
+    cases.measure(
+        benchmark,
+        bench_device,
+        lambda: predict_setup(name, impl, bench_device, num_samples, tracked_compiled),
+        group,
+        impl,
+        name,
+        timed_setup=timed_setup,
+        samples=num_samples,
+        compile=compile,
+    )

@@ -8,13 +8,13 @@ and backward (what autograd keeps alive, inputs excluded) are recorded as ``save
 ``add into a new vs an existing tensor``: ``torch.add(a, b)`` against ``torch.add(a, b, out=c)``, the
 cost of faulting in a fresh output's pages (glibc hands large freed blocks back to the kernel).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_utils import SIZES, record, size_label, synchronize
 
 import bayeskern.ops as ops
-
-from bench_utils import SIZES, record, size_label, synchronize
 
 P = 0.1
 
@@ -72,9 +72,11 @@ def test_gaussian_sample_forward(benchmark, bench_device, numel, impl):
     elif impl == "clone":
         fn = mu.clone
     else:
+
         def fn():
             with ops.use_backend(impl):
                 return ops.gaussian_sample(mu, rho, 1, 0)
+
     bytes_moved = (8 if impl == "clone" else 12) * numel
     record(benchmark, group, impl, baseline=impl == "eager", bytes=bytes_moved, numel=numel)
     _run(benchmark, bench_device, fn)
@@ -103,8 +105,13 @@ def test_gaussian_sample_forward_backward(benchmark, bench_device, numel, impl):
         base = torch.cuda.memory_allocated(bench_device)
         step()
         info["peak_extra_bytes"] = torch.cuda.max_memory_allocated(bench_device) - base
-    record(benchmark, f"gaussian_sample fwd+bwd {size_label(numel)} fp32 {bench_device.type}", impl,
-           baseline=impl == "eager", **info)
+    record(
+        benchmark,
+        f"gaussian_sample fwd+bwd {size_label(numel)} fp32 {bench_device.type}",
+        impl,
+        baseline=impl == "eager",
+        **info,
+    )
     _run(benchmark, bench_device, step)
 
 
@@ -119,11 +126,19 @@ def test_weight_dropout_forward(benchmark, bench_device, numel, impl):
     elif impl == "clone":
         fn = w.clone
     else:
+
         def fn():
             with ops.use_backend(impl):
                 return ops.weight_dropout(w, P, 1, 0)
-    record(benchmark, f"weight_dropout fwd {size_label(numel)} fp32 {bench_device.type}", impl,
-           baseline=impl == "eager", bytes=8 * numel, numel=numel)
+
+    record(
+        benchmark,
+        f"weight_dropout fwd {size_label(numel)} fp32 {bench_device.type}",
+        impl,
+        baseline=impl == "eager",
+        bytes=8 * numel,
+        numel=numel,
+    )
     _run(benchmark, bench_device, fn)
 
 
@@ -139,8 +154,14 @@ def test_normal_generator(benchmark, bench_device, numel, impl):
         from bayeskern.ops.backend import kernels
 
         fn = lambda: kernels(impl).fill_normal_(out, 1, 0, 0)  # noqa: E731
-    record(benchmark, f"normal noise {size_label(numel)} fp32 {bench_device.type}", impl,
-           baseline=impl == "torch.randn", bytes=4 * numel, numel=numel)
+    record(
+        benchmark,
+        f"normal noise {size_label(numel)} fp32 {bench_device.type}",
+        impl,
+        baseline=impl == "torch.randn",
+        bytes=4 * numel,
+        numel=numel,
+    )
     _run(benchmark, bench_device, fn)
 
 
@@ -148,7 +169,12 @@ def test_normal_generator(benchmark, bench_device, numel, impl):
 @pytest.mark.parametrize("impl", ["existing", "new"])
 def test_add_into_new_or_existing_tensor(benchmark, bench_device, numel, impl):
     a, b, out = (torch.randn(numel, device=bench_device) for _ in range(3))
-    fn = (lambda: torch.add(a, b, out=out)) if impl == "existing" else (lambda: torch.add(a, b))  # noqa: E731
-    record(benchmark, f"add into a new vs an existing tensor {size_label(numel)} fp32 {bench_device.type}", impl,
-           baseline=impl == "existing", numel=numel)
+    fn = (lambda: torch.add(a, b, out=out)) if impl == "existing" else (lambda: torch.add(a, b))
+    record(
+        benchmark,
+        f"add into a new vs an existing tensor {size_label(numel)} fp32 {bench_device.type}",
+        impl,
+        baseline=impl == "existing",
+        numel=numel,
+    )
     _run(benchmark, bench_device, fn)

@@ -14,17 +14,18 @@ Parameter sets: ``resnet18`` (the 62 tensors of torchvision's resnet18, 11.7M pa
 The reference backend is a slow specification and is not timed; Triton is timed only on CUDA.
 ``BAYESKERN_BENCH_QUICK=1`` replaces the sets by a 1M-parameter one to check the suite runs.
 """
+
 import math
 import os
 
 import pytest
 import torch
+from bench_utils import QUICK, record, size_label, synchronize
 
 import bayeskern.ops as ops
 from bayeskern.ops.philox import tensor_offsets
 from bayeskern.ops.sgld import sgld_step_
 from bayeskern.posteriors.sgld import BayesSGLD
-from bench_utils import QUICK, record, size_label, synchronize
 
 LR, NUM_DATA = 1e-6, 50_000
 NOISE_SCALE = math.sqrt(2 * LR / NUM_DATA)
@@ -46,7 +47,16 @@ def _parameter_sets() -> dict[str, list[torch.Size]]:
 
 
 SETS = _parameter_sets()
-IMPLS = ["eager", "sgd", "torch.randn", "BayesSGLD foreach", "BayesSGLD cpp", "BayesSGLD triton", "sgld_step_ cpp", "sgld_step_ triton"]
+IMPLS = [
+    "eager",
+    "sgd",
+    "torch.randn",
+    "BayesSGLD foreach",
+    "BayesSGLD cpp",
+    "BayesSGLD triton",
+    "sgld_step_ cpp",
+    "sgld_step_ triton",
+]
 
 
 def _params(shapes, device):
@@ -68,9 +78,12 @@ def _step_fn(impl: str, params: list[torch.Tensor], numel: int, device: torch.de
             if impl == "eager":
                 for p in params:
                     p.data.add_(torch.randn_like(p), alpha=NOISE_SCALE)
+
         return eager
     kind, backend = impl.split()
-    if backend != "foreach" and (backend not in ops.available_backends(device) or (backend == "triton" and device.type == "cpu")):
+    if backend != "foreach" and (
+        backend not in ops.available_backends(device) or (backend == "triton" and device.type == "cpu")
+    ):
         pytest.skip(f"{backend} not timed on {device}")
     if kind == "sgld_step_":
         grads, offsets = [p.grad for p in params], tensor_offsets([p.shape for p in params])
@@ -78,8 +91,16 @@ def _step_fn(impl: str, params: list[torch.Tensor], numel: int, device: torch.de
         def op():
             with ops.use_backend(backend):
                 sgld_step_(params, grads, lr=LR, num_data=NUM_DATA, seed=1, step=0, offsets=offsets)
+
         return op
-    opt = BayesSGLD(params, lr=LR, num_data=NUM_DATA, prior_mean="zero", seed=1, **({"foreach": True} if backend == "foreach" else {"fused": True}))
+    opt = BayesSGLD(
+        params,
+        lr=LR,
+        num_data=NUM_DATA,
+        prior_mean="zero",
+        seed=1,
+        **({"foreach": True} if backend == "foreach" else {"fused": True}),
+    )
 
     if backend == "foreach":  # its noise comes from the automatically chosen backend
         return opt.step
@@ -87,6 +108,7 @@ def _step_fn(impl: str, params: list[torch.Tensor], numel: int, device: torch.de
     def step():
         with ops.use_backend(backend):
             opt.step()
+
     return step
 
 
@@ -97,8 +119,14 @@ def test_sgld_step(benchmark, bench_device, name, impl):
     numel = sum(math.prod(s) for s in shapes)
     params = _params(shapes, bench_device)
     fn = _step_fn(impl, params, numel, bench_device)
-    record(benchmark, f"SGLD step {name} ({size_label(numel)}) fp32 {bench_device.type}", impl,
-           baseline=impl == "eager", numel=numel, bytes=12 * numel)
+    record(
+        benchmark,
+        f"SGLD step {name} ({size_label(numel)}) fp32 {bench_device.type}",
+        impl,
+        baseline=impl == "eager",
+        numel=numel,
+        bytes=12 * numel,
+    )
 
     def call():
         fn()

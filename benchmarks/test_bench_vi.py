@@ -21,11 +21,13 @@ test_bench_methods.py.)
 
 ``BAYESKERN_BENCH_QUICK=1`` shrinks models and batches to check the suite runs.
 """
+
 import math
 
 import pytest
 import timm
 import torch
+from bench_utils import QUICK, record, size_label
 from torch import nn
 from torch.func import functional_call
 
@@ -34,14 +36,14 @@ from bayeskern.ops.philox import tensor_offsets
 from bayeskern.posteriors.vi import VI
 from bayeskern.predictive import predict
 
-from bench_utils import QUICK, record, size_label
-
 NUM_CLASSES = 10
 
 
 def mlp_case():
     width, batch = (64, 32) if QUICK else (1024, 512)
-    model = nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, NUM_CLASSES))
+    model = nn.Sequential(
+        nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, NUM_CLASSES)
+    )
     return model, torch.randn(batch, 784)
 
 
@@ -63,7 +65,12 @@ class DrawnSamples:
     predicting it times the engine alone."""
 
     def __init__(self, post, num_samples: int) -> None:
-        self.model, self.names, self.likelihood, self.noise_std = post.model, post.names, post.likelihood, post.noise_std
+        self.model, self.names, self.likelihood, self.noise_std = (
+            post.model,
+            post.names,
+            post.likelihood,
+            post.noise_std,
+        )
         self.fixed = post.fixed_tensors()
         self.samples = [post.sample(i) for i in range(num_samples)]
 
@@ -86,8 +93,14 @@ def test_predict(benchmark, model_name, posterior, impl):
         post = DrawnSamples(post, num_samples)
     compiled = impl == "compiled"
     predict(post, x, num_samples=num_samples, compile=compiled)  # compile once, outside the timing
-    record(benchmark, f"predict S={num_samples} {posterior} {model_name} b{x.shape[0]}", impl, baseline=not compiled,
-           model=model_name, samples=num_samples)
+    record(
+        benchmark,
+        f"predict S={num_samples} {posterior} {model_name} b{x.shape[0]}",
+        impl,
+        baseline=not compiled,
+        model=model_name,
+        samples=num_samples,
+    )
     benchmark(predict, post, x, num_samples=num_samples, compile=compiled)
 
 
@@ -113,10 +126,17 @@ def test_predict_last_layer(benchmark, model_name, impl):
         run = lambda: predict(post, x, num_samples=num_samples)  # noqa: E731
     else:
         run = lambda: full_forwards(post, x, num_samples)  # noqa: E731
-    torch.testing.assert_close(predict(post, x, num_samples=num_samples).probs, full_forwards(post, x, num_samples),
-                               rtol=1e-4, atol=1e-5)
-    record(benchmark, f"predict S={num_samples} last-layer vi {model_name} b{x.shape[0]}", impl,
-           baseline=impl == "full_forwards", model=model_name, samples=num_samples)
+    torch.testing.assert_close(
+        predict(post, x, num_samples=num_samples).probs, full_forwards(post, x, num_samples), rtol=1e-4, atol=1e-5
+    )
+    record(
+        benchmark,
+        f"predict S={num_samples} last-layer vi {model_name} b{x.shape[0]}",
+        impl,
+        baseline=impl == "full_forwards",
+        model=model_name,
+        samples=num_samples,
+    )
     benchmark(run)
 
 
@@ -156,6 +176,11 @@ def test_fused_backward_noise(benchmark, impl):
     grads = [torch.randn_like(mu) for mu in mus]
     grad_kl = torch.tensor(1e-5)
     given = samples if impl == "from_samples" else []
-    record(benchmark, "vi fused backward resnet18 params", impl,
-           baseline=impl == "regenerate", numel=sum(mu.numel() for mu in mus))
+    record(
+        benchmark,
+        "vi fused backward resnet18 params",
+        impl,
+        baseline=impl == "regenerate",
+        numel=sum(mu.numel() for mu in mus),
+    )
     benchmark(kernel.gaussian_sample_kl_backward, grads, grad_kl, mus, rhos, given, *args)

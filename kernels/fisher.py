@@ -9,6 +9,7 @@ its partial sum to its own slice of a ``(SPLITS, out, in)`` buffer, which the la
 a fixed order (deterministic, no atomics).  Inputs are read through their strides (an unfolded
 convolution input needs no copy).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -16,10 +17,25 @@ import triton.language as tl
 
 @triton.jit
 def sq_grad_tile_kernel(
-    part_ptr, g_ptr, a_ptr, B, T, O, I, examples_per_split,
-    sg_b, sg_t, sg_o, sa_b, sa_t, sa_i,
-    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    part_ptr,
+    g_ptr,
+    a_ptr,
+    B,
+    T,
+    O,
+    I,
+    examples_per_split,
+    sg_b,
+    sg_t,
+    sg_o,
+    sa_b,
+    sa_t,
+    sa_i,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -39,10 +55,12 @@ def sq_grad_tile_kernel(
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs_t
             mask_t = t < T
-            g = tl.load(g_base + offs_o[:, None] * sg_o + t[None, :] * sg_t,
-                        mask=mask_o[:, None] & mask_t[None, :], other=0.0)
-            a = tl.load(a_base + t[:, None] * sa_t + offs_i[None, :] * sa_i,
-                        mask=mask_t[:, None] & mask_i[None, :], other=0.0)
+            g = tl.load(
+                g_base + offs_o[:, None] * sg_o + t[None, :] * sg_t, mask=mask_o[:, None] & mask_t[None, :], other=0.0
+            )
+            a = tl.load(
+                a_base + t[:, None] * sa_t + offs_i[None, :] * sa_i, mask=mask_t[:, None] & mask_i[None, :], other=0.0
+            )
             if DOT_F32:
                 g = g.to(tl.float32)
                 a = a.to(tl.float32)
@@ -82,8 +100,20 @@ def sq_grad_accumulate(fisher: torch.Tensor, g: torch.Tensor, a: torch.Tensor) -
     precision = "tf32" if (not interpreted and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     grid = (triton.cdiv(n_out, block_o), triton.cdiv(n_in, block_i), splits)
     sq_grad_tile_kernel[grid](
-        partial, g, a, batch, positions, n_out, n_in, per_split,
-        *g.stride(), *a.stride(),
-        BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT_F32=dot_f32, PRECISION=precision,
+        partial,
+        g,
+        a,
+        batch,
+        positions,
+        n_out,
+        n_in,
+        per_split,
+        *g.stride(),
+        *a.stride(),
+        BLOCK_O=block_o,
+        BLOCK_I=block_i,
+        BLOCK_T=block_t,
+        DOT_F32=dot_f32,
+        PRECISION=precision,
     )
     return fisher.add_(partial.sum(0) if splits > 1 else partial[0])

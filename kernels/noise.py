@@ -5,17 +5,18 @@ A program covers QBLOCK Philox blocks, i.e. a (QBLOCK, 4) tile of consecutive el
 a tensor placed at ``offset`` belongs to block (offset + j) // 4.  Inputs are contiguous; maths in
 float32; the launchers own allocation and the grid.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 from .philox import normals4, uniforms4
 
-SAMPLE = tl.constexpr(0)       # out = a + softplus(b) * eps            (a = mu, b = rho)
+SAMPLE = tl.constexpr(0)  # out = a + softplus(b) * eps            (a = mu, b = rho)
 SAMPLE_GRAD = tl.constexpr(1)  # out = a * eps * sigmoid(b)             (a = grad, b = rho)
-DROPOUT = tl.constexpr(2)      # out = u >= p ? a * scale : b (or 0)   (a = w or grad, b = fill)
-NORMAL = tl.constexpr(3)       # out = eps
-UNIFORM = tl.constexpr(4)      # out = u
+DROPOUT = tl.constexpr(2)  # out = u >= p ? a * scale : b (or 0)   (a = w or grad, b = fill)
+NORMAL = tl.constexpr(3)  # out = eps
+UNIFORM = tl.constexpr(4)  # out = u
 
 
 @triton.jit
@@ -38,17 +39,29 @@ def _sigmoid(x):
 
 @triton.jit
 def fused_noise_kernel(
-    a_ptr, b_ptr, out_ptr, n, seed, offset, stream_lo, stream_hi, q_first, p, scale,
-    OP: tl.constexpr, HAS_B: tl.constexpr, QBLOCK: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    n,
+    seed,
+    offset,
+    stream_lo,
+    stream_hi,
+    q_first,
+    p,
+    scale,
+    OP: tl.constexpr,
+    HAS_B: tl.constexpr,
+    QBLOCK: tl.constexpr,
 ):
     q = q_first + tl.program_id(0).to(tl.int64) * QBLOCK + tl.arange(0, QBLOCK).to(tl.int64)
     j = (q * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]
     mask = (j >= 0) & (j < n)
-    if OP == UNIFORM or OP == DROPOUT:
+    if OP == UNIFORM or OP == DROPOUT:  # noqa: SIM109 (Triton compiles comparisons of constexprs, not `in`)
         noise = uniforms4(seed, q, stream_lo, stream_hi)
     else:
         noise = normals4(seed, q, stream_lo, stream_hi)
-    if OP == NORMAL or OP == UNIFORM:
+    if OP == NORMAL or OP == UNIFORM:  # noqa: SIM109
         result = noise
     else:
         a = tl.load(a_ptr + j, mask=mask, other=0.0).to(tl.float32)
@@ -80,9 +93,20 @@ def launch(op, out: torch.Tensor, a, b, seed: int, offset: int, stream: int, p: 
     qblock = _qblock()
     grid = (triton.cdiv(blocks, qblock),)
     fused_noise_kernel[grid](
-        a if a is not None else out, b if b is not None else out, out, n, seed, offset,
-        stream & 0xFFFFFFFF, stream >> 32, q_first,
-        float(p), float(scale), OP=op, HAS_B=b is not None, QBLOCK=qblock,
+        a if a is not None else out,
+        b if b is not None else out,
+        out,
+        n,
+        seed,
+        offset,
+        stream & 0xFFFFFFFF,
+        stream >> 32,
+        q_first,
+        float(p),
+        float(scale),
+        OP=op,
+        HAS_B=b is not None,
+        QBLOCK=qblock,
     )
     return out
 

@@ -5,6 +5,7 @@ bayeskern's counter layout (block q -> counter (q_lo, q_hi, stream_lo, stream_hi
 uniform and Box-Muller transforms, written with the same float32 polynomials and exact argument
 reduction as the C++/CUDA kernels (csrc/philox.h).
 """
+
 import triton
 import triton.language as tl
 
@@ -96,6 +97,4 @@ def uniforms4(seed, q, stream_lo, stream_hi):
 @triton.jit
 def lanes4(a, b, c, d):
     lane = tl.arange(0, 4)[None, :]
-    return tl.where(
-        lane == 0, a[:, None], tl.where(lane == 1, b[:, None], tl.where(lane == 2, c[:, None], d[:, None]))
-    )
+    return tl.where(lane == 0, a[:, None], tl.where(lane == 1, b[:, None], tl.where(lane == 2, c[:, None], d[:, None])))

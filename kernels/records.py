@@ -6,6 +6,7 @@ program covers QBLOCK Philox blocks of one tensor, a (QBLOCK, 4) tile of consecu
 (element j of a tensor placed at ``offset`` belongs to block (offset + j) // 4), and finds its record
 by binary search over the first programs.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -43,7 +44,9 @@ def find_tile(records_ptr, count, RECORD: tl.constexpr, QBLOCK: tl.constexpr, SE
     return lo, q, j
 
 
-def pack(fields: list[list[int]], sizes: list[int], offsets: list[int], qblock: int, device) -> tuple[torch.Tensor, int, int]:
+def pack(
+    fields: list[list[int]], sizes: list[int], offsets: list[int], qblock: int, device
+) -> tuple[torch.Tensor, int, int]:
     """The table (records of non-empty tensors only), the number of programs and the binary search's
     step count.  ``fields[i]`` are tensor i's own fields, ``sizes[i]`` its numel."""
     records, programs = [], 0

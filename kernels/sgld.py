@@ -3,6 +3,7 @@ launch for every tensor of a group (like torch's fused optimizers; the tensor ta
 with the addresses of theta, grad, prior mean and square average and the size n as own fields).  The
 noise is stream ``step``.  Maths in float32.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -17,9 +18,22 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfl
 
 @triton.jit
 def sgld_kernel(
-    records_ptr, count, seed, stream_lo, stream_hi, lr, prior_precision, noise_scale, alpha, eps,
-    DTYPE: tl.constexpr, HAS_MEAN: tl.constexpr, PRECONDITION: tl.constexpr, NOISE: tl.constexpr,
-    QBLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    records_ptr,
+    count,
+    seed,
+    stream_lo,
+    stream_hi,
+    lr,
+    prior_precision,
+    noise_scale,
+    alpha,
+    eps,
+    DTYPE: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    PRECONDITION: tl.constexpr,
+    NOISE: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
 ):
     lo, q, j = find_tile(records_ptr, count, RECORD, QBLOCK, SEARCH_STEPS)
     theta_ptr = pointer(records_ptr, lo, 0, RECORD, DTYPE)
@@ -50,19 +64,39 @@ def sgld_kernel(
     tl.store(theta_ptr + j, theta.to(DTYPE), mask=mask)
 
 
-def sgld_step_(params, grads, prior_means, square_avgs, lr, prior_precision, noise_scale, alpha, eps, seed, step, offsets):
+def sgld_step_(
+    params, grads, prior_means, square_avgs, lr, prior_precision, noise_scale, alpha, eps, seed, step, offsets
+):
     """Update every (contiguous) tensor of ``params`` in place; empty lists mean no prior mean / preconditioner."""
     qblock = _qblock()
     fields = [
-        [theta.data_ptr(), grads[i].data_ptr(), (prior_means[i] if prior_means else theta).data_ptr(),
-         (square_avgs[i] if square_avgs else theta).data_ptr(), theta.numel()]
+        [
+            theta.data_ptr(),
+            grads[i].data_ptr(),
+            (prior_means[i] if prior_means else theta).data_ptr(),
+            (square_avgs[i] if square_avgs else theta).data_ptr(),
+            theta.numel(),
+        ]
         for i, theta in enumerate(params)
     ]
     table, programs, search_steps = pack(fields, [t.numel() for t in params], offsets, qblock, params[0].device)
     if table is None:
         return
     sgld_kernel[(programs,)](
-        table, len(table), seed, step & 0xFFFFFFFF, step >> 32, lr, prior_precision, noise_scale, alpha, eps,
-        DTYPE=TRITON_DTYPES[params[0].dtype], HAS_MEAN=bool(prior_means), PRECONDITION=bool(square_avgs),
-        NOISE=noise_scale != 0.0, QBLOCK=qblock, SEARCH_STEPS=search_steps,
+        table,
+        len(table),
+        seed,
+        step & 0xFFFFFFFF,
+        step >> 32,
+        lr,
+        prior_precision,
+        noise_scale,
+        alpha,
+        eps,
+        DTYPE=TRITON_DTYPES[params[0].dtype],
+        HAS_MEAN=bool(prior_means),
+        PRECONDITION=bool(square_avgs),
+        NOISE=noise_scale != 0.0,
+        QBLOCK=qblock,
+        SEARCH_STEPS=search_steps,
     )

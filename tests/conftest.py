@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is first imported, hence here, before
 imports bayeskern.  Set BAYESKERN_TEST_DEVICE=cuda (benchmarks/device_check.sh does) to run the op
 tests on a GPU with compiled Triton kernels instead.
 """
+
 import os
 import sys
 

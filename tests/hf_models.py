@@ -1,5 +1,6 @@
 """Tiny Hugging Face models built from configs with random weights (nothing is downloaded), with and
 without a peft LoRA wrapper, and batches shaped as ``transformers`` collators make them."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,17 @@ PAD = 0
 def llama_config(**overrides):
     from transformers import LlamaConfig
 
-    options = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                   pad_token_id=PAD, num_labels=NUM_LABELS)
+    options = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        num_labels=NUM_LABELS,
+    )
     return LlamaConfig(**{**options, **overrides})
 
 
@@ -39,9 +48,18 @@ def roberta_classifier(seed: int = 0) -> nn.Module:
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=SEQ + 4, pad_token_id=1,
-                           num_labels=NUM_LABELS, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=SEQ + 4,
+        pad_token_id=1,
+        num_labels=NUM_LABELS,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
     return RobertaForSequenceClassification(config).eval()
 
 
@@ -50,20 +68,36 @@ def vit_classifier(seed: int = 0) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64, num_labels=NUM_LABELS)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=NUM_LABELS,
+    )
     return ViTForImageClassification(config).eval()
 
 
-def with_lora(model: nn.Module, targets: list[str], *, r: int = 4, dropout: float = 0.1,
-              task_type: str | None = "SEQ_CLS", seed: int = 0) -> nn.Module:
+def with_lora(
+    model: nn.Module,
+    targets: list[str],
+    *,
+    r: int = 4,
+    dropout: float = 0.1,
+    task_type: str | None = "SEQ_CLS",
+    seed: int = 0,
+) -> nn.Module:
     """``model`` wrapped by ``peft.get_peft_model`` with LoRA on ``targets``; B is set to small random
     values (peft starts it at zero) so that every adapter weight has a gradient."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    wrapped = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                               lora_dropout=dropout, task_type=task_type))
+    wrapped = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=dropout, task_type=task_type)
+    )
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
             if "lora_B" in name:
@@ -71,7 +105,9 @@ def with_lora(model: nn.Module, targets: list[str], *, r: int = 4, dropout: floa
     return wrapped
 
 
-def text_batch(size: int = 4, seed: int = 0, pad_token: int = PAD, left_padding: bool = False) -> dict[str, torch.Tensor]:
+def text_batch(
+    size: int = 4, seed: int = 0, pad_token: int = PAD, left_padding: bool = False
+) -> dict[str, torch.Tensor]:
     """A collated batch: ``input_ids``, ``attention_mask`` (the examples padded to different lengths) and
     ``labels``."""
     g = torch.Generator().manual_seed(seed)
@@ -83,15 +119,17 @@ def text_batch(size: int = 4, seed: int = 0, pad_token: int = PAD, left_padding:
             if left_padding:
                 mask[i, :pad] = 0
             else:
-                mask[i, SEQ - pad:] = 0
+                mask[i, SEQ - pad :] = 0
     ids = ids.masked_fill(mask == 0, pad_token)
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, NUM_LABELS, (size,), generator=g)}
 
 
 def image_batch(size: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(size, 3, 16, 16, generator=g),
-            "labels": torch.randint(0, NUM_LABELS, (size,), generator=g)}
+    return {
+        "pixel_values": torch.randn(size, 3, 16, 16, generator=g),
+        "labels": torch.randint(0, NUM_LABELS, (size,), generator=g),
+    }
 
 
 ANSWER_TOKENS = (5, 6, 7, 8)  # the token ids of the answers "A".."D" of a multiple-choice prompt

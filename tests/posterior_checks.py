@@ -1,4 +1,5 @@
 """Checks shared by the VI and MC-dropout tests: the wrapped network is never modified."""
+
 from __future__ import annotations
 
 import timm
@@ -22,9 +23,17 @@ def timm_models() -> list[tuple[str, nn.Module]]:
     torch.manual_seed(0)
     return [
         ("resnet18", timm.create_model("resnet18", pretrained=False, num_classes=10)),
-        ("vit", timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8, depth=2,
-        )),
+        (
+            "vit",
+            timm.create_model(
+                "vit_tiny_patch16_224",
+                pretrained=False,
+                num_classes=10,
+                img_size=32,
+                patch_size=8,
+                depth=2,
+            ),
+        ),
     ]
 
 

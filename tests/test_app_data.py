@@ -1,4 +1,5 @@
 """Datasets of the fine-tuning application: digits, ImageFolder trees, missing data."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ def test_digits_splits_are_fixed_disjoint_and_stratified():
     splits = load_dataset("digits", DataOptions(image_size=12, seed=3, train_per_class=0))
     sizes = [len(s) for s in (splits.train, splits.val, splits.test)]
     assert sum(sizes) == 1797 and sizes[0] == 1078 and abs(sizes[1] - sizes[2]) <= 1
-    x, y = splits.train[0]
+    x, _ = splits.train[0]
     assert x.shape == (3, 12, 12) and splits.num_classes == 10
     again = load_dataset("digits", DataOptions(image_size=12, seed=3))
     assert torch.equal(splits.test.tensors[0], again.test.tensors[0])
@@ -84,5 +85,5 @@ def test_bad_dataset_raises_usage_error(spec, match):
 
 
 def test_missing_torchvision_dataset_says_how_to_get_it(tmp_path):
-    with pytest.raises(UsageError, match="not found under .*--download"):
+    with pytest.raises(UsageError, match=r"not found under .*--download"):
         load_dataset("cifar10", DataOptions(data_dir=tmp_path))

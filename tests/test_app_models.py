@@ -1,4 +1,5 @@
 """Backbones of the fine-tuning application: factories, pretrained weights, the new head."""
+
 import pytest
 import torch
 from safetensors.torch import save_file

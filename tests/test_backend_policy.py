@@ -1,5 +1,6 @@
 """The one backend policy (``bayeskern.ops.backend.backend_for`` and its table ``POLICY``): its
 decisions per op, device, dtype and forced backend, and that every op module routes through it."""
+
 import importlib
 import inspect
 from pathlib import Path
@@ -12,7 +13,14 @@ import bayeskern.ops as ops
 from bayeskern.ops import backend, philox
 from bayeskern.ops.backend import POLICY, backend_for
 
-NOISE_OPS = ("gaussian_sample", "gaussian_sample_backward", "weight_dropout", "weight_dropout_backward", "fill_normal_", "fill_uniform_")
+NOISE_OPS = (
+    "gaussian_sample",
+    "gaussian_sample_backward",
+    "weight_dropout",
+    "weight_dropout_backward",
+    "fill_normal_",
+    "fill_uniform_",
+)
 DRAW_OPS = ("gaussian_sample_kl", "gaussian_sample_kl_backward", "weight_dropout_l2", "weight_dropout_l2_backward")
 KL_OPS = ("gaussian_kl", "gaussian_kl_backward")
 OP_MODULES = ("draw", "dropout", "fisher", "kl", "noise", "sample", "sgld")
@@ -32,8 +40,10 @@ def _fake_cuda(op: str, dtype=torch.float32) -> torch.Tensor:
 @pytest.fixture
 def serving(monkeypatch):
     """Pretend exactly the given backends can run (on any device), to check the table without them."""
+
     def pretend(*names: str) -> None:
         monkeypatch.setattr(backend, "_serves", lambda name, device: name == "reference" or name in names)
+
     return pretend
 
 
@@ -220,8 +230,24 @@ def _public_ops(device):
         ("weight_dropout", lambda: ops.weight_dropout(x, 0.3, 1)),
         ("fill_normal_", lambda: ops.noise.normal((6,), 1, device=device)),
         ("sgld_step_", lambda: ops.sgld_step_([x.clone()], [x], lr=0.1, num_data=10, seed=1, step=0, offsets=[0])),
-        ("sgld_step_", lambda: ops.sgld([x.clone()], [x], [], [], lr=0.1, num_data=10, prior_std=1.0, temperature=1.0,
-                                        alpha=0.99, eps=1e-8, seed=1, step=0, offsets=[0])),
+        (
+            "sgld_step_",
+            lambda: ops.sgld(
+                [x.clone()],
+                [x],
+                [],
+                [],
+                lr=0.1,
+                num_data=10,
+                prior_std=1.0,
+                temperature=1.0,
+                alpha=0.99,
+                eps=1e-8,
+                seed=1,
+                step=0,
+                offsets=[0],
+            ),
+        ),
         ("first_nonfinite", lambda: ops.first_nonfinite([x, rho])),
         ("gaussian_sample_kl", lambda: ops.gaussian_sample_kl([x], [rho], [None], [1.0], 1, [0])),
         ("weight_dropout_l2", lambda: ops.weight_dropout_l2([x], 0.3, [None], [1.0], 1, [0])),
@@ -233,8 +259,10 @@ def _public_ops(device):
 @pytest.fixture
 def routed(monkeypatch):
     """Replace the kernel namespace lookup of backend.py and of every op module by one that raises."""
+
     def refuse(name, op=None):
         raise _Routed(name, op)
+
     for module in ("backend", *OP_MODULES):
         module = importlib.import_module(f"bayeskern.ops.{module}")
         if hasattr(module, "kernels"):
@@ -243,7 +271,7 @@ def routed(monkeypatch):
 
 def test_forced_reference_runs_every_public_op_without_a_kernel(routed, device):
     with ops.use_backend("reference"):
-        for name, call in _public_ops(device):
+        for _name, call in _public_ops(device):
             call()  # _Routed would mean a module chose a kernel on its own
 
 
@@ -269,7 +297,14 @@ def test_gaussian_sample_on_forced_reference_equals_the_specification():
 def test_no_op_module_decides_a_backend_itself():
     """Only backend.py reads the forced backend, the device's backends or the extension's state."""
     root = Path(inspect.getfile(backend)).parent
-    deciding = ("requested_backend", "available_backends", "triton_interpreter", "_serves", "extension.load", "resolve(")
+    deciding = (
+        "requested_backend",
+        "available_backends",
+        "triton_interpreter",
+        "_serves",
+        "extension.load",
+        "resolve(",
+    )
     for path in root.glob("*.py"):
         if path.name in ("backend.py", "extension.py", "__init__.py"):
             continue

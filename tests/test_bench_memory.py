@@ -1,10 +1,13 @@
 """The CPU peak-memory tracker of the benchmark suite (benchmarks/memory.py) on known allocation patterns."""
+
 import importlib.util
 from pathlib import Path
 
 import torch
 
-_SPEC = importlib.util.spec_from_file_location("bench_memory", Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_memory", Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+)
 _memory = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(_memory)
 AllocationTracker, peak_bytes = _memory.AllocationTracker, _memory.peak_bytes

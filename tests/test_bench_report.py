@@ -1,4 +1,5 @@
 """benchmarks/report.py: per-file tables and the rendered benchmarks/README.md."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -16,8 +17,13 @@ def _entry(group: str, impl: str, mean: float, baseline: bool = False, **info) -
 
 
 FAKE = {
-    "machine_info": {"cpu": {"brand_raw": "Test CPU"}, "threads": 3, "torch": "9.9", "python_version": "3.x",
-                     "retain_freed_memory": True},
+    "machine_info": {
+        "cpu": {"brand_raw": "Test CPU"},
+        "threads": 3,
+        "torch": "9.9",
+        "python_version": "3.x",
+        "retain_freed_memory": True,
+    },
     "commit_info": {"id": "0123456789abcdef", "dirty": False},
     "datetime": "2030-01-02T03:04:05",
     "benchmarks": [
@@ -41,22 +47,29 @@ def test_table_rows_carry_ratios_to_the_group_baseline():
     rows = report.table(FAKE["benchmarks"])
     assert rows[0].startswith("| benchmark | implementation | mean time |")
     assert "| step small | **plain** (baseline) | 10.00 ms | 1.00x | 1.00x | 1.00x | peak bytes 1.0 MiB |" in rows
-    assert ("| step small | fast | 5.00 ms | 0.50x | 2.00x | 2.00x | peak bytes 2.0 MiB; "
-            "0.52x timed interleaved with the baseline |") in rows
+    assert (
+        "| step small | fast | 5.00 ms | 0.50x | 2.00x | 2.00x | peak bytes 2.0 MiB; "
+        "0.52x timed interleaved with the baseline |"
+    ) in rows
     assert "| step big | fast | 500.00 ms | 0.25x | 4.00x | n/a |  |" in rows
 
 
 def test_json_arguments_print_the_tables(results, capsys):
     assert report.main([str(results / "fake.json"), "--groups", "big"]) == 0
     out = capsys.readouterr().out
-    assert "Measured on Test CPU, 3 threads, torch 9.9, Python 3.x, freed memory retained (2030-01-02), `fake.json`:" in out
+    assert (
+        "Measured on Test CPU, 3 threads, torch 9.9, Python 3.x, freed memory retained (2030-01-02), `fake.json`:"
+        in out
+    )
     assert "| step big | fast |" in out and "step small" not in out
 
 
 def test_readme_renders_template_directives_and_every_other_group(results, tmp_path):
     notes = tmp_path / "notes.md"
-    notes.write_text("# Bench\n\nProse kept as written.\n\n<!-- machines -->\n\n## Small\n\n"
-                     "<!-- table: fake.json groups: small -->\n\n## Rest\n\n<!-- rest -->\n")
+    notes.write_text(
+        "# Bench\n\nProse kept as written.\n\n<!-- machines -->\n\n## Small\n\n"
+        "<!-- table: fake.json groups: small -->\n\n## Rest\n\n<!-- rest -->\n"
+    )
     out = tmp_path / "README.md"
     assert report.main(["--results", str(results), "--notes", str(notes), "--out", str(out)]) == 0
     text = out.read_text()
@@ -82,7 +95,7 @@ def test_readme_without_rest_directive_appends_the_unshown_groups(results, tmp_p
 def test_readme_directive_naming_a_missing_file_fails(results, tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("<!-- table: missing.json -->\n")
-    with pytest.raises(ValueError, match="missing.json"):
+    with pytest.raises(ValueError, match=r"missing\.json"):
         report.render_readme(results, notes)
 
 

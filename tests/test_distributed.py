@@ -3,6 +3,7 @@
 Each test spawns two workers that run a DDP job and save what they computed; the assertions run here,
 against single-process oracles (no process group) on the whole data or on one shard.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def _data(n: int = STEPS * BATCH) -> tuple[torch.Tensor, torch.Tensor]:
 def _shard(t: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s half of global batch ``step``."""
     local = BATCH // WORLD
-    return t[step * BATCH + rank * local: step * BATCH + (rank + 1) * local]
+    return t[step * BATCH + rank * local : step * BATCH + (rank + 1) * local]
 
 
 def _worker(rank: int, job: Callable, init: str, out: str) -> None:
@@ -94,7 +95,7 @@ def test_sgld_replicas_identical_and_match_single_process(tmp_path: Path) -> Non
     opt = BayesSGLD(model.parameters(), lr=1e-2, num_data=64, prior_mean="pretrained", seed=1234)
     for step in range(STEPS):
         opt.zero_grad()
-        F.cross_entropy(model(x[step * BATCH:(step + 1) * BATCH]), y[step * BATCH:(step + 1) * BATCH]).backward()
+        F.cross_entropy(model(x[step * BATCH : (step + 1) * BATCH]), y[step * BATCH : (step + 1) * BATCH]).backward()
         opt.step()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(results[0]["params"][name], value, rtol=1e-5, atol=1e-6)
@@ -102,7 +103,7 @@ def test_sgld_replicas_identical_and_match_single_process(tmp_path: Path) -> Non
 
 # -- Laplace -----------------------------------------------------------------------------------
 def _loader(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i:i + 3], y[i:i + 3]) for i in range(0, len(x), 3)]
+    return [(x[i : i + 3], y[i : i + 3]) for i in range(0, len(x), 3)]
 
 
 def _laplace_job(rank: int) -> dict:
@@ -113,8 +114,12 @@ def _laplace_job(rank: int) -> dict:
     local = DiagLaplace(model, seed=7).fit(shard, progress=False, reduce=False)
     mc = DiagLaplace(model, fisher_type="mc", seed=7).fit(shard, progress=False)
     return {
-        "fisher": full.fisher, "log_likelihood": full.log_likelihood, "num_data": full.num_data,
-        "local": local.fisher, "mc": mc.fisher, "sample": full.sample(3),
+        "fisher": full.fisher,
+        "log_likelihood": full.log_likelihood,
+        "num_data": full.num_data,
+        "local": local.fisher,
+        "mc": mc.fisher,
+        "sample": full.sample(3),
     }
 
 
@@ -223,10 +228,38 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-        "--master_port", str(port), "-m", "bayeskern.app.finetune", "--epochs", "2", "--sgld-epochs", "2", "--dropout-epochs", "2",
-        "--sgld-thin", "1", "--batch-size", "32", "--num-samples", "2", "--image-size", "8", "--quiet",
-        "--laplace-params", "last_layer", "--out", str(tmp_path), "--name", "run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "bayeskern.app.finetune",
+        "--epochs",
+        "2",
+        "--sgld-epochs",
+        "2",
+        "--dropout-epochs",
+        "2",
+        "--sgld-thin",
+        "1",
+        "--batch-size",
+        "32",
+        "--num-samples",
+        "2",
+        "--image-size",
+        "8",
+        "--quiet",
+        "--laplace-params",
+        "last_layer",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "run",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,5 @@
 """bayeskern-finetune end to end on tiny settings: every method, resume, bad input, ImageFolder."""
+
 import json
 import math
 
@@ -12,8 +13,27 @@ import bayeskern as bk
 from bayeskern.app.finetune import main
 from bayeskern.app.methods import METHODS
 
-TINY = ["--model", "convnet", "--epochs", "2", "--sgld-epochs", "2", "--sgld-thin", "1", "--dropout-epochs", "2", "--batch-size", "128", "--num-samples", "2", "--image-size", "8", "--quiet",
-        "--laplace-params", "last_layer"]
+TINY = [
+    "--model",
+    "convnet",
+    "--epochs",
+    "2",
+    "--sgld-epochs",
+    "2",
+    "--sgld-thin",
+    "1",
+    "--dropout-epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--num-samples",
+    "2",
+    "--image-size",
+    "8",
+    "--quiet",
+    "--laplace-params",
+    "last_layer",
+]
 
 
 def _run(tmp_path, *extra, name="run"):
@@ -43,8 +63,20 @@ def _checkpoint_state(run_dir, method):
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_adam_learning_rate_follows_the_schedule(tmp_path, schedule):
-    code = _run(tmp_path, "--method", "vanilla", "--epochs", "4", "--lr", "0.01", "--lr-schedule", schedule,
-                "--stop-after-epoch", "1", name=schedule)
+    code = _run(
+        tmp_path,
+        "--method",
+        "vanilla",
+        "--epochs",
+        "4",
+        "--lr",
+        "0.01",
+        "--lr-schedule",
+        schedule,
+        "--stop-after-epoch",
+        "1",
+        name=schedule,
+    )
     assert code == 3
     state = _checkpoint_state(tmp_path / schedule, "vanilla")
     # digits keeps 100 training examples: one step per epoch at --batch-size 128, four steps in all
@@ -60,15 +92,19 @@ def test_mc_dropout_starts_from_the_map_with_norm_layers_as_point_estimates(tmp_
     posterior = _checkpoint_state(tmp_path / "mcd", "mc_dropout")["posterior"]
 
     def store(prefix):
-        return {k[len(prefix):].replace("/", "."): v for k, v in posterior.items() if k.startswith(prefix)}
+        return {k[len(prefix) :].replace("/", "."): v for k, v in posterior.items() if k.startswith(prefix)}
 
     means = store("mu.")
     assert means and all(torch.allclose(v, map_weights[k], rtol=0, atol=1e-9) for k, v in means.items())
     from bayeskern.app.models import create_backbone
 
     model = create_backbone("convnet", 10).model
-    norm = {f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)
-            for p, _ in module.named_parameters()}
+    norm = {
+        f"{m}.{p}"
+        for m, module in model.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+        for p, _ in module.named_parameters()
+    }
     assert norm and set(store("point.")) == norm and norm.isdisjoint(means)
 
 
@@ -89,7 +125,7 @@ def test_methods_refining_the_map_keep_the_pretrained_weights_as_prior_mean(tmp_
     code = _run(tmp_path, "--method", "mc_dropout,sgld,laplace", "--pretrained", str(tmp_path / "w.pt"), name="pre")
     assert code == 0
     posterior = _checkpoint_state(tmp_path / "pre", "mc_dropout")["posterior"]
-    dropout_means = {k[len("prior."):].replace("/", "."): v for k, v in posterior.items() if k.startswith("prior.")}
+    dropout_means = {k[len("prior.") :].replace("/", "."): v for k, v in posterior.items() if k.startswith("prior.")}
     sgld_state = _checkpoint_state(tmp_path / "pre", "sgld")["optimizer"]["state"]
     in_group_order = sorted((n for n, _ in model.named_parameters()), key=lambda n: n.startswith("head."))  # body, head
     sgld_means = {name: sgld_state[i]["prior_mean"] for i, name in enumerate(in_group_order)}
@@ -170,11 +206,21 @@ def test_imagefolder_run(tmp_path, capsys):
         for i in range(12):
             pixels = np.clip(rng.normal(shade, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
-    code = _run(tmp_path, "--method", "vanilla", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
-                "--model", "timm:resnet10t", name="folder")
+    code = _run(
+        tmp_path,
+        "--method",
+        "vanilla",
+        "--dataset",
+        f"imagefolder:{tmp_path / 'imgs'}",
+        "--model",
+        "timm:resnet10t",
+        name="folder",
+    )
     assert code == 0
     assert "| vanilla |" in capsys.readouterr().out
-    assert json.loads((tmp_path / "folder" / "metrics.json").read_text())["config"]["dataset"].startswith("imagefolder:")
+    assert json.loads((tmp_path / "folder" / "metrics.json").read_text())["config"]["dataset"].startswith(
+        "imagefolder:"
+    )
 
 
 def test_state_dict_pretrained_weights_are_the_starting_point(tmp_path, capsys):

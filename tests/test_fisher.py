@@ -1,4 +1,5 @@
 """sq_grad_accumulate and the per-example curvature driver against torch.func per-example gradients."""
+
 import copy
 
 import pytest
@@ -120,9 +121,14 @@ def mlp():
 def cnn():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 6, 3, stride=2, groups=2, padding="valid"), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding="same", dilation=2, bias=False), nn.Flatten(), nn.Linear(54, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2, padding="valid"),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding="same", dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(54, 3),
     )
     with torch.no_grad():  # BatchNorm with non-trivial running statistics and affine parameters
         bn = model[1]
@@ -186,7 +192,7 @@ def vit(extra=None):
 def image_batches(n=6, classes=3, size=8, batch=4):
     torch.manual_seed(1)
     x, y = torch.randn(n, 3, size, size), torch.randint(0, classes, (n,))
-    return x, y, [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+    return x, y, [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
 def fit(model, batches, backend, device):
@@ -419,7 +425,12 @@ def test_squared_gradients_rejects_empty_batches():
 
 @pytest.mark.parametrize(
     "kernel, stride, padding, dilation",
-    [((3, 3), (1, 1), 1, (1, 1)), ((3, 2), (2, 1), (2, 0), (1, 2)), ((3, 3), (1, 1), "same", (2, 2)), ((2, 2), (2, 2), "valid", (1, 1))],
+    [
+        ((3, 3), (1, 1), 1, (1, 1)),
+        ((3, 2), (2, 1), (2, 0), (1, 2)),
+        ((3, 3), (1, 1), "same", (2, 2)),
+        ((2, 2), (2, 2), "valid", (1, 1)),
+    ],
 )
 def test_conv_patches_equal_unfold(kernel, stride, padding, dilation):
     from bayeskern.curvature.rules import _pads, patches

@@ -11,6 +11,7 @@ weights, nothing downloaded), with and without a peft LoRA wrapper, against orac
 
 Both run in float64 on a copy of the model in eval mode (LoRA dropout off, as in the driver).
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,6 +58,7 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 LLAMA_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION_LORA = ["q_proj", "v_proj"]
 
@@ -74,15 +76,19 @@ def _double(value):
 
 def _example(inputs: dict, b: int, batch: int) -> dict:
     """Example b of a Mapping of inputs as a batch of one (tensors without a batch axis as they are)."""
-    return {k: v[b:b + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
-            for k, v in inputs.items()}
+    return {
+        k: v[b : b + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+        for k, v in inputs.items()
+    }
 
 
 def _unpadded(example: dict) -> dict:
     """A batch of one cut to its non-padding positions (position_ids, if given, renumbered from 0)."""
     keep = example["attention_mask"][0].bool()
-    cut = {k: v[:, keep] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == keep.numel() else v
-           for k, v in example.items()}
+    cut = {
+        k: v[:, keep] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == keep.numel() else v
+        for k, v in example.items()
+    }
     if isinstance(cut.get("position_ids"), torch.Tensor):
         cut["position_ids"] = torch.arange(int(keep.sum()))[None]
     return cut
@@ -107,7 +113,7 @@ def _oracle(model, batches, names, output_fn=None, unpad=False):
             example = _double(_example(inputs, b, len(targets)))
             if unpad:
                 example = _unpadded(example)
-            for n, g in gradient(chosen, example, targets[b:b + 1]).items():
+            for n, g in gradient(chosen, example, targets[b : b + 1]).items():
                 fisher[n] += g.square()
     return {n: f.float() for n, f in fisher.items()}
 
@@ -140,8 +146,10 @@ def laplace_fisher(model, batches, params, output_fn=None):
 
 def padded_batches(*, left: bool = False, positions: bool = False, pad_token: int = PAD) -> list[dict]:
     """Two collated batches (sizes 5 and 3) whose examples are padded to different lengths."""
-    batches = [text_batch(5, seed=0, pad_token=pad_token, left_padding=left),
-               text_batch(3, seed=1, pad_token=pad_token, left_padding=left)]
+    batches = [
+        text_batch(5, seed=0, pad_token=pad_token, left_padding=left),
+        text_batch(3, seed=1, pad_token=pad_token, left_padding=left),
+    ]
     if positions:  # what generation passes with left padding: each example's positions start at 0
         for batch in batches:
             batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
@@ -254,8 +262,12 @@ def test_fallback_takes_mapping_kwargs_with_non_tensors_and_unbatched_tensors():
     model = LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
     batches = padded_batches()
     for batch in batches:
-        batch.update(labels=batch["labels"] % len(ANSWER_TOKENS), use_cache=False, inputs_embeds=None,
-                     position_ids=torch.arange(SEQ)[None])
+        batch.update(
+            labels=batch["labels"] % len(ANSWER_TOKENS),
+            use_cache=False,
+            inputs_embeds=None,
+            position_ids=torch.arange(SEQ)[None],
+        )
     names = ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
     result = squared_gradients(model, batches, sum_ce, names, output_fn=answer_logits)
     assert result.plan.fallback == ["model.embed_tokens.weight"]

@@ -5,6 +5,7 @@ LLaMA causal LM scored on its answer tokens (``output_fn=answer_logits``), a RoB
 ViT.  Batches are what ``transformers`` collators produce: Mappings of keyword inputs holding the
 targets under ``labels``.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,8 +76,9 @@ class Spec:
 SPECS = {
     "llama": Spec(llama_classifier, ["q_proj", "v_proj"], "SEQ_CLS", text_batch),
     "llama_lm": Spec(llama_causal_lm, ["q_proj", "v_proj"], "CAUSAL_LM", text_batch, answer_logits),
-    "roberta": Spec(roberta_classifier, ["query", "value"], "SEQ_CLS",
-                    lambda size, seed: text_batch(size, seed, pad_token=1)),
+    "roberta": Spec(
+        roberta_classifier, ["query", "value"], "SEQ_CLS", lambda size, seed: text_batch(size, seed, pad_token=1)
+    ),
     "vit": Spec(vit_classifier, ["q_proj", "v_proj"], None, image_batch),
 }
 MODELS = list(SPECS)
@@ -230,8 +232,9 @@ def test_weight_posterior_loss_forms_and_training_step(name, selection, method):
 def sgld_run(spec: Spec, steps: int, seed: int = 0):
     model = spec.model(lora=True)
     model.train()
-    opt = bk.BayesSGLD([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=1e-3,
-                       num_data=N_DATA, seed=seed)
+    opt = bk.BayesSGLD(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=1e-3, num_data=N_DATA, seed=seed
+    )
     bank = bk.SampleBank(model, params="lora", output_fn=spec.output_fn, seed=seed)
     return model, opt, bank
 
@@ -295,8 +298,9 @@ def test_laplace_fit_and_val_nll_on_lora(name):
     assert list(la.fisher) == lora and la.num_data == 8
     assert all(torch.isfinite(f).all() and (f >= 0).all() for f in la.fisher.values())
     assert any(f.sum() > 0 for f in la.fisher.values())
-    chosen = la.optimize_prior_precision(method="val_nll", val_loader=spec.loader(seed=10), grid=[0.1, 10.0],
-                                         num_samples=2)
+    chosen = la.optimize_prior_precision(
+        method="val_nll", val_loader=spec.loader(seed=10), grid=[0.1, 10.0], num_samples=2
+    )
     assert chosen in (0.1, 10.0) and la.prior_precision == chosen
     assert list(la.sample(0)) == lora
     assert_model_unchanged(model, before)
@@ -326,7 +330,8 @@ def build_posterior(kind: str, spec: Spec, lora: bool = True, params="lora"):
     if kind == "laplace":
         model = spec.model(lora)
         return model, bk.DiagLaplace(model, params=params, output_fn=spec.output_fn, seed=0).fit(
-            spec.loader(), progress=False)
+            spec.loader(), progress=False
+        )
     model, opt, bank = sgld_run(spec, steps=0)
     for step in range(2):
         sgld_step(model, opt, bank, spec, spec.batch(seed=step))
@@ -346,8 +351,10 @@ def eager_probs(post, model: nn.Module, loader, num_samples: int, spec: Spec) ->
     out = []
     for batch in loader:
         inputs = inputs_of(batch)
-        probs = [spec.logits(functional_call(model, {**fixed, **post.sample(s)}, (), inputs), inputs).softmax(-1)
-                 for s in range(num_samples)]
+        probs = [
+            spec.logits(functional_call(model, {**fixed, **post.sample(s)}, (), inputs), inputs).softmax(-1)
+            for s in range(num_samples)
+        ]
         out.append(torch.stack(probs).mean(0))
     model.train(was_training)
     return torch.cat(out)
@@ -469,14 +476,18 @@ def test_laplace_fit_without_labels_is_a_clear_error():
     assert_same_state(la.state_dict(), fitted)
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: bk.VI(m, params="lora", num_data=N_DATA),
-    lambda m: bk.MCDropout(m, params="lora", num_data=N_DATA),
-    lambda m: bk.DiagLaplace(m, params="lora"),
-    lambda m: bk.SampleBank(m, params="lora"),
-    lambda m: bk.GaussianPrior(m, params="lora"),
-    lambda m: bk.select_parameters(m, "lora"),
-], ids=["vi", "mcdropout", "laplace", "bank", "prior", "select"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: bk.VI(m, params="lora", num_data=N_DATA),
+        lambda m: bk.MCDropout(m, params="lora", num_data=N_DATA),
+        lambda m: bk.DiagLaplace(m, params="lora"),
+        lambda m: bk.SampleBank(m, params="lora"),
+        lambda m: bk.GaussianPrior(m, params="lora"),
+        lambda m: bk.select_parameters(m, "lora"),
+    ],
+    ids=["vi", "mcdropout", "laplace", "bank", "prior", "select"],
+)
 def test_lora_selection_without_adapters_is_a_clear_error(make):
     model = SPECS["roberta"].model(lora=False)
     before = snapshot(model)

@@ -1,5 +1,6 @@
 """bayeskern.ops.retain_freed_memory: glibc keeps freed memory in the process (free bytes in its
 arena, page faults)."""
+
 import subprocess
 import sys
 

@@ -1,5 +1,6 @@
 """``import bayeskern`` loads torch and the package only; the heavy optional dependencies
 (``bayeskern[app]``, and what later features use) load when the parts that need them are used."""
+
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,9 @@ HEAVY = ("matplotlib", "sklearn", "scipy", "timm", "torchvision", "transformers"
 
 def _python(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter on this checkout (not a stale installed copy)."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def _ok(code: str) -> str:
@@ -78,11 +80,14 @@ def test_cli_module_imports_no_app_dependency():
 
 
 # sys.modules[name] = None makes ``import name`` fail as if the package were not installed.
-@pytest.mark.parametrize("module, call", [
-    ("scipy", "bk.metrics.fit_temperature(torch.randn(8, 3), torch.arange(8) % 3)"),
-    ("sklearn", "bk.metrics.ood_auroc(torch.rand(8), torch.rand(8))"),
-    ("matplotlib", "bk.plots"),
-])
+@pytest.mark.parametrize(
+    "module, call",
+    [
+        ("scipy", "bk.metrics.fit_temperature(torch.randn(8, 3), torch.arange(8) % 3)"),
+        ("sklearn", "bk.metrics.ood_auroc(torch.rand(8), torch.rand(8))"),
+        ("matplotlib", "bk.plots"),
+    ],
+)
 def test_missing_optional_dependency_names_the_extra(module, call):
     result = _python(f"""
         import sys
@@ -101,7 +106,9 @@ def test_missing_optional_dependency_names_the_extra(module, call):
     assert "bayeskern[app]" in result.stdout
 
 
-@pytest.mark.parametrize("module, package", [("timm", "timm"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")])
+@pytest.mark.parametrize(
+    "module, package", [("timm", "timm"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")]
+)
 def test_cli_without_an_app_dependency_exits_2_with_one_line(tmp_path, module, package):
     result = _python(f"""
         import sys

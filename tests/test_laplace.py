@@ -1,4 +1,5 @@
 """DiagLaplace against exact Bayesian linear regression, torch.func per-example gradients and the Philox spec."""
+
 import math
 
 import pytest
@@ -46,7 +47,7 @@ def linear_model(weight):
 
 def batches(x, y, size):
     y = y.float() if y.dtype.is_floating_point else y
-    return [(x[i:i + size].float(), y[i:i + size]) for i in range(0, len(y), size)]
+    return [(x[i : i + size].float(), y[i : i + size]) for i in range(0, len(y), size)]
 
 
 def test_mc_fisher_of_linear_regression_recovers_xtx_over_noise_variance():
@@ -68,8 +69,13 @@ def test_laplace_posterior_of_linear_regression_is_the_exact_posterior():
     xs, ys = x.repeat(repeats, 1), y.repeat(repeats)
     mean, precision = exact_posterior(xs, ys, lam)
     la = DiagLaplace(
-        linear_model(mean), likelihood="regression", prior_mean="zero", prior_precision=lam, fisher_type="mc",
-        noise_std=SIGMA, seed=1,
+        linear_model(mean),
+        likelihood="regression",
+        prior_mean="zero",
+        prior_precision=lam,
+        fisher_type="mc",
+        noise_std=SIGMA,
+        seed=1,
     )
     la.fit(batches(xs, ys, 4000), progress=False)
     torch.testing.assert_close(la.mean()["weight"].double().flatten(), mean, rtol=1e-6, atol=1e-6)
@@ -95,7 +101,12 @@ def test_marglik_finds_the_prior_precision_maximising_the_exact_evidence():
     best = math.exp(golden_section_max(lambda u: exact_log_evidence(x, y, math.exp(u)), -8.0, 8.0))
     mean, _ = exact_posterior(x, y, best)
     la = DiagLaplace(
-        linear_model(mean), likelihood="regression", prior_mean="zero", prior_precision=1.0, noise_std=SIGMA, seed=0,
+        linear_model(mean),
+        likelihood="regression",
+        prior_mean="zero",
+        prior_precision=1.0,
+        noise_std=SIGMA,
+        seed=0,
     )
     la.fit(batches(x, y, 3), progress=False)
     state = la.state_dict()
@@ -108,7 +119,10 @@ def test_marglik_finds_the_prior_precision_maximising_the_exact_evidence():
 def test_marglik_warns_and_stops_at_the_bound_when_theta_star_is_the_prior_mean():
     x, y = regression_data()
     la = DiagLaplace(
-        linear_model(exact_posterior(x, y, 1.0)[0]), likelihood="regression", prior_mean="pretrained", noise_std=SIGMA,
+        linear_model(exact_posterior(x, y, 1.0)[0]),
+        likelihood="regression",
+        prior_mean="pretrained",
+        noise_std=SIGMA,
     )
     la.fit(batches(x, y, 4), progress=False)
     with pytest.warns(RuntimeWarning, match="still grows"):
@@ -168,7 +182,9 @@ def test_mc_fisher_of_an_mlp_is_an_unbiased_ggn_diagonal():
     model = mlp()
     x, y = class_data(6)
     repeats = 500
-    la = DiagLaplace(model, fisher_type="mc", seed=5).fit(batches(x.repeat(repeats, 1), y.repeat(repeats), 1000), progress=False)
+    la = DiagLaplace(model, fisher_type="mc", seed=5).fit(
+        batches(x.repeat(repeats, 1), y.repeat(repeats), 1000), progress=False
+    )
     squares, probs = per_class_sq_grads(model, x)
     for name, sq in squares.items():
         weights = probs.view(*probs.shape, *([1] * (sq.dim() - 2)))
@@ -223,7 +239,9 @@ def test_val_nll_picks_the_grid_value_with_the_lowest_predictive_nll():
     x, y = class_data(20)
     la = DiagLaplace(model, seed=2).fit(batches(x[:10], y[:10], 5), progress=False)
     grid = [0.01, 1.0, 100.0]
-    chosen = la.optimize_prior_precision(method="val_nll", val_loader=batches(x[10:], y[10:], 5), grid=grid, num_samples=8)
+    chosen = la.optimize_prior_precision(
+        method="val_nll", val_loader=batches(x[10:], y[10:], 5), grid=grid, num_samples=8
+    )
 
     def nll(lam):  # independent Monte-Carlo predictive NLL
         la.prior_precision = lam
@@ -271,7 +289,7 @@ def test_diag_laplace_rejects_empty_loader_bad_method_and_use_before_fit():
         la.fit([], progress=False)
     x, y = class_data()
     la.fit(batches(x, y, 5), progress=False)
-    with pytest.raises(ValueError, match="^method must be"):
+    with pytest.raises(ValueError, match=r"^method must be"):
         la.optimize_prior_precision(method="cv")
     with pytest.raises(ValueError, match="val_loader"):
         la.optimize_prior_precision(method="val_nll")

@@ -1,13 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from posterior_checks import train_wrapped_timm_model
 from torch import nn
 
 import bayeskern.ops as ops
 from bayeskern.ops import philox
 from bayeskern.posteriors.mc_dropout import MCDropout
 from bayeskern.posteriors.weight_posterior import step_seed
-from posterior_checks import train_wrapped_timm_model
 
 
 def mlp() -> nn.Module:
@@ -25,7 +25,14 @@ def test_loss_and_gradients_match_an_independent_computation(backend, mode):
     p, sp, n = 0.3, 0.5, 40
     model = mlp()
     post = MCDropout(
-        model, p=p, prior_mean="pretrained", prior_std=sp, num_data=n, train_samples=2, mode=mode, new_params="2.*",
+        model,
+        p=p,
+        prior_mean="pretrained",
+        prior_std=sp,
+        num_data=n,
+        train_samples=2,
+        mode=mode,
+        new_params="2.*",
         seed=5,
     )
     with torch.no_grad():  # move mu away from the prior mean so the regulariser is not zero
@@ -60,7 +67,9 @@ def test_loss_and_gradients_match_an_independent_computation(backend, mode):
 def test_mean_and_std_are_the_moments_of_the_samples(mode):
     torch.manual_seed(0)
     model = nn.Linear(10, 10, bias=False)
-    post = MCDropout(model, p=0.2, prior_mean={"weight": torch.randn(10, 10)}, prior_std=1.0, num_data=1, mode=mode, seed=0)
+    post = MCDropout(
+        model, p=0.2, prior_mean={"weight": torch.randn(10, 10)}, prior_std=1.0, num_data=1, mode=mode, seed=0
+    )
     draws = torch.stack([post.sample(i)["weight"] for i in range(3000)])
     mean, std = post.mean()["weight"], post.std()["weight"]
     z = (draws.mean(0) - mean) / (std / 3000**0.5)
@@ -87,8 +96,14 @@ def test_tiny_prior_std_keeps_mu_at_pretrained_weights():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"p": 1.0}, "p"), ({"p": -0.1}, "p"), ({"mode": "zero"}, "mode"), ({"num_data": 0}, "num_data"),
-     ({"prior_std": -1.0}, "prior_std"), ({"train_samples": 0}, "train_samples")],
+    [
+        ({"p": 1.0}, "p"),
+        ({"p": -0.1}, "p"),
+        ({"mode": "zero"}, "mode"),
+        ({"num_data": 0}, "num_data"),
+        ({"prior_std": -1.0}, "prior_std"),
+        ({"train_samples": 0}, "train_samples"),
+    ],
 )
 def test_bad_arguments_are_rejected_by_name(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name} must be"):
@@ -97,4 +112,6 @@ def test_bad_arguments_are_rejected_by_name(kwargs, name):
 
 @pytest.mark.parametrize("mode", ["scale", "prior"])
 def test_timm_models_train_under_mc_dropout_without_modification(mode):
-    train_wrapped_timm_model(lambda model: MCDropout(model, p=0.1, num_data=100, mode=mode, new_params=["fc.*", "head.*"]))
+    train_wrapped_timm_model(
+        lambda model: MCDropout(model, p=0.1, num_data=100, mode=mode, new_params=["fc.*", "head.*"])
+    )

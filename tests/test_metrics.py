@@ -19,14 +19,17 @@ from bayeskern import metrics
 #   d    .50   1    0       0    2
 #   e    .45   2    2       1    2
 #   f    .38   0    1       0    1
-HAND_PROBS = torch.tensor([
-    [0.90, 0.05, 0.05],
-    [0.05, 0.85, 0.10],
-    [0.70, 0.20, 0.10],
-    [0.30, 0.50, 0.20],
-    [0.30, 0.25, 0.45],
-    [0.38, 0.34, 0.28],
-], dtype=torch.float64)
+HAND_PROBS = torch.tensor(
+    [
+        [0.90, 0.05, 0.05],
+        [0.05, 0.85, 0.10],
+        [0.70, 0.20, 0.10],
+        [0.30, 0.50, 0.20],
+        [0.30, 0.25, 0.45],
+        [0.38, 0.34, 0.28],
+    ],
+    dtype=torch.float64,
+)
 HAND_TARGETS = torch.tensor([0, 2, 0, 0, 2, 1])
 # bin 4: conf (.90 + .85) / 2 = .875, acc 1/2 -> gap .375, weight 2/6
 # bin 3: conf .70,                    acc 1   -> gap .300, weight 1/6
@@ -83,8 +86,7 @@ def test_ece_matches_torchmetrics(norm, seed):
 
 def test_classwise_ece_matches_hand_computation():
     # Two bins (0, .5], (.5, 1]; per class: confidence p_.c against 1[y = c].
-    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]],
-                         dtype=torch.float64)
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]], dtype=torch.float64)
     targets = torch.tensor([0, 2, 2, 1])
     # class 0: high {.6 | 1} gap .4 w 1/4; low {.2,.1,.3 | 0,0,0} gap .2 w 3/4 -> .25
     # class 1: high {.7 | 0} gap .7 w 1/4; low {.3,.2,.3 | 0,0,1} gap |1/3 - .8/3| w 3/4 -> .225
@@ -96,8 +98,10 @@ def test_classwise_ece_matches_hand_computation():
 def test_classwise_ece_matches_torchmetrics_binary_per_class():
     logits, targets = random_problem(2, num_classes=5)
     probs = logits.softmax(1)
-    per_class = [binary_calibration_error(column.contiguous(), (targets == c).long(), n_bins=10)
-                 for c, column in enumerate(probs.T)]
+    per_class = [
+        binary_calibration_error(column.contiguous(), (targets == c).long(), n_bins=10)
+        for c, column in enumerate(probs.T)
+    ]
     expected = torch.stack(per_class).mean().item()
     assert metrics.classwise_ece(probs, targets, n_bins=10) == pytest.approx(expected, abs=1e-6)
 
@@ -132,9 +136,7 @@ def test_nll_and_brier_match_direct_formulas():
     probs = logits.softmax(1).double().numpy()
     y = targets.numpy()
     expected_nll = np.mean([-math.log(probs[i, y[i]]) for i in range(50)])
-    expected_brier = np.mean([
-        sum((probs[i, c] - (c == y[i])) ** 2 for c in range(4)) for i in range(50)
-    ])
+    expected_brier = np.mean([sum((probs[i, c] - (c == y[i])) ** 2 for c in range(4)) for i in range(50)])
     assert metrics.nll(probs, y) == pytest.approx(expected_nll, rel=1e-12)
     assert metrics.brier(probs, y) == pytest.approx(expected_brier, rel=1e-12)
     from_logits = metrics.nll(logits, targets, from_logits=True)
@@ -180,10 +182,12 @@ def test_entropies_and_mutual_information_match_hand_computation():
     # example 0: samples [.8, .2], [.4, .6]   -> mean [.6, .4]
     # example 1: samples [1, 0], [0, 1]       -> mean [.5, .5], each sample certain
     # example 2: samples [.5, .5], [.5, .5]   -> mean [.5, .5], samples agree
-    samples = torch.tensor([
-        [[0.8, 0.2], [1.0, 0.0], [0.5, 0.5]],
-        [[0.4, 0.6], [0.0, 1.0], [0.5, 0.5]],
-    ])
+    samples = torch.tensor(
+        [
+            [[0.8, 0.2], [1.0, 0.0], [0.5, 0.5]],
+            [[0.4, 0.6], [0.0, 1.0], [0.5, 0.5]],
+        ]
+    )
     total = [entropy2(0.6), math.log(2), math.log(2)]
     aleatoric = [(entropy2(0.8) + entropy2(0.4)) / 2, 0.0, math.log(2)]
     epistemic = [t - a for t, a in zip(total, aleatoric)]
@@ -274,35 +278,33 @@ def with_first_row(row: list[float]) -> torch.Tensor:
 
 BAD_INPUTS = {
     "probs ndim": (lambda: metrics.ece(PROBS[0], TARGETS), r"probs must have shape \(N, C\)"),
-    "probs empty": (lambda: metrics.nll(torch.empty(0, 3), torch.empty(0, dtype=torch.long)),
-                    "probs is empty"),
-    "probs nan": (lambda: metrics.brier(with_first_row([math.nan, 0.5, 0.5]), TARGETS),
-                  "probs contains NaN or inf"),
-    "logits inf": (lambda: metrics.nll(with_first_row([math.inf, 0, 0]), TARGETS, from_logits=True),
-                   "probs contains NaN or inf"),
+    "probs empty": (lambda: metrics.nll(torch.empty(0, 3), torch.empty(0, dtype=torch.long)), "probs is empty"),
+    "probs nan": (lambda: metrics.brier(with_first_row([math.nan, 0.5, 0.5]), TARGETS), "probs contains NaN or inf"),
+    "logits inf": (
+        lambda: metrics.nll(with_first_row([math.inf, 0, 0]), TARGETS, from_logits=True),
+        "probs contains NaN or inf",
+    ),
     "probs sum": (lambda: metrics.accuracy(2 * PROBS, TARGETS), "probs rows must sum to 1"),
-    "probs negative": (lambda: metrics.ece(with_first_row([1.2, -0.1, -0.1]), TARGETS),
-                       "probs has negative entries"),
-    "length": (lambda: metrics.ece(PROBS, TARGETS[:3]),
-               "targets has length 3 but probs has 4 rows"),
-    "target high": (lambda: metrics.mce(PROBS, torch.tensor([0, 1, 2, 3])),
-                    r"targets must lie in \[0, 3\)"),
-    "target negative": (lambda: metrics.classwise_ece(PROBS, torch.tensor([0, -1, 2, 0])),
-                        r"targets must lie in \[0, 3\)"),
+    "probs negative": (lambda: metrics.ece(with_first_row([1.2, -0.1, -0.1]), TARGETS), "probs has negative entries"),
+    "length": (lambda: metrics.ece(PROBS, TARGETS[:3]), "targets has length 3 but probs has 4 rows"),
+    "target high": (lambda: metrics.mce(PROBS, torch.tensor([0, 1, 2, 3])), r"targets must lie in \[0, 3\)"),
+    "target negative": (
+        lambda: metrics.classwise_ece(PROBS, torch.tensor([0, -1, 2, 0])),
+        r"targets must lie in \[0, 3\)",
+    ),
     "target float": (lambda: metrics.ece(PROBS, TARGETS.float()), "integer class indices"),
-    "target ndim": (lambda: metrics.ece(PROBS, TARGETS[:, None]),
-                    r"targets must have shape \(N,\)"),
+    "target ndim": (lambda: metrics.ece(PROBS, TARGETS[:, None]), r"targets must have shape \(N,\)"),
     "n_bins": (lambda: metrics.ece(PROBS, TARGETS, n_bins=0), "n_bins must be a positive integer"),
     "norm": (lambda: metrics.ece(PROBS, TARGETS, norm="l3"), "norm must be"),
     "binning": (lambda: metrics.ece(PROBS, TARGETS, binning="quantile"), "binning must be"),
-    "sample ndim": (lambda: metrics.mutual_information(PROBS),
-                    r"sample_probs must have shape \(S, N, C\)"),
+    "sample ndim": (lambda: metrics.mutual_information(PROBS), r"sample_probs must have shape \(S, N, C\)"),
     "ood empty": (lambda: metrics.ood_auroc([1.0, 2.0], []), "scores_out is empty"),
     "ood nan": (lambda: metrics.ood_report([1.0, math.nan], [2.0]), "scores_in contains NaN"),
-    "temperature length": (lambda: metrics.fit_temperature(PROBS, TARGETS[:2]),
-                           "targets has length 2 but logits has 4 rows"),
-    "temperature bounds": (lambda: metrics.fit_temperature(PROBS, TARGETS, bounds=(2.0, 1.0)),
-                           "bounds must satisfy"),
+    "temperature length": (
+        lambda: metrics.fit_temperature(PROBS, TARGETS[:2]),
+        "targets has length 2 but logits has 4 rows",
+    ),
+    "temperature bounds": (lambda: metrics.fit_temperature(PROBS, TARGETS, bounds=(2.0, 1.0)), "bounds must satisfy"),
     "temperature zero": (lambda: metrics.apply_temperature(PROBS, 0.0), "temperature must be"),
     "temperature nan": (lambda: metrics.apply_temperature(PROBS, math.nan), "temperature must be"),
     "report": (lambda: metrics.calibration_report(PROBS, TARGETS[:3]), "targets has length 3"),

@@ -1,4 +1,5 @@
 """Backend selection: automatic choice, overrides, and the fallback when no compiler is found."""
+
 import os
 import subprocess
 import sys
@@ -35,9 +36,8 @@ def test_environment_variable_selects_backend(monkeypatch):
 
 
 def test_unknown_backend_name_raises():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        with ops.use_backend("cuda"):
-            pass
+    with pytest.raises(ValueError, match="backend must be one of"), ops.use_backend("cuda"):
+        pass
 
 
 def test_cpu_default_is_cpp_when_built():
@@ -49,7 +49,10 @@ def test_cpu_default_is_cpp_when_built():
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
     )
 
 
@@ -67,7 +70,9 @@ def test_without_a_compiler_import_works_and_reference_serves(tmp_path):
         ref = bk.ops.reference_gaussian_sample(torch.zeros(8), torch.zeros(8), 1)
         print(backends, len(ext), bool(torch.equal(w, ref)))
         """,
-        CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path), TRITON_INTERPRET="0",
+        CXX="/bin/false",
+        TORCH_EXTENSIONS_DIR=str(tmp_path),
+        TRITON_INTERPRET="0",
         BAYESKERN_REQUIRE_BACKENDS="",
     )
     assert result.returncode == 0, result.stderr

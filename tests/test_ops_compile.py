@@ -1,4 +1,5 @@
 """torch.compile sees the ops: fullgraph compilation, gradients, and no recompiles per seed."""
+
 import torch
 import torch._dynamo
 

@@ -1,6 +1,7 @@
 """The fused training draws (gaussian_sample_kl, weight_dropout_l2): the Triton and C++ kernels
 against the per-tensor composition on the reference backend (values and gradients), the composition
 against float64 finite differences, thread-count independence, opcheck and bad input."""
+
 import os
 import subprocess
 import sys
@@ -53,8 +54,9 @@ def _gaussian(mus, rhos, prior_means, seed=11, stream=3):
 
 
 def _dropout(mus, prior_means, fill_prior, p=0.3, seed=11, stream=3):
-    return lambda: ops.weight_dropout_l2(mus, p, prior_means, PRIOR_STDS, seed, _offsets(SHAPES),
-                                         fill_prior=fill_prior, stream=stream)
+    return lambda: ops.weight_dropout_l2(
+        mus, p, prior_means, PRIOR_STDS, seed, _offsets(SHAPES), fill_prior=fill_prior, stream=stream
+    )
 
 
 def _float32(tensors):
@@ -110,15 +112,19 @@ def test_composition_is_the_sum_of_the_per_tensor_ops():
     mus, rhos, prior_means, _ = _case()
     samples, kl = _gaussian(mus, rhos, prior_means)()
     offsets = _offsets(SHAPES)
-    for k, (mu, rho, m0, sp) in enumerate(zip(mus, rhos, prior_means, PRIOR_STDS)):
+    for k, (mu, rho, _m0, _sp) in enumerate(zip(mus, rhos, prior_means, PRIOR_STDS)):
         torch.testing.assert_close(samples[k], ops.reference_gaussian_sample(mu, rho, 11, offsets[k], stream=3))
-    expected = sum(ops.reference_gaussian_kl(mu, rho, m0, sp) for mu, rho, m0, sp in zip(mus, rhos, prior_means, PRIOR_STDS))
+    expected = sum(
+        ops.reference_gaussian_kl(mu, rho, m0, sp) for mu, rho, m0, sp in zip(mus, rhos, prior_means, PRIOR_STDS)
+    )
     torch.testing.assert_close(kl, expected)
     dropped, l2 = _dropout(mus, prior_means, True)()
     for k, (mu, m0) in enumerate(zip(mus, prior_means)):
         fill = torch.zeros_like(mu) if m0 is None else m0
         torch.testing.assert_close(dropped[k], ops.reference_weight_dropout(mu, 0.3, 11, offsets[k], fill, stream=3))
-    squared = sum(((mu if m0 is None else mu - m0) ** 2).sum() / (2 * sp**2) for mu, m0, sp in zip(mus, prior_means, PRIOR_STDS))
+    squared = sum(
+        ((mu if m0 is None else mu - m0) ** 2).sum() / (2 * sp**2) for mu, m0, sp in zip(mus, prior_means, PRIOR_STDS)
+    )
     torch.testing.assert_close(l2, 0.7 * squared)
 
 
@@ -126,7 +132,10 @@ def test_composition_is_the_sum_of_the_per_tensor_ops():
 def test_gradcheck_float64(kind):
     """float64 runs the composition: its gradients against finite differences."""
     g = torch.Generator().manual_seed(2)
-    mus = [torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True), torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)]
+    mus = [
+        torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True),
+    ]
     rhos = [(torch.randn(m.shape, generator=g, dtype=torch.float64) - 1).requires_grad_() for m in mus]
     prior_means = [torch.randn(3, 4, generator=g, dtype=torch.float64), None]
 
@@ -168,7 +177,6 @@ def test_kernels_pass_opcheck(kernel_backend, device):
         torch.library.opcheck(_weight_dropout_l2, (mus, 0.2, True, prior_means, [1.0, 0.5], seed, [0, 16], 2))
 
 
-
 @pytest.mark.parametrize("kind", ["gaussian", "dropout"])
 def test_cpp_eager_path_equals_the_custom_op(cpp, kind):
     """On the C++ CPU kernels the public functions skip the custom-op layer in eager mode: same
@@ -187,7 +195,7 @@ def test_cpp_eager_path_equals_the_custom_op(cpp, kind):
         for draw in (eager, custom):
             samples, term = draw()
             nodes.append(samples[1].grad_fn.name())
-            values, term, grads = _run(lambda: (samples[1:], term), params, upstream[1:])
+            values, term, grads = _run(lambda: (samples[1:], term), params, upstream[1:])  # noqa: B023
             tensors.append([*values, term, *grads])
     assert "Eager" in nodes[0] and "Eager" not in nodes[1]
     assert all(torch.equal(a, b) for a, b in zip(*tensors))
@@ -293,16 +301,19 @@ def test_bad_pool_size_raises_naming_the_variable(cpp):
     assert run.returncode != 0 and "BAYESKERN_CPU_POOL_MB must be a whole number of MiB, got 'lots'" in run.stderr
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda m, r: ops.gaussian_sample_kl([m], [r, r], [None], [1.0], 0, [0]), "rhos has 2 entries"),
-    (lambda m, r: ops.gaussian_sample_kl([m], [r], [None], [-1.0], 0, [0]), r"prior_stds\[0\] must be positive"),
-    (lambda m, r: ops.gaussian_sample_kl([m], [r], [torch.zeros(2)], [1.0], 0, [0]), r"prior_means\[0\]"),
-    (lambda m, r: ops.gaussian_sample_kl([m], [r.t()[:1]], [None], [1.0], 0, [0]), r"rhos\[0\]"),
-    (lambda m, r: ops.gaussian_sample_kl([], [], [], [], 0, []), "mus must hold"),
-    (lambda m, r: ops.weight_dropout_l2([m], 1.0, [None], [1.0], 0, [0]), "p must be a probability"),
-    (lambda m, r: ops.weight_dropout_l2([m], 0.1, [None], [1.0], 0, [-4]), "offsets"),
-    (lambda m, r: ops.weight_dropout_l2([m], 0.1, [None, None], [1.0], 0, [0]), "prior_means has 2 entries"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, r: ops.gaussian_sample_kl([m], [r, r], [None], [1.0], 0, [0]), "rhos has 2 entries"),
+        (lambda m, r: ops.gaussian_sample_kl([m], [r], [None], [-1.0], 0, [0]), r"prior_stds\[0\] must be positive"),
+        (lambda m, r: ops.gaussian_sample_kl([m], [r], [torch.zeros(2)], [1.0], 0, [0]), r"prior_means\[0\]"),
+        (lambda m, r: ops.gaussian_sample_kl([m], [r.t()[:1]], [None], [1.0], 0, [0]), r"rhos\[0\]"),
+        (lambda m, r: ops.gaussian_sample_kl([], [], [], [], 0, []), "mus must hold"),
+        (lambda m, r: ops.weight_dropout_l2([m], 1.0, [None], [1.0], 0, [0]), "p must be a probability"),
+        (lambda m, r: ops.weight_dropout_l2([m], 0.1, [None], [1.0], 0, [-4]), "offsets"),
+        (lambda m, r: ops.weight_dropout_l2([m], 0.1, [None, None], [1.0], 0, [0]), "prior_means has 2 entries"),
+    ],
+)
 def test_bad_input_raises_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.randn(4, 3), torch.randn(4, 3))

@@ -1,4 +1,5 @@
 """weight_dropout: every backend against the reference, keep rate, gradients, memory, bad input."""
+
 import pytest
 import torch
 

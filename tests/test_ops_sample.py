@@ -1,4 +1,5 @@
 """gaussian_sample: every backend against the reference, gradients, memory, compile, bad input."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,6 @@
 """The counter-based noise: Philox against published vectors and Triton's own implementation,
 the uniform/normal transforms on every backend against the reference, and their statistics."""
+
 import pytest
 import torch
 
@@ -99,5 +100,5 @@ def test_different_seeds_and_streams_differ():
 @pytest.mark.parametrize("bad", [dict(seed=-1), dict(offset=-5), dict(seed=2**63)])
 def test_bad_keys_raise(bad):
     args = dict(seed=0, offset=0) | bad
-    with pytest.raises(ValueError, match="seed|offset"):
+    with pytest.raises(ValueError, match=r"seed|offset"):
         philox.normal(args["seed"], args["offset"], 4)

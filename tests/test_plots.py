@@ -17,8 +17,7 @@ def problem():
 @pytest.mark.parametrize("binning", ["uniform", "adaptive"])
 def test_reliability_diagram_writes_png_of_documented_size(problem, tmp_path, binning):
     probs, targets = problem
-    path = plots.reliability_diagram(probs, targets, tmp_path / "r.png", title="model",
-                                     binning=binning)
+    path = plots.reliability_diagram(probs, targets, tmp_path / "r.png", title="model", binning=binning)
     image = matplotlib.image.imread(path)
     assert image.shape == (500, 400, 4)  # PANEL_INCHES (4, 5) at 100 dpi
     assert image[..., :3].std() > 0.1  # something was drawn

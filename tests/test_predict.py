@@ -158,7 +158,9 @@ def test_mc_dropout_posterior_is_predicted_through_the_protocol():
     x = torch.randn(4, 3)
     pred = predict(post, x, num_samples=3, compile=False, return_logits=True)
     for s in range(3):
-        torch.testing.assert_close(pred.logits[s], functional_call(model, {**post.fixed_tensors(), **post.sample(s)}, (x,)))
+        torch.testing.assert_close(
+            pred.logits[s], functional_call(model, {**post.fixed_tensors(), **post.sample(s)}, (x,))
+        )
     assert (pred.mutual_info > 0).all()
 
 
@@ -208,10 +210,18 @@ def test_compiled_and_eager_predictions_agree_and_compile_once():
     torch.testing.assert_close(again.probs, eager.probs, rtol=1e-5, atol=1e-6)
 
 
-
-@pytest.mark.parametrize("num_samples, sample_bytes, expected", [
-    (32, 1000, 32), (32, 500_000, 8), (32, 7 << 20, 1), (6, 0, 6), (7, 20 << 20, 1), (100, 10, 25), (64, 10, 32),
-])
+@pytest.mark.parametrize(
+    "num_samples, sample_bytes, expected",
+    [
+        (32, 1000, 32),
+        (32, 500_000, 8),
+        (32, 7 << 20, 1),
+        (6, 0, 6),
+        (7, 20 << 20, 1),
+        (100, 10, 25),
+        (64, 10, 32),
+    ],
+)
 def test_chunk_size_divides_the_samples_within_the_limits(num_samples, sample_bytes, expected):
     assert engine._chunk_size(num_samples, sample_bytes) == expected
 

@@ -1,5 +1,6 @@
 """The vectorised predictive path (``predict(..., vectorize=...)``): several samples per call under
 ``torch.func.vmap`` give the per-sample loop's results; the automatic choice; the fallback."""
+
 import warnings
 
 import pytest
@@ -53,6 +54,7 @@ def mlp(seed=0, norm=False, dropout=False):
 
 
 # -- small networks ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("params", ["last_layer", None])
 def test_mlp_vectorized_equals_the_loop(monkeypatch, params):
@@ -115,14 +117,22 @@ def test_chunks_within_the_byte_budget_give_the_same_result(monkeypatch):
     assert_same(vectorized, loop)
 
 
-@pytest.mark.parametrize("num_samples, random_bytes, activation, expected", [
-    (10, 1000, 0, 10), (10, 1 << 28, 0, 4), (10, 1 << 28, 1 << 28, 2), (10, 1 << 31, 0, 1), (3, 0, 0, 3),
-])
+@pytest.mark.parametrize(
+    "num_samples, random_bytes, activation, expected",
+    [
+        (10, 1000, 0, 10),
+        (10, 1 << 28, 0, 4),
+        (10, 1 << 28, 1 << 28, 2),
+        (10, 1 << 31, 0, 1),
+        (3, 0, 0, 3),
+    ],
+)
 def test_vector_chunk_fits_the_budget(num_samples, random_bytes, activation, expected):
     assert engine._vector_chunk(num_samples, random_bytes, activation) == expected
 
 
 # -- the automatic choice ---------------------------------------------------------------------------
+
 
 def test_the_automatic_choice_vectorizes_a_small_random_share_only():
     model_bytes = 100 << 20
@@ -148,6 +158,7 @@ def test_bad_vectorize_is_rejected():
 
 
 # -- the fallback -----------------------------------------------------------------------------------
+
 
 class Branching(nn.Module):
     """Control flow on a sample-dependent value: vmap cannot run it."""
@@ -179,6 +190,7 @@ def test_an_output_of_the_wrong_shape_is_raised_not_taken_for_a_vmap_failure():
 
 
 # -- Hugging Face models with LoRA ------------------------------------------------------------------
+
 
 def lora_llama():
     return with_lora(llama_classifier(), ["q_proj", "v_proj"], dropout=0.1)

@@ -121,7 +121,7 @@ def test_mean_with_wrong_shape_or_missing_entry_names_the_parameter():
     with pytest.raises(ValueError, match=r"head\.weight"):
         GaussianPrior(model, prior_mean=bad, prior_std=1.0)
     GaussianPrior(model, prior_mean=bad, prior_std=1.0, new_params=["head.weight"])  # a fresh head needs no entry
-    with pytest.raises(ValueError, match="^prior_mean must be"):
+    with pytest.raises(ValueError, match=r"^prior_mean must be"):
         GaussianPrior(model, prior_mean="pretraind", prior_std=1.0)
 
 
@@ -147,7 +147,9 @@ def test_neg_log_prob_and_its_gradient_match_torch_distributions():
     torch.manual_seed(0)
     model = Net()
     prior = GaussianPrior(
-        model, prior_mean="pretrained", prior_std={"head.weight": torch.tensor([[0.5], [2.0]]), "*": 0.7},
+        model,
+        prior_mean="pretrained",
+        prior_std={"head.weight": torch.tensor([[0.5], [2.0]]), "*": 0.7},
         new_params="head.*",
     )
     theta = {n: (p.detach() + torch.randn_like(p)).requires_grad_() for n, p in model.named_parameters()}

@@ -1,5 +1,6 @@
 """The application's checkpoints and results load with ``torch.load(weights_only=True)``: a real
 run's files round-trip, and a planted pickle that would run code is refused without running it."""
+
 import json
 import pickle
 
@@ -11,8 +12,23 @@ from bayeskern.app.finetune import main
 from bayeskern.app.report import load_method_result
 from bayeskern.app.training import load_safely
 
-TINY = ["--model", "convnet", "--epochs", "2", "--sgld-epochs", "2", "--sgld-thin", "1", "--batch-size", "128",
-        "--num-samples", "2", "--image-size", "8", "--quiet"]
+TINY = [
+    "--model",
+    "convnet",
+    "--epochs",
+    "2",
+    "--sgld-epochs",
+    "2",
+    "--sgld-thin",
+    "1",
+    "--batch-size",
+    "128",
+    "--num-samples",
+    "2",
+    "--image-size",
+    "8",
+    "--quiet",
+]
 
 
 def _run(tmp_path, *extra, name="run"):

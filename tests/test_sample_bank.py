@@ -1,4 +1,5 @@
 """SampleBank: burn-in/thinning/ring-buffer semantics, Welford moments, determinism, checkpoints."""
+
 import numpy as np
 import pytest
 import torch
@@ -116,8 +117,12 @@ def test_params_selects_the_bayesian_parameters():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(burnin=-1), "burnin"), (dict(thin=0), "thin"), (dict(max_samples=0), "max_samples"),
-        (dict(mode="all"), "mode"), (dict(dtype=torch.int32), "dtype"), (dict(likelihood="ranking"), "likelihood"),
+        (dict(burnin=-1), "burnin"),
+        (dict(thin=0), "thin"),
+        (dict(max_samples=0), "max_samples"),
+        (dict(mode="all"), "mode"),
+        (dict(dtype=torch.int32), "dtype"),
+        (dict(likelihood="ranking"), "likelihood"),
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, name):
@@ -139,7 +144,7 @@ def test_is_a_posterior_that_predict_runs():
     assert isinstance(bank, Posterior)
     x = torch.randn(5, 3)
     pred = predict(bank, x, num_samples=4, compile=False)
-    expected = torch.stack([
-        functional_call(model, {n: torch.from_numpy(v) for n, v in h.items()}, (x,)).softmax(-1) for h in history
-    ]).mean(0)
+    expected = torch.stack(
+        [functional_call(model, {n: torch.from_numpy(v) for n, v in h.items()}, (x,)).softmax(-1) for h in history]
+    ).mean(0)
     torch.testing.assert_close(pred.probs, expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """BayesSGLD and ops.sgld_step_: the update formula, the posterior it samples, every backend, checkpoints."""
+
 import math
 
 import pytest
@@ -11,7 +12,9 @@ from bayeskern.posteriors.sgld import BayesSGLD
 IMPLS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
-def eager_sgld(theta, grad, theta0, lr, num_data, prior_std, temperature, seed, offset, step, avg=None, alpha=0.99, eps=1e-8):
+def eager_sgld(
+    theta, grad, theta0, lr, num_data, prior_std, temperature, seed, offset, step, avg=None, alpha=0.99, eps=1e-8
+):
     """The update written out by hand in float64, with the noise of bayeskern.ops.philox."""
     theta, grad, theta0 = theta.double(), grad.double(), theta0.double()
     xi = philox.normal(seed, offset, theta.numel(), stream=step).view(theta.shape).double()
@@ -51,7 +54,9 @@ def test_steps_match_hand_written_update_with_philox_noise(impl, preconditioner)
         quadratic_grads(params, targets)
         expected = []
         for i, p in enumerate(params):
-            want, avgs[i] = eager_sgld(p.detach(), p.grad, theta0[i], **hyper, seed=11, offset=offsets[i], step=step, avg=avgs[i])
+            want, avgs[i] = eager_sgld(
+                p.detach(), p.grad, theta0[i], **hyper, seed=11, offset=offsets[i], step=step, avg=avgs[i]
+            )
             expected.append(want)
         opt.step()
         for p, want in zip(params, expected):
@@ -67,7 +72,9 @@ def test_every_backend_gives_the_reference_trajectory(kernel_backend, device, dt
     def run(name):
         params = make_params(shapes, dtype, device=device)
         # eps = 0.1 bounds the preconditioner (G <= 10) so that rounding differences are not amplified
-        opt = BayesSGLD(params, lr=0.02, num_data=50, prior_mean="pretrained", preconditioner=preconditioner, eps=0.1, seed=5)
+        opt = BayesSGLD(
+            params, lr=0.02, num_data=50, prior_mean="pretrained", preconditioner=preconditioner, eps=0.1, seed=5
+        )
         targets = [torch.ones_like(p) for p in params]
         with use_backend(name):
             for _ in range(3):
@@ -93,7 +100,9 @@ def linear_regression(num_data=40, dim=3, noise_std=0.5, prior_std=1.0):
     """Data, exact posterior mean and covariance of w under y = X w + N(0, noise_std^2), w ~ N(0, prior_std^2 I)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(num_data, dim, generator=gen, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + noise_std * torch.randn(num_data, generator=gen, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + noise_std * torch.randn(
+        num_data, generator=gen, dtype=torch.float64
+    )
     precision = x.T @ x / noise_std**2 + torch.eye(dim, dtype=torch.float64) / prior_std**2
     cov = torch.linalg.inv(precision)
     mean = cov @ x.T @ y / noise_std**2
@@ -118,7 +127,9 @@ def test_chain_samples_the_exact_bayesian_linear_regression_posterior(impl, one_
     lam_max = torch.linalg.eigvalsh(precision).max().item()
     lr = 0.02 * num_data / lam_max  # a = lr * lam / N <= 0.02: discretisation bias of the variance a/2 <= 1%
     w = torch.nn.Parameter(torch.zeros(chains, 3))
-    opt = BayesSGLD([w], lr=lr, num_data=num_data, prior_std=1.0, prior_mean="zero", temperature=1.0, seed=1, **IMPLS[impl])
+    opt = BayesSGLD(
+        [w], lr=lr, num_data=num_data, prior_std=1.0, prior_mean="zero", temperature=1.0, seed=1, **IMPLS[impl]
+    )
     run_chains(opt, w, x, y, noise_std, steps=600)  # slowest mode contracts by (1 - a_min)^600 < e^-5
     samples = w.detach().double()
     # The chains are independent, so the ESS is exactly `chains`; tolerances are 5 Monte-Carlo
@@ -128,7 +139,9 @@ def test_chain_samples_the_exact_bayesian_linear_regression_posterior(impl, one_
     assert ((samples.mean(0) - mean).abs() <= 5 * sd / math.sqrt(chains) + 0.01 * mean.abs()).all()
     rel_var = samples.var(0) / cov.diagonal() - 1
     assert (rel_var.abs() <= 5 * math.sqrt(2 / (chains - 1)) + 0.01).all(), rel_var
-    torch.testing.assert_close(torch.cov(samples.T), cov, atol=6 * cov.diagonal().max().item() / math.sqrt(chains), rtol=0)
+    torch.testing.assert_close(
+        torch.cov(samples.T), cov, atol=6 * cov.diagonal().max().item() / math.sqrt(chains), rtol=0
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -150,7 +163,9 @@ def test_lr_scheduler_changes_the_step():
     for step, lr in enumerate([0.1, 0.025, 0.00625]):
         opt.zero_grad()
         quadratic_grads(params, [zero])
-        expected, _ = eager_sgld(params[0].detach(), params[0].grad, zero, lr, 10, 1.0, 1.0, seed=2, offset=0, step=step)
+        expected, _ = eager_sgld(
+            params[0].detach(), params[0].grad, zero, lr, 10, 1.0, 1.0, seed=2, offset=0, step=step
+        )
         opt.step()
         sched.step()
         torch.testing.assert_close(params[0].detach().double(), expected, rtol=1e-5, atol=1e-6)
@@ -173,15 +188,28 @@ def test_cosine_warm_restarts_cycle_the_lr():
 def test_param_groups_use_their_own_hyperparameters():
     a, b = make_params([(6,), (5,)])
     b0 = torch.randn(5, generator=torch.Generator().manual_seed(1))
-    group_b = {"params": [b], "lr": 0.3, "prior_std": 0.5, "temperature": 0.2, "prior_mean": [b0], "preconditioner": "rmsprop", "eps": 0.1}
+    group_b = {
+        "params": [b],
+        "lr": 0.3,
+        "prior_std": 0.5,
+        "temperature": 0.2,
+        "prior_mean": [b0],
+        "preconditioner": "rmsprop",
+        "eps": 0.1,
+    }
     opt = BayesSGLD(
         [{"params": [a]}, group_b],
-        lr=0.01, num_data=8, prior_mean="zero", seed=4,
+        lr=0.01,
+        num_data=8,
+        prior_mean="zero",
+        seed=4,
     )
     opt.zero_grad()
     quadratic_grads([a, b], [torch.ones(6), torch.ones(5)])
     want_a, _ = eager_sgld(a.detach(), a.grad, torch.zeros(6), 0.01, 8, 1.0, 1.0, seed=4, offset=0, step=0)
-    want_b, _ = eager_sgld(b.detach(), b.grad, b0, 0.3, 8, 0.5, 0.2, seed=4, offset=8, step=0, avg=torch.zeros(5), eps=0.1)
+    want_b, _ = eager_sgld(
+        b.detach(), b.grad, b0, 0.3, 8, 0.5, 0.2, seed=4, offset=8, step=0, avg=torch.zeros(5), eps=0.1
+    )
     opt.step()
     torch.testing.assert_close(a.detach().double(), want_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.detach().double(), want_b, rtol=1e-5, atol=1e-6)
@@ -202,10 +230,18 @@ def test_prior_mean_tensors_are_copied_and_checked():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(lr=-1.0), "lr"), (dict(num_data=0), "num_data"), (dict(prior_std=0.0), "prior_std"),
-        (dict(temperature=-0.1), "temperature"), (dict(alpha=1.0), "alpha"), (dict(alpha=-0.1), "alpha"),
-        (dict(eps=-1e-3), "eps"), (dict(preconditioner="adam"), "preconditioner"), (dict(nonfinite="warn"), "nonfinite"),
-        (dict(seed=-3), "seed"), (dict(prior_mean="zeros"), "prior_mean"), (dict(foreach=True, fused=True), "fused"),
+        (dict(lr=-1.0), "lr"),
+        (dict(num_data=0), "num_data"),
+        (dict(prior_std=0.0), "prior_std"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(alpha=1.0), "alpha"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(eps=-1e-3), "eps"),
+        (dict(preconditioner="adam"), "preconditioner"),
+        (dict(nonfinite="warn"), "nonfinite"),
+        (dict(seed=-3), "seed"),
+        (dict(prior_mean="zeros"), "prior_mean"),
+        (dict(foreach=True, fused=True), "fused"),
     ],
 )
 def test_bad_hyperparameters_raise_naming_them(kwargs, name):
@@ -244,7 +280,9 @@ def test_resumed_run_reproduces_the_uninterrupted_run_bitwise(impl):
         if state is not None:
             model.load_state_dict(state)
         torch.manual_seed(generator_seed)  # the optimizer draws its Philox seed from torch's generator
-        opt = BayesSGLD(model.parameters(), lr=0.01, num_data=100, prior_mean="pretrained", preconditioner="rmsprop", **IMPLS[impl])
+        opt = BayesSGLD(
+            model.parameters(), lr=0.01, num_data=100, prior_mean="pretrained", preconditioner="rmsprop", **IMPLS[impl]
+        )
         return model, opt
 
     def train(model, opt, steps):
@@ -311,7 +349,9 @@ def test_kernel_matches_reference_on_unaligned_offsets_across_threads(kernel_bac
     for name in (kernel_backend, "reference"):
         p, v = [t.clone() for t in params], [t.clone() for t in avgs]
         with use_backend(name):
-            sgld_step_(p, grads, means, v, lr=0.1, num_data=7, prior_std=0.8, temperature=0.6, seed=9, step=4, offsets=offsets)
+            sgld_step_(
+                p, grads, means, v, lr=0.1, num_data=7, prior_std=0.8, temperature=0.6, seed=9, step=4, offsets=offsets
+            )
         results[name] = p + v
     for got, want in zip(results[kernel_backend], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -329,7 +369,12 @@ def test_first_nonfinite_finds_the_first_bad_tensor(backend, device, dtype):
             with use_backend(backend):
                 assert first_nonfinite(tensors) == oracle
     with use_backend(backend):
-        assert first_nonfinite([torch.randn(n).to(device, dtype) for n in sizes] + [torch.empty(0, dtype=dtype, device=device)]) is None
+        assert (
+            first_nonfinite(
+                [torch.randn(n).to(device, dtype) for n in sizes] + [torch.empty(0, dtype=dtype, device=device)]
+            )
+            is None
+        )
         huge = 6e4 if dtype == torch.float16 else 3e38
         assert first_nonfinite([torch.full((10,), huge, dtype=dtype, device=device)]) is None
 
@@ -341,7 +386,8 @@ def test_sgld_step_custom_op_passes_opcheck(backend, device):
     avgs = [a.abs() for a in avgs]
     with use_backend(backend):
         torch.library.opcheck(
-            _sgld_step_, (params, grads, means, avgs, 0.1, 0.2, 0.3, 0.9, 1e-3, torch.tensor(5), 2, [0, 12]),
+            _sgld_step_,
+            (params, grads, means, avgs, 0.1, 0.2, 0.3, 0.9, 1e-3, torch.tensor(5), 2, [0, 12]),
             test_utils=("test_schema", "test_faketensor"),
         )
 
@@ -367,4 +413,3 @@ def test_fused_step_handles_a_group_of_mixed_dtypes():
     for got, want in zip(run(fused=True), run(foreach=False, fused=False)):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-

@@ -5,6 +5,7 @@ The interpreter (how the other tests run the kernels on CPU) is lenient where th
 for every dtype and constexpr variant it is launched with.  This runs in a subprocess: with
 TRITON_INTERPRET=1 set, @triton.jit returns interpreted functions that cannot be compiled.
 """
+
 import os
 import subprocess
 import sys
@@ -90,8 +91,6 @@ COMPILE = CASES + textwrap.dedent(
 @pytest.mark.parametrize("case, variants", [("noise", 30), ("sgld", 24), ("draw", 18), ("fisher", 10)])
 def test_kernels_compile_for_sm90(case, variants):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE, case], capture_output=True, text=True, env=env, timeout=900
-    )
+    result = subprocess.run([sys.executable, "-c", COMPILE, case], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"compiled {variants}" in result.stdout

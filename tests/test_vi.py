@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from posterior_checks import assert_unchanged, snapshot, train_wrapped_timm_model
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
@@ -11,7 +12,6 @@ import bayeskern.ops as ops
 from bayeskern.ops import philox
 from bayeskern.posteriors.vi import VI
 from bayeskern.posteriors.weight_posterior import step_seed
-from posterior_checks import assert_unchanged, snapshot, train_wrapped_timm_model
 
 
 def mlp(dtype=torch.float32) -> nn.Module:
@@ -30,7 +30,9 @@ def test_mean_field_vi_recovers_bayesian_linear_regression_posterior():
     exact_mean = torch.linalg.solve(precision, X.T @ y / sigma**2)
     mean_field_var = 1 / torch.diag(precision)
 
-    post = VI(nn.Linear(d, 1, bias=False), prior_mean="zero", prior_std=sp, init_std=0.05, num_data=n, train_samples=8, seed=1)
+    post = VI(
+        nn.Linear(d, 1, bias=False), prior_mean="zero", prior_std=sp, init_std=0.05, num_data=n, train_samples=8, seed=1
+    )
 
     def gaussian_nll(out, target):  # mean over the batch, so loss * N is the negative ELBO
         return (out.squeeze(-1) - target).square().mean() / (2 * sigma**2)
@@ -55,7 +57,7 @@ def hand_loss(post: VI, x, y, seed: int, temperature: float) -> tuple[torch.Tens
     the regulariser is KL - (T - 1) H, H = sum log softplus(rho) + (D / 2)(1 + log 2 pi)."""
     leaves = [post.mu.get_parameter(n.replace(".", "/")).detach().clone().requires_grad_() for n in post.names]
     leaves += [post.rho.get_parameter(n.replace(".", "/")).detach().clone().requires_grad_() for n in post.names]
-    mus, rhos = dict(zip(post.names, leaves[: len(post.names)])), dict(zip(post.names, leaves[len(post.names):]))
+    mus, rhos = dict(zip(post.names, leaves[: len(post.names)])), dict(zip(post.names, leaves[len(post.names) :]))
     nll = 0.0
     for s in range(post.train_samples):
         w = {}
@@ -79,8 +81,14 @@ def hand_loss(post: VI, x, y, seed: int, temperature: float) -> tuple[torch.Tens
 def test_reparameterised_gradient_matches_independent_autograd(backend, prior_mean, temperature):
     """On every backend (the C++ one fuses the first draw with the KL); T != 1 adds the entropy term."""
     post = VI(
-        mlp(), prior_mean=prior_mean, prior_std=0.5, init_std=0.2, num_data=50, temperature=temperature,
-        train_samples=3, seed=123,
+        mlp(),
+        prior_mean=prior_mean,
+        prior_std=0.5,
+        init_std=0.2,
+        num_data=50,
+        temperature=temperature,
+        train_samples=3,
+        seed=123,
     )
     x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
     with ops.use_backend(backend):

@@ -1,5 +1,6 @@
 """One vocabulary (docs/vocabulary.md): the same name means the same thing, with the same default,
 in every method; these tests check the meaning, not only that the names exist."""
+
 from __future__ import annotations
 
 import inspect
@@ -81,8 +82,19 @@ def test_a_shared_name_has_one_default_everywhere():
         for name, param in _parameters(*functions).items():
             shared.setdefault(name, {})[label] = param.default
     # BayesSGLD's params is the optimizer's (required) iterable of tensors, as in torch.optim
-    for name in ("prior_mean", "prior_std", "new_params", "include_bias", "include_norm", "temperature",
-                 "likelihood", "noise_std", "seed", "train_samples", "params"):
+    for name in (
+        "prior_mean",
+        "prior_std",
+        "new_params",
+        "include_bias",
+        "include_norm",
+        "temperature",
+        "likelihood",
+        "noise_std",
+        "seed",
+        "train_samples",
+        "params",
+    ):
         defaults = {k: v for k, v in shared[name].items() if not (name == "params" and k == "BayesSGLD")}
         assert len(defaults) >= 2, name
         assert len({repr(d) for d in defaults.values()}) == 1, (name, defaults)
@@ -172,8 +184,15 @@ def test_fixed_tensors_hold_the_point_estimates_and_buffers():
         assert methods[label].fixed_tensors() == {}
     vi = methods["vi"]
     fixed = vi.fixed_tensors()
-    assert set(fixed) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-                          "1.num_batches_tracked"}
+    assert set(fixed) == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    }
     with torch.no_grad():
         vi.point._parameters["0/weight"].add_(1.0)  # a trained point estimate differs from the model
     x, _ = data()
@@ -208,7 +227,10 @@ def test_default_criterion_follows_the_likelihood():
     loss = post.loss(x, y)
     post.rng_state.copy_(seed)
     sigma2 = 0.25
-    gaussian = lambda f, t: ((f - t).square().sum() / (2 * sigma2) + f.numel() * 0.5 * math.log(2 * math.pi * sigma2)) / len(f)  # noqa: E731
+
+    def gaussian(f, t):
+        return ((f - t).square().sum() / (2 * sigma2) + f.numel() * 0.5 * math.log(2 * math.pi * sigma2)) / len(f)
+
     torch.testing.assert_close(loss, post.loss(x, y, gaussian))
     post.rng_state.copy_(seed)
     assert not torch.allclose(loss, post.loss(x, y, F.mse_loss))
@@ -259,5 +281,6 @@ def test_temperature_means_the_same_tempered_posterior():
     vi = bk.VI(model, init_std=0.05, temperature=0.3, num_data=N, seed=0)
     torch.testing.assert_close(vi.regulariser(), vi.kl() + 0.7 * vi.entropy())
     d = sum(p.numel() for p in model.parameters())
-    torch.testing.assert_close(vi.entropy(), torch.tensor(d * (math.log(0.05) + 0.5 * (1 + math.log(2 * math.pi)))),
-                               rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        vi.entropy(), torch.tensor(d * (math.log(0.05) + 0.5 * (1 + math.log(2 * math.pi)))), rtol=1e-5, atol=1e-3
+    )

@@ -9,11 +9,13 @@ Every loader returns fixed, seeded train/val/test splits.  ``digits`` is scikit-
 and test stay whole).  Its default is the dataset's: 10 for digits -- a few-shot fine-tuning split
 like Flowers102's ten training images per class -- and all examples elsewhere; 0 keeps all.
 """
+
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +45,12 @@ class DataOptions:
 
 def _seeded_split(n: int, fractions: tuple[float, ...], seed: int) -> list[list[int]]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    sizes = [int(round(f * n)) for f in fractions[:-1]]
+    sizes = [round(f * n) for f in fractions[:-1]]
     bounds = [0]
     for size in sizes:
         bounds.append(bounds[-1] + size)
     bounds.append(n)
-    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def digits(options: DataOptions) -> Splits:
@@ -93,8 +95,11 @@ def cifar10(options: DataOptions) -> Splits:
 
     open_split = _torchvision_opener("cifar10", CIFAR10, options)
     return _split_off_val(
-        open_split(options.train_transform, train=True), open_split(options.eval_transform, train=True),
-        open_split(options.eval_transform, train=False), 10, options.seed,
+        open_split(options.train_transform, train=True),
+        open_split(options.eval_transform, train=True),
+        open_split(options.eval_transform, train=False),
+        10,
+        options.seed,
     )
 
 
@@ -103,8 +108,10 @@ def flowers102(options: DataOptions) -> Splits:
 
     open_split = _torchvision_opener("flowers102", Flowers102, options)
     return Splits(
-        open_split(options.train_transform, split="train"), open_split(options.eval_transform, split="val"),
-        open_split(options.eval_transform, split="test"), 102,
+        open_split(options.train_transform, split="train"),
+        open_split(options.eval_transform, split="val"),
+        open_split(options.eval_transform, split="test"),
+        102,
     )
 
 
@@ -113,8 +120,11 @@ def oxford_pets(options: DataOptions) -> Splits:
 
     open_split = _torchvision_opener("oxford_pets", OxfordIIITPet, options)
     return _split_off_val(
-        open_split(options.train_transform, split="trainval"), open_split(options.eval_transform, split="trainval"),
-        open_split(options.eval_transform, split="test"), 37, options.seed,
+        open_split(options.train_transform, split="trainval"),
+        open_split(options.eval_transform, split="trainval"),
+        open_split(options.eval_transform, split="test"),
+        37,
+        options.seed,
     )
 
 
@@ -146,7 +156,9 @@ def imagefolder(path: str, options: DataOptions) -> Splits:
         if name not in splits:
             folder = open_folder(root / name, options.eval_transform)
             if folder.classes != train_full.classes:
-                raise UsageError(f"imagefolder: {root / name} has classes {folder.classes}, train has {train_full.classes}")
+                raise UsageError(
+                    f"imagefolder: {root / name} has classes {folder.classes}, train has {train_full.classes}"
+                )
             splits[name] = folder
     return Splits(splits["train"], splits["val"], splits["test"], len(train_full.classes))
 

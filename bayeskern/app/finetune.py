@@ -12,6 +12,7 @@ Data parallel: ``torchrun --nproc_per_node=K -m bayeskern.app.finetune ...`` (NC
 rank by ``LOCAL_RANK``; gloo on CPU) trains every method on K ranks; rank 0 evaluates, prints and
 writes every file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,17 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", default="timm:resnet18", help="timm:NAME, torchvision:NAME or convnet (built-in)")
     add("--pretrained", default=None, help="timm, torchvision, or PATH to a state dict / .safetensors")
     add("--image-size", type=int, default=16, help="input resolution (digits: upsampled to it)")
-    add("--train-per-class", type=int, default=None,
-        help="training examples kept per class (default: 10 for digits, all otherwise; 0 = all)")
+    add(
+        "--train-per-class",
+        type=int,
+        default=None,
+        help="training examples kept per class (default: 10 for digits, all otherwise; 0 = all)",
+    )
     add("--epochs", type=int, default=60)
     add("--batch-size", type=int, default=32)
     add("--lr", type=float, default=3e-3, help="learning rate of vanilla/VI (Adam)")
-    add("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-        help="Adam's learning rate: decayed to zero by a cosine over each method's steps, or constant")
+    add(
+        "--lr-schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="Adam's learning rate: decayed to zero by a cosine over each method's steps, or constant",
+    )
     add("--lr-head", type=float, default=None, help="learning rate of the classifier head (default: --lr)")
     add("--num-samples", type=int, default=16, help="Monte-Carlo samples of the predictive")
-    add("--prior-std", type=float, default=1.0,
-        help="prior standard deviation sp (VI, MC-dropout, SGLD); Laplace searches precisions from 1/sp^2 up")
+    add(
+        "--prior-std",
+        type=float,
+        default=1.0,
+        help="prior standard deviation sp (VI, MC-dropout, SGLD); Laplace searches precisions from 1/sp^2 up",
+    )
     add("--vi-init-std", type=float, default=1e-3)
     add("--vi-temperature", type=float, default=1.0, help="1 is the ELBO; below 1 a cold posterior")
     add("--vi-train-samples", type=int, default=1, help="weight samples per VI training step")
@@ -68,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dropout-mode", choices=("scale", "prior"), default="scale")
     add("--dropout-epochs", type=int, default=10, help="epochs of MC-dropout training, started from the MAP")
     add("--dropout-lr", type=float, default=3e-4, help="learning rate of MC-dropout (Adam)")
-    add("--dropout-norm", action=argparse.BooleanOptionalAction, default=False,
-        help="drop normalisation-layer scales and shifts too (default: they stay point estimates)")
+    add(
+        "--dropout-norm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="drop normalisation-layer scales and shifts too (default: they stay point estimates)",
+    )
     add("--sgld-epochs", type=int, default=40, help="epochs of sampling, started from the MAP")
     add("--sgld-lr", type=float, default=0.002)
     add("--sgld-temperature", type=float, default=0.03, help="1 samples the posterior; below 1 a cold one")
@@ -122,13 +139,23 @@ def _transforms(args: argparse.Namespace) -> tuple:
 
         cfg = timm.get_pretrained_cfg(args.model.split(":", 1)[1])
         if cfg is not None:
-            config = resolve_data_config({"input_size": (3, args.image_size, args.image_size)}, pretrained_cfg=cfg.to_dict())
+            config = resolve_data_config(
+                {"input_size": (3, args.image_size, args.image_size)}, pretrained_cfg=cfg.to_dict()
+            )
     return create_transform(**config, is_training=True), create_transform(**config, is_training=False)
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "num_samples", "image_size", "vi_train_samples", "dropout_epochs",
-                 "sgld_epochs", "sgld_thin"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "num_samples",
+        "image_size",
+        "vi_train_samples",
+        "dropout_epochs",
+        "sgld_epochs",
+        "sgld_thin",
+    ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.dropout_p < 1:
@@ -148,7 +175,9 @@ def _check_resumable(run_dir: Path, config: dict) -> None:
         changed = [k for k in config if k not in _NOT_PART_OF_A_RUN and started.get(k) != config[k]]
         if changed:
             k = changed[0]
-            raise UsageError(f"--resume: {run_dir} was started with --{k.replace('_', '-')} {started.get(k)}, not {config[k]}")
+            raise UsageError(
+                f"--resume: {run_dir} was started with --{k.replace('_', '-')} {started.get(k)}, not {config[k]}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         retain_freed_memory()  # a Bayesian step's freed weight gradients would be trimmed and faulted in again
     train_tf, eval_tf = _transforms(args)
-    splits = load_dataset(args.dataset, DataOptions(args.data_dir, args.download, args.image_size, args.seed,
-                                                    args.train_per_class, train_tf, eval_tf))
+    splits = load_dataset(
+        args.dataset,
+        DataOptions(args.data_dir, args.download, args.image_size, args.seed, args.train_per_class, train_tf, eval_tf),
+    )
     name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{args.dataset}-{args.model}").strip("-")
     run_dir = args.out / name
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -176,8 +207,18 @@ def run(args: argparse.Namespace) -> int:
         return create_backbone(args.model, splits.num_classes, args.pretrained)
 
     def make_loop(method: str, epochs: int | None = None) -> EpochLoop:
-        return EpochLoop(run_dir / method, epochs or args.epochs, args.batch_size, args.seed, device, args.amp, args.workers,
-                         args.resume, args.quiet, args.stop_after_epoch)
+        return EpochLoop(
+            run_dir / method,
+            epochs or args.epochs,
+            args.batch_size,
+            args.seed,
+            device,
+            args.amp,
+            args.workers,
+            args.resume,
+            args.quiet,
+            args.stop_after_epoch,
+        )
 
     val_targets, test_targets = targets_of(splits.val), targets_of(splits.test)
     results, test_probs, shared = {}, {}, {}
@@ -195,8 +236,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         val, test = method.predict(splits.val), method.predict(splits.test)
         if not (torch.isfinite(val).all() and torch.isfinite(test).all()):
-            raise UsageError(f"{method_name}: the predictive probabilities are not finite (the run diverged); "
-                             "lower its learning rate")
+            raise UsageError(
+                f"{method_name}: the predictive probabilities are not finite (the run diverged); "
+                "lower its learning rate"
+            )
         results[method_name] = evaluate(val, val_targets, test, test_targets, usage.seconds, usage.peak_bytes)
         test_probs[method_name] = test
         save_method_result(run_dir / method_name, results[method_name], {"test": test, "shared": dict(shared)})
@@ -219,8 +262,13 @@ def _init_distributed(device: str) -> bool:
     return True
 
 
-APP_DEPENDENCIES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "scipy": "scipy",
-                    "torchvision": "torchvision", "timm": "timm"}
+APP_DEPENDENCIES = {
+    "matplotlib": "matplotlib",
+    "sklearn": "scikit-learn",
+    "scipy": "scipy",
+    "torchvision": "torchvision",
+    "timm": "timm",
+}
 """Import name -> package of the ``bayeskern[app]`` extra (``import bayeskern`` needs none of them)."""
 
 
@@ -236,8 +284,11 @@ def _missing_app_dependency(error: ImportError | None = None) -> str | None:
 
 
 def _report_missing(package: str) -> int:
-    print(f"bayeskern-finetune: error: {package} is not installed; the application needs its extra "
-          "dependencies: pip install 'bayeskern[app]'", file=sys.stderr)
+    print(
+        f"bayeskern-finetune: error: {package} is not installed; the application needs its extra "
+        "dependencies: pip install 'bayeskern[app]'",
+        file=sys.stderr,
+    )
     return 2
 
 

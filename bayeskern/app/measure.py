@@ -6,14 +6,15 @@ above its value at the start -- what the method added to the process.  Memory th
 from an earlier method is reused without growing the RSS, so on CPU the first method of a run also
 carries one-off costs (library workspaces, allocator arenas) and later ones read low.
 """
+
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

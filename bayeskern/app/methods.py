@@ -27,11 +27,12 @@ Under ``torchrun`` the trained modules run inside ``DistributedDataParallel`` (`
 VI and MC-dropout through ``forward(inputs, targets)``, their loss), the SGLD bank keeps samples on
 rank 0 only and Laplace fits each rank's shard of the training set (the Fisher is all-reduced).
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,15 @@ from .training import EpochLoop
 class Method:
     name = ""
 
-    def __init__(self, args: argparse.Namespace, splits: Splits, make_backbone: Callable[[], Backbone],
-                 make_loop: Callable[..., EpochLoop], device: torch.device, shared: dict):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        splits: Splits,
+        make_backbone: Callable[[], Backbone],
+        make_loop: Callable[..., EpochLoop],
+        device: torch.device,
+        shared: dict,
+    ):
         """``shared`` carries results between the methods of one invocation (the vanilla MAP)."""
         self.args, self.splits, self.device, self.shared = args, splits, device, shared
         self.make_loop = make_loop
@@ -108,8 +116,9 @@ class Method:
         return torch.cat(chunks)
 
     def mc_probs(self, posterior, dataset: Dataset) -> Tensor:
-        prediction = bk.predict(posterior, self.eval_loader(dataset), num_samples=self.args.num_samples,
-                                compile=self.args.compile)
+        prediction = bk.predict(
+            posterior, self.eval_loader(dataset), num_samples=self.args.num_samples, compile=self.args.compile
+        )
         return prediction.probs.float().cpu()
 
     def steps(self, epochs: int) -> int:
@@ -125,8 +134,16 @@ class Method:
             return optimizer, None
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps(loop.epochs))
 
-    def train_supervised(self, model: nn.Module, stateful: dict, loss_fn, optimizer, after_step=None,
-                         loop: EpochLoop | None = None, scheduler=None) -> None:
+    def train_supervised(
+        self,
+        model: nn.Module,
+        stateful: dict,
+        loss_fn,
+        optimizer,
+        after_step=None,
+        loop: EpochLoop | None = None,
+        scheduler=None,
+    ) -> None:
         """The common step: loss, backward, optimizer and scheduler step (and a hook, e.g. the sample bank)."""
         model.train()
         if scheduler is not None:
@@ -152,8 +169,12 @@ class Method:
         net = self.parallel(model)
         optimizer, scheduler = self.adam(list(model.named_parameters()), self.args.lr, loop)
         self.train_supervised(
-            model, {"model": model, "optimizer": optimizer},
-            lambda x, y: F.cross_entropy(net(x), y), optimizer, loop=loop, scheduler=scheduler,
+            model,
+            {"model": model, "optimizer": optimizer},
+            lambda x, y: F.cross_entropy(net(x), y),
+            optimizer,
+            loop=loop,
+            scheduler=scheduler,
         )
         self.shared["map_state"] = copy.deepcopy(model.state_dict())
 
@@ -192,8 +213,11 @@ class _WeightPosteriorMethod(Method):
         lr = getattr(self.args, self.lr_option)
         optimizer, scheduler = self.adam(list(self.posterior.named_parameters()), lr, self.loop)
         self.train_supervised(
-            self.posterior, {"posterior": self.posterior, "optimizer": optimizer},
-            self.parallel(self.posterior), optimizer, scheduler=scheduler,
+            self.posterior,
+            {"posterior": self.posterior, "optimizer": optimizer},
+            self.parallel(self.posterior),
+            optimizer,
+            scheduler=scheduler,
         )
 
     def predict(self, dataset: Dataset) -> Tensor:
@@ -206,9 +230,17 @@ class VariationalInference(_WeightPosteriorMethod):
 
     def build(self) -> nn.Module:
         a = self.args
-        return bk.VI(self.backbone.model, prior_mean=self.prior_mean, new_params=self.backbone.new_params,
-                     prior_std=a.prior_std, init_std=a.vi_init_std, num_data=self.num_data,
-                     temperature=a.vi_temperature, train_samples=a.vi_train_samples, seed=a.seed)
+        return bk.VI(
+            self.backbone.model,
+            prior_mean=self.prior_mean,
+            new_params=self.backbone.new_params,
+            prior_std=a.prior_std,
+            init_std=a.vi_init_std,
+            num_data=self.num_data,
+            temperature=a.vi_temperature,
+            train_samples=a.vi_train_samples,
+            seed=a.seed,
+        )
 
 
 class MCDropoutMethod(_WeightPosteriorMethod):
@@ -225,9 +257,17 @@ class MCDropoutMethod(_WeightPosteriorMethod):
 
     def build(self) -> nn.Module:
         a = self.args
-        return bk.MCDropout(self.backbone.model, p=a.dropout_p, mode=a.dropout_mode, include_norm=a.dropout_norm,
-                            prior_mean=self.prior_mean, new_params=self.backbone.new_params,
-                            prior_std=a.prior_std, num_data=self.num_data, seed=a.seed)
+        return bk.MCDropout(
+            self.backbone.model,
+            p=a.dropout_p,
+            mode=a.dropout_mode,
+            include_norm=a.dropout_norm,
+            prior_mean=self.prior_mean,
+            new_params=self.backbone.new_params,
+            prior_std=a.prior_std,
+            num_data=self.num_data,
+            seed=a.seed,
+        )
 
 
 class SGLD(Method):
@@ -241,21 +281,32 @@ class SGLD(Method):
         a, model = self.args, self.backbone.model
         self.start_from_map()
         optimizer = bk.BayesSGLD(
-            self.param_groups(list(model.named_parameters()), a.sgld_lr), lr=a.sgld_lr, num_data=self.num_data,
-            prior_mean=self.prior_mean, new_params=self.backbone.new_params, prior_std=a.prior_std,
-            temperature=a.sgld_temperature, seed=a.seed,
+            self.param_groups(list(model.named_parameters()), a.sgld_lr),
+            lr=a.sgld_lr,
+            num_data=self.num_data,
+            prior_mean=self.prior_mean,
+            new_params=self.backbone.new_params,
+            prior_std=a.prior_std,
+            temperature=a.sgld_temperature,
+            seed=a.seed,
         )
         steps = self.steps(a.sgld_epochs)
         burnin = int(a.sgld_burnin * steps)
         if steps - burnin < a.sgld_thin:
-            raise UsageError(f"SGLD keeps no sample: {steps} steps, {burnin} of burn-in, thinning {a.sgld_thin}; "
-                             "raise --sgld-epochs or lower --sgld-burnin / --sgld-thin")
-        self.bank = bk.SampleBank(model, burnin=burnin, thin=a.sgld_thin, max_samples=a.num_samples,
-                                  seed=a.seed, rank_zero_only=True)
+            raise UsageError(
+                f"SGLD keeps no sample: {steps} steps, {burnin} of burn-in, thinning {a.sgld_thin}; "
+                "raise --sgld-epochs or lower --sgld-burnin / --sgld-thin"
+            )
+        self.bank = bk.SampleBank(
+            model, burnin=burnin, thin=a.sgld_thin, max_samples=a.num_samples, seed=a.seed, rank_zero_only=True
+        )
         net = self.parallel(model)
         self.train_supervised(
-            model, {"model": model, "optimizer": optimizer, "bank": self.bank},
-            lambda x, y: F.cross_entropy(net(x), y), optimizer, after_step=self.bank.update,
+            model,
+            {"model": model, "optimizer": optimizer, "bank": self.bank},
+            lambda x, y: F.cross_entropy(net(x), y),
+            optimizer,
+            after_step=self.bank.update,
         )
 
     def predict(self, dataset: Dataset) -> Tensor:
@@ -269,9 +320,15 @@ class Laplace(Method):
     def train(self) -> None:
         a, model = self.args, self.backbone.model
         self.start_from_map()
-        self.laplace = bk.DiagLaplace(model, likelihood="classification", params=a.laplace_params,
-                                      prior_mean=self.prior_mean, new_params=self.backbone.new_params,
-                                      prior_precision=a.laplace_prior_precision, fisher_type=a.laplace_fisher)
+        self.laplace = bk.DiagLaplace(
+            model,
+            likelihood="classification",
+            params=a.laplace_params,
+            prior_mean=self.prior_mean,
+            new_params=self.backbone.new_params,
+            prior_precision=a.laplace_prior_precision,
+            fisher_type=a.laplace_fisher,
+        )
         model.eval()
         self.laplace.fit(self.eval_loader(self.loop.shard(self.splits.train)), progress=self.loop.show_progress)
         if a.laplace_optimize != "none":

@@ -8,11 +8,12 @@ to a state dict (``.pt``/``.pth``, optionally nested under ``state_dict``/``mode
 classifier head, re-initialised for the task's classes, is reported in ``new_params`` (prior mean
 zero).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -30,8 +31,11 @@ class ConvNet(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
         self.features = nn.Sequential(
-            block(in_chans, width, 1), block(width, 2 * width, 2), block(2 * width, 2 * width, 2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            block(in_chans, width, 1),
+            block(width, 2 * width, 2),
+            block(2 * width, 2 * width, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(2 * width, num_classes)
 
@@ -100,7 +104,9 @@ def _torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
 
 def _builtin(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     if name not in BUILTIN_MODELS:
-        raise UsageError(f"unknown model {name!r} (built-in: {', '.join(BUILTIN_MODELS)}; or timm:NAME, torchvision:NAME)")
+        raise UsageError(
+            f"unknown model {name!r} (built-in: {', '.join(BUILTIN_MODELS)}; or timm:NAME, torchvision:NAME)"
+        )
     if pretrained:
         raise UsageError(f"built-in model {name!r} has no published weights; pass --pretrained PATH")
     return BUILTIN_MODELS[name](num_classes)
@@ -139,7 +145,9 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], classifier
             if key in classifier:
                 new.append(key)
             else:
-                mismatched.append(f"{key}: {tuple(state[key].shape)} in the checkpoint, {tuple(target.shape)} in the model")
+                mismatched.append(
+                    f"{key}: {tuple(state[key].shape)} in the checkpoint, {tuple(target.shape)} in the model"
+                )
     unexpected = sorted(set(state) - set(own))
     if mismatched or unexpected:
         details = "; ".join([*mismatched[:3], *(f"unexpected {k}" for k in unexpected[:3])])

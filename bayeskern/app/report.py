@@ -1,5 +1,6 @@
 """What a run reports: per-method calibration before and after temperature scaling, the markdown
 comparison table, ``metrics.json`` and the reliability diagrams."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ def _log_probs(probs: Tensor) -> Tensor:
     return probs.double().clamp_min(1e-12).log()
 
 
-def evaluate(val_probs: Tensor, val_targets: Tensor, test_probs: Tensor, test_targets: Tensor,
-             train_seconds: float, peak_bytes: int | None) -> MethodResult:
+def evaluate(
+    val_probs: Tensor,
+    val_targets: Tensor,
+    test_probs: Tensor,
+    test_targets: Tensor,
+    train_seconds: float,
+    peak_bytes: int | None,
+) -> MethodResult:
     """Calibration on test, raw and after a temperature fitted on the validation split (on the
     log of the predictive probabilities, so Bayesian predictives are scaled as a whole)."""
     temperature = metrics.fit_temperature(_log_probs(val_probs), val_targets)
@@ -55,14 +62,20 @@ def markdown_table(results: dict[str, MethodResult]) -> str:
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, r in results.items():
         cells = [f"{r.test[c]:.4f}" for c in COLUMNS]
-        cells += [f"{r.test_ts['ece']:.4f}", f"{r.test_ts['nll']:.4f}", f"{r.temperature:.2f}",
-                  f"{r.train_seconds:.1f}", _mib(r.peak_bytes)]
+        cells += [
+            f"{r.test_ts['ece']:.4f}",
+            f"{r.test_ts['nll']:.4f}",
+            f"{r.temperature:.2f}",
+            f"{r.train_seconds:.1f}",
+            _mib(r.peak_bytes),
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_outputs(run_dir: Path, config: dict, results: dict[str, MethodResult],
-                  test_probs: dict[str, Tensor], test_targets: Tensor) -> None:
+def write_outputs(
+    run_dir: Path, config: dict, results: dict[str, MethodResult], test_probs: dict[str, Tensor], test_targets: Tensor
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"config": config, "methods": {name: asdict(r) for name, r in results.items()}}
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))

@@ -11,6 +11,7 @@ Under ``torchrun`` (``torch.distributed`` initialised) each rank trains on its p
 (``DistributedSampler``, epoch ``e`` shuffled with seed ``seed + e``; ``--batch-size`` is per rank),
 the logged loss is the mean over all ranks' examples, and only rank 0 logs and writes checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,11 @@ import pickle
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -60,9 +62,11 @@ def load_safely(path: Path, map_location: torch.device | str = "cpu") -> Any:
         detail = str(error).partition("WeightsUnpickler error:")[2] or str(error)
         reason = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__)
         reason = reason.split(" was not an allowed global")[0]
-        raise UsageError(f"refusing to load {path}: it holds more than tensors and plain Python values "
-                         f"and unpickling it could run code ({reason[:200]}); delete it to start that part "
-                         "of the run over") from None
+        raise UsageError(
+            f"refusing to load {path}: it holds more than tensors and plain Python values "
+            f"and unpickling it could run code ({reason[:200]}); delete it to start that part "
+            "of the run over"
+        ) from None
 
 
 class Interrupted(Exception):
@@ -90,11 +94,17 @@ class EpochLoop:
         dtype = AMP_DTYPES[self.amp]
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
-    def loader(self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None,
-               sampler: Sampler | None = None) -> DataLoader:
+    def loader(
+        self, dataset: Dataset, shuffle: bool, generator: torch.Generator | None = None, sampler: Sampler | None = None
+    ) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            sampler=sampler,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
         )
 
     @staticmethod
@@ -126,7 +136,9 @@ class EpochLoop:
             for key, obj in state.items():
                 obj.load_state_dict(payload["state"][key])
         except (RuntimeError, KeyError, ValueError) as error:
-            raise UsageError(f"checkpoint {self.checkpoint_path} does not fit this run: {_first_reason(error)}") from None
+            raise UsageError(
+                f"checkpoint {self.checkpoint_path} does not fit this run: {_first_reason(error)}"
+            ) from None
         torch.set_rng_state(payload["rng"])
         return payload["epoch"] + 1
 
@@ -148,14 +160,20 @@ class EpochLoop:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             start, total, count = time.perf_counter(), 0.0, 0
-            for inputs, targets in self._progress(loader, desc=f"{self.directory.name} epoch {epoch + 1}/{self.epochs}"):
+            for inputs, targets in self._progress(
+                loader, desc=f"{self.directory.name} epoch {epoch + 1}/{self.epochs}"
+            ):
                 inputs = inputs.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 total += step(inputs, targets) * len(targets)
                 count += len(targets)
             total, count = all_reduce_sum({"sums": torch.tensor([total, count], dtype=torch.float64)})["sums"].tolist()
-            record = {"method": self.directory.name, "epoch": epoch + 1, "loss": total / count,
-                      "seconds": round(time.perf_counter() - start, 3)}
+            record = {
+                "method": self.directory.name,
+                "epoch": epoch + 1,
+                "loss": total / count,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
             if is_rank_zero():
                 self._log(log_path, record)
                 self._save(epoch, state)

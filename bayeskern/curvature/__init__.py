@@ -4,6 +4,7 @@
 closed-form per-op rules live in ``rules.py``, the tracing of parameter uses in ``tracing.py``
 and the torch.func fallback for everything else in ``fallback.py``.
 """
+
 from .driver import SquaredGradients, squared_gradients
 from .tracing import Plan
 

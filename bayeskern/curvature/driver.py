@@ -11,8 +11,10 @@ GEMMs replaced by the squared ones; fallback parameters add a torch.func pass ov
 The model runs in eval mode (dropout off, BatchNorm on its running statistics, so examples are
 independent) and is restored afterwards; it is never edited, and ``.grad`` is never written.
 """
+
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +37,7 @@ class SquaredGradients:
     """What a pass over the data produced."""
 
     fisher: dict[str, Tensor]  # name -> sum of squared per-example gradients (float32/float64)
-    loss: float                # sum over examples of loss_fn(output, true target) (per-example convention)
+    loss: float  # sum over examples of loss_fn(output, true target) (per-example convention)
     num_examples: int
     plan: Plan
 
@@ -56,14 +58,23 @@ def _same_outputs(out: Any, expected: Any) -> bool:
 class _Pass:
     """State of one accumulation: the plan (from the first batch) and the accumulators."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: Callable, reduction: str, sample_targets,
-                 output_fn: OutputFn | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        loss_fn: Callable,
+        reduction: str,
+        sample_targets,
+        output_fn: OutputFn | None,
+    ):
         self.model, self.reduction, self.sample_targets = model, reduction, sample_targets
         self.raw_loss_fn, self.output_fn = loss_fn, output_fn
         self.params = dict(model.named_parameters())
         self.chosen = {name: self.params[name] for name in names}
         self.fisher = {
-            name: torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device)
+            name: torch.zeros(
+                p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device
+            )
             for name, p in self.chosen.items()
         }
         self.plan: Plan | None = None
@@ -88,8 +99,11 @@ class _Pass:
             return []
         # frozen ones (peft's base weights, a ModulesToSaveWrapper's original_module) are asked
         # through stand-ins that require grad; the model is not touched
-        stand_ins = {name: self.params[name].detach().requires_grad_() for name in self.plan.unused
-                     if not self.params[name].requires_grad}
+        stand_ins = {
+            name: self.params[name].detach().requires_grad_()
+            for name in self.plan.unused
+            if not self.params[name].requires_grad
+        }
         asked = {name: stand_ins.get(name, self.params[name]) for name in self.plan.unused}
         with torch.enable_grad():
             out = functional_call(self.model, stand_ins, args, kwargs) if stand_ins else self.model(*args, **kwargs)
@@ -114,10 +128,8 @@ class _Pass:
         if batch > 1:
             small = 2 if batch > 2 else 1
             sliced = tree_map(lambda t: t[:small] if _is_batched(t, batch) else t, (args, kwargs))
-            try:
+            with contextlib.suppress(RuntimeError):  # a model that cannot run so few examples: keep the first plan
                 self.plan.agree(self._probe(*sliced, small)[0])
-            except RuntimeError:  # a model that cannot run so few examples: keep the first plan
-                pass
         if self.plan.unused:
             hidden = self._unseen_but_used(args, kwargs, y)
             self.plan.unused = [name for name in self.plan.unused if name not in hidden]
@@ -143,7 +155,9 @@ class _Pass:
         args, kwargs = _to(as_call(x), device)
         y = y.to(device)
         batch = batch_length((args, kwargs))
-        out = self._first_forward(args, kwargs, y, batch) if self.plan is None else self._tap_forward(args, kwargs, batch)
+        out = (
+            self._first_forward(args, kwargs, y, batch) if self.plan is None else self._tap_forward(args, kwargs, batch)
+        )
         scale = batch if self.reduction == "mean" else 1
         logits = logits_of(_detach(out), kwargs if kwargs else args, self.output_fn)
         target = y if self.sample_targets is None else self.sample_targets(logits)

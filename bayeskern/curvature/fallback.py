@@ -13,6 +13,7 @@ reaches every example's call unchanged.  Models whose forward has data-dependent
 for them ``PerExample`` switches, once, to a loop of ``grad`` over the examples (exact as well, B
 forward and backward passes of one example each).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -40,8 +41,15 @@ class PerExample:
     def __init__(self) -> None:
         self.vectorised = True
 
-    def __call__(self, model: nn.Module, fisher: dict[str, Tensor], args: tuple, kwargs: dict[str, Any],
-                 target: Tensor, loss_fn: LossFn) -> None:
+    def __call__(
+        self,
+        model: nn.Module,
+        fisher: dict[str, Tensor],
+        args: tuple,
+        kwargs: dict[str, Any],
+        target: Tensor,
+        loss_fn: LossFn,
+    ) -> None:
         """``fisher[name] += sum_b (d loss_fn(model(x_b), y_b, x_b) / d theta_name)^2`` for every name
         in fisher; ``x_b`` is example b's ``(args, kwargs)``, as a batch of one."""
         batch = target.shape[0]
@@ -69,13 +77,18 @@ class PerExample:
                 self.vectorised = False  # nothing was added yet: the chunks only add once all succeed
         gradient = grad(example_loss)
         for b in range(batch):
-            grads = gradient(chosen, [t[b:b + 1] for t in inputs], target[b:b + 1])
+            grads = gradient(chosen, [t[b : b + 1] for t in inputs], target[b : b + 1])
             for name, g in grads.items():
                 add_square_sum(fisher[name], g.unsqueeze(0))
 
     @staticmethod
-    def _vectorised(example_loss: Callable, chosen: dict[str, Tensor], fisher: dict[str, Tensor],
-                    inputs: list[Tensor], target: Tensor) -> None:
+    def _vectorised(
+        example_loss: Callable,
+        chosen: dict[str, Tensor],
+        fisher: dict[str, Tensor],
+        inputs: list[Tensor],
+        target: Tensor,
+    ) -> None:
         def one(chosen: dict[str, Tensor], examples: list[Tensor], target: Tensor) -> dict[str, Tensor]:
             return grad(example_loss)(chosen, [t.unsqueeze(0) for t in examples], target.unsqueeze(0))
 

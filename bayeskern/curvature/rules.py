@@ -20,6 +20,7 @@ A rule's ``accumulate(slots, g, call)`` adds to ``slots[role]`` (the Fisher of t
 ``weight`` / ``bias``, None when that parameter is not chosen), reading the op's arguments
 from ``call``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -67,7 +68,9 @@ def _pads(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> l
     return [pw, pw, ph, ph]
 
 
-def patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: Any, dilation: tuple[int, int]) -> Tensor:
+def patches(
+    x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: Any, dilation: tuple[int, int]
+) -> Tensor:
     """The unfolded input of a conv2d, ``(B, L, C*kh*kw)`` (channel-major like the weight); strided
     views plus one copy (``F.unfold``'s CPU im2col is an order of magnitude slower)."""
     pads = _pads(padding, kernel, dilation)
@@ -92,11 +95,11 @@ def _conv2d(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     per_example = max(positions * fisher.shape[0] * fisher.shape[2], fisher.numel() if groups > 1 else 0)
     chunk = max(1, UNFOLD_CHUNK_ELEMENTS // per_example)
     for start in range(0, x.shape[0], chunk):
-        cols = patches(x[start:start + chunk], kernel, stride, call["padding"], dilation)
+        cols = patches(x[start : start + chunk], kernel, stride, call["padding"], dilation)
         if groups == 1:
-            sq_grad_accumulate(fisher[0], g[start:start + chunk], cols)
+            sq_grad_accumulate(fisher[0], g[start : start + chunk], cols)
         else:
-            _grouped_tiles(fisher, g[start:start + chunk], cols)
+            _grouped_tiles(fisher, g[start : start + chunk], cols)
 
 
 def _grouped_tiles(fisher: Tensor, g: Tensor, cols: Tensor) -> None:
@@ -221,15 +224,25 @@ def broadcastable(param: Tensor) -> bool:
     return param.dim() >= 2 and param.shape[0] == 1
 
 
-ELEMENTWISE = {
-    getattr(owner, name)
-    for owner in (torch, torch.Tensor)
-    for name in ("add", "sub", "mul", "div")
-} | {
+ELEMENTWISE = {getattr(owner, name) for owner in (torch, torch.Tensor) for name in ("add", "sub", "mul", "div")} | {
     getattr(torch.Tensor, name)
     for name in (
-        "add_", "sub_", "mul_", "div_", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
-        "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__",
+        "add_",
+        "sub_",
+        "mul_",
+        "div_",
+        "__add__",
+        "__radd__",
+        "__iadd__",
+        "__sub__",
+        "__rsub__",
+        "__isub__",
+        "__mul__",
+        "__rmul__",
+        "__imul__",
+        "__truediv__",
+        "__rtruediv__",
+        "__itruediv__",
     )
 }
 
@@ -245,8 +258,15 @@ def elementwise_rank(func: Callable, args: tuple, param: Tensor, batch: int) -> 
     return None
 
 
-VIEWS = {torch.reshape, torch.unsqueeze, torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.unsqueeze,
-         torch.Tensor.view_as, torch.Tensor.__getitem__}
+VIEWS = {
+    torch.reshape,
+    torch.unsqueeze,
+    torch.Tensor.reshape,
+    torch.Tensor.view,
+    torch.Tensor.unsqueeze,
+    torch.Tensor.view_as,
+    torch.Tensor.__getitem__,
+}
 
 
 def is_batch_broadcast_view(func: Callable, args: tuple, param: Tensor, out: Any) -> bool:

@@ -29,6 +29,7 @@ modified in place, e.g. ``linear(x).mul_(gamma)`` for 3-d x).  Hooks on the outp
 per-example gradients, replacing the weight-gradient GEMM of a plain backward by the squared one.
 ``torch.autograd.grad(loss, trigger)`` runs it.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -36,16 +37,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .rules import (
-    RULES, ROLES, VIEWS, Rule, add_square_sum, broadcastable, elementwise_rank, expand_to_batch,
+    ROLES,
+    RULES,
+    VIEWS,
+    Rule,
+    add_square_sum,
+    broadcastable,
+    elementwise_rank,
+    expand_to_batch,
     is_batch_broadcast_view,
 )
-
 
 _CONTAINERS = (tuple, list, dict)
 
@@ -78,7 +84,7 @@ class Plan:
                 return kind, None
         return "broadcast", self.broadcast.get(name)
 
-    def agree(self, other: "Plan") -> None:
+    def agree(self, other: Plan) -> None:
         """Send to the fallback every parameter ``other`` (a probe at another batch size) treats
         differently: which axis is the batch must not depend on a coincidence of sizes."""
         for name in self.rule + list(self.broadcast) + self.viewed:
@@ -173,7 +179,9 @@ class Tap(_ParamModes):
     the names planned as ``rule``, ``broadcast`` or ``viewed`` to their accumulators.
     """
 
-    def __init__(self, params: dict[str, Tensor], fisher: dict[str, Tensor], plan: Plan, trigger: Tensor, batch: int) -> None:
+    def __init__(
+        self, params: dict[str, Tensor], fisher: dict[str, Tensor], plan: Plan, trigger: Tensor, batch: int
+    ) -> None:
         super().__init__(params, batch)
         self.fisher = fisher
         self.broadcast = plan.broadcast
@@ -196,7 +204,9 @@ class Tap(_ParamModes):
         if name not in self.broadcast:
             return value.detach()
         if name not in self.expanded:  # one expansion per forward: all uses add up before squaring
-            self.expanded[name] = self._per_example(name, expand_to_batch(value.detach(), self.broadcast[name], self.batch))
+            self.expanded[name] = self._per_example(
+                name, expand_to_batch(value.detach(), self.broadcast[name], self.batch)
+            )
         return self.expanded[name]
 
     def _substitute_all(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

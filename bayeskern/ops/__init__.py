@@ -5,13 +5,14 @@ Each op has a PyTorch reference (the specification) and Triton / C++ (CPU SIMD, 
 counter-based Philox keyed by (seed, offset + element index, stream), identical on every backend
 (``philox.py``).
 """
+
 from . import noise, philox
 from .backend import BACKENDS, available_backends, use_backend
 from .draw import gaussian_sample_kl, weight_dropout_l2
 from .dropout import reference_weight_dropout, weight_dropout
 from .extension import release_cached_memory
-from .host_memory import retain_freed_memory
 from .fisher import reference_sq_grad_accumulate, sq_grad_accumulate
+from .host_memory import retain_freed_memory
 from .kl import gaussian_kl, reference_gaussian_kl
 from .sample import gaussian_sample, reference_gaussian_sample
 from .sgld import first_nonfinite, reference_sgld_step_, sgld, sgld_step_

@@ -21,15 +21,17 @@ conditions on its other arguments (``facts``).  ``backend_for`` applies, in this
 For the fused draws (``gaussian_sample_kl``, ``weight_dropout_l2``) ``reference`` means the
 per-tensor composition, whose ops then decide again one tensor at a time.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib
 import os
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -70,9 +72,7 @@ def _serves(name: str, device: torch.device) -> bool:
         if triton_version() is None:
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
-    return device.type in ("cpu", "cuda") and extension.load() and (
-        device.type == "cpu" or torch.cuda.is_available()
-    )
+    return device.type in ("cpu", "cuda") and extension.load() and (device.type == "cpu" or torch.cuda.is_available())
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -124,7 +124,9 @@ def _kl_accepts(tensor: torch.Tensor, prior_mean: torch.Tensor | None = None, pr
     """A float prior std and a prior mean absent (zero) or of ``mu``'s shape, dtype and device."""
     return not isinstance(prior_std, torch.Tensor) and (
         prior_mean is None
-        or (prior_mean.shape == tensor.shape and prior_mean.dtype == tensor.dtype and prior_mean.device == tensor.device)
+        or (
+            prior_mean.shape == tensor.shape and prior_mean.dtype == tensor.dtype and prior_mean.device == tensor.device
+        )
     )
 
 

@@ -1,4 +1,5 @@
 """Argument validation shared by the ops: clear ValueErrors naming the argument."""
+
 from __future__ import annotations
 
 from torch import Tensor

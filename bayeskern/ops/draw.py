@@ -31,11 +31,11 @@ list through the dispatcher and pytree each way; the custom ops serve Triton and
 The prior term is float32 (float64 for float64 tensors): a sum over millions of weights overflows
 float16.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -47,16 +47,24 @@ from .dropout import check_probability, weight_dropout
 from .kl import gaussian_kl
 from .sample import gaussian_sample
 
+
 # -- VI ---------------------------------------------------------------------------------------------
 def _gaussian_forward_kernel(
-    mus: list[Tensor], rhos: list[Tensor], prior_means: list[Optional[Tensor]], prior_stds: list[float],
-    seed: Tensor, offsets: list[int], stream: int,
+    mus: list[Tensor],
+    rhos: list[Tensor],
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
 ) -> tuple[list[Tensor], Tensor]:
     kernel = _kernels("gaussian_sample_kl", mus[0])
     return kernel.gaussian_sample_kl(mus, rhos, prior_means, prior_stds, int(seed), offsets, stream)
 
 
-_gaussian_sample_kl = torch.library.custom_op("bayeskern::gaussian_sample_kl", mutates_args=())(_gaussian_forward_kernel)
+_gaussian_sample_kl = torch.library.custom_op("bayeskern::gaussian_sample_kl", mutates_args=())(
+    _gaussian_forward_kernel
+)
 
 
 @_gaussian_sample_kl.register_fake
@@ -65,8 +73,16 @@ def _(mus, rhos, prior_means, prior_stds, seed, offsets, stream):
 
 
 def _gaussian_backward_kernel(
-    grads: list[Tensor], grad_kl: Tensor, mus: list[Tensor], rhos: list[Tensor], samples: list[Tensor],
-    prior_means: list[Optional[Tensor]], prior_stds: list[float], seed: Tensor, offsets: list[int], stream: int,
+    grads: list[Tensor],
+    grad_kl: Tensor,
+    mus: list[Tensor],
+    rhos: list[Tensor],
+    samples: list[Tensor],
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
 ) -> tuple[list[Tensor], list[Tensor]]:
     grads = [g.contiguous() for g in grads]
     args = (prior_means, prior_stds, int(seed), offsets, stream)
@@ -99,8 +115,16 @@ def _gaussian_grads(ctx, grads, grad_kl, backward) -> tuple[list[Tensor], list[T
     tensors, prior_means, seed = _saved(ctx)
     k = len(prior_means)
     return backward(
-        grads, grad_kl, tensors[:k], tensors[k:2 * k], tensors[2 * k:], prior_means, ctx.prior_stds, seed,
-        ctx.offsets, ctx.stream,
+        grads,
+        grad_kl,
+        tensors[:k],
+        tensors[k : 2 * k],
+        tensors[2 * k :],
+        prior_means,
+        ctx.prior_stds,
+        seed,
+        ctx.offsets,
+        ctx.stream,
     )
 
 
@@ -133,8 +157,14 @@ class _EagerGaussianSampleKL(torch.autograd.Function):
 
 # -- MC-dropout -------------------------------------------------------------------------------------
 def _dropout_forward_kernel(
-    mus: list[Tensor], p: float, fill_prior: bool, prior_means: list[Optional[Tensor]], prior_stds: list[float],
-    seed: Tensor, offsets: list[int], stream: int,
+    mus: list[Tensor],
+    p: float,
+    fill_prior: bool,
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
 ) -> tuple[list[Tensor], Tensor]:
     kernel = _kernels("weight_dropout_l2", mus[0])
     return kernel.weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream)
@@ -149,11 +179,28 @@ def _(mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream):
 
 
 def _dropout_backward_kernel(
-    grads: list[Tensor], grad_l2: Tensor, mus: list[Tensor], p: float, fill_prior: bool,
-    prior_means: list[Optional[Tensor]], prior_stds: list[float], seed: Tensor, offsets: list[int], stream: int,
+    grads: list[Tensor],
+    grad_l2: Tensor,
+    mus: list[Tensor],
+    p: float,
+    fill_prior: bool,
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
 ) -> list[Tensor]:
     return _kernels("weight_dropout_l2_backward", mus[0]).weight_dropout_l2_backward(
-        [g.contiguous() for g in grads], grad_l2, mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream
+        [g.contiguous() for g in grads],
+        grad_l2,
+        mus,
+        p,
+        fill_prior,
+        prior_means,
+        prior_stds,
+        int(seed),
+        offsets,
+        stream,
     )
 
 
@@ -175,7 +222,9 @@ def _setup_dropout(ctx, inputs, output):
 
 def _dropout_grads(ctx, grads, grad_l2, backward) -> list[Tensor]:
     mus, prior_means, seed = _saved(ctx)
-    return backward(grads, grad_l2, mus, ctx.p, ctx.fill_prior, prior_means, ctx.prior_stds, seed, ctx.offsets, ctx.stream)
+    return backward(
+        grads, grad_l2, mus, ctx.p, ctx.fill_prior, prior_means, ctx.prior_stds, seed, ctx.offsets, ctx.stream
+    )
 
 
 def _backward_dropout(ctx, grads, grad_l2):
@@ -222,8 +271,8 @@ def _save(ctx, tensors: list[Tensor], prior_means: list[Tensor | None], seed: Te
 
 def _saved(ctx) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
     saved = ctx.saved_tensors
-    given = iter(saved[ctx.count:-1])
-    return list(saved[:ctx.count]), [next(given) if has else None for has in ctx.has_mean], saved[-1]
+    given = iter(saved[ctx.count : -1])
+    return list(saved[: ctx.count]), [next(given) if has else None for has in ctx.has_mean], saved[-1]
 
 
 def _no_grad_means(ctx) -> list[None] | None:
@@ -293,7 +342,9 @@ def gaussian_sample_kl(
         samples, kl = _gaussian_sample_kl(mus, rhos, *fused)
         return list(samples), kl
     samples = [gaussian_sample(mu, rho, seed, offset, stream=stream) for mu, rho, offset in zip(mus, rhos, offsets)]
-    kl = sum(gaussian_kl(mu, rho, m0, sp).to(_term_dtype(mu)) for mu, rho, m0, sp in zip(mus, rhos, prior_means, prior_stds))
+    kl = sum(
+        gaussian_kl(mu, rho, m0, sp).to(_term_dtype(mu)) for mu, rho, m0, sp in zip(mus, rhos, prior_means, prior_stds)
+    )
     return samples, kl
 
 
@@ -326,7 +377,9 @@ def weight_dropout_l2(
         samples, l2 = _weight_dropout_l2(mus, float(p), fill_prior, *fused)
         return list(samples), l2
     fills = [(torch.zeros_like(mu) if m0 is None else m0) if fill_prior else None for mu, m0 in zip(mus, prior_means)]
-    samples = [weight_dropout(mu, p, seed, offset, fill, stream=stream) for mu, offset, fill in zip(mus, offsets, fills)]
+    samples = [
+        weight_dropout(mu, p, seed, offset, fill, stream=stream) for mu, offset, fill in zip(mus, offsets, fills)
+    ]
     l2 = sum(
         ((mu if m0 is None else mu - m0).to(_term_dtype(mu)).square() / (2 * sp**2)).sum()
         for mu, m0, sp in zip(mus, prior_means, prior_stds)

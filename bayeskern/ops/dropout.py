@@ -6,9 +6,8 @@ scaled, ``out = keep * w / (1 - p)``; with ``fill`` (e.g. the prior mean) droppe
 ``out = keep * w + (1 - keep) * fill``.  Gradients: ``grad_w = g * keep * scale``,
 ``grad_fill = g - grad_w`` (scale = 1 with fill).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import Tensor
@@ -38,18 +37,22 @@ def reference_weight_dropout(
     return out.to(w.dtype).contiguous()
 
 
-def reference_weight_dropout_backward(grad: Tensor, p: float, seed: int, offset: int, stream: int, scale: float) -> Tensor:
+def reference_weight_dropout_backward(
+    grad: Tensor, p: float, seed: int, offset: int, stream: int, scale: float
+) -> Tensor:
     dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     keep = _keep_mask(seed, offset, stream, grad, p)
     return torch.where(keep, grad.to(dtype) * scale, 0.0).to(grad.dtype).contiguous()
 
 
 @torch.library.custom_op("bayeskern::weight_dropout", mutates_args=())
-def _weight_dropout(w: Tensor, p: float, seed: Tensor, offset: int, stream: int, fill: Optional[Tensor]) -> Tensor:
+def _weight_dropout(w: Tensor, p: float, seed: Tensor, offset: int, stream: int, fill: Tensor | None) -> Tensor:
     key = int(seed)
     philox.check_key(key, offset, stream)
     return dispatch(
-        "weight_dropout", w, (w, p, key, offset, stream, fill),
+        "weight_dropout",
+        w,
+        (w, p, key, offset, stream, fill),
         lambda: reference_weight_dropout(w, p, key, offset, fill, stream),
     )
 
@@ -63,7 +66,9 @@ def _(w, p, seed, offset, stream, fill):
 def _weight_dropout_backward(grad: Tensor, p: float, seed: Tensor, offset: int, stream: int, scale: float) -> Tensor:
     key = int(seed)
     return dispatch(
-        "weight_dropout_backward", grad, (grad, p, key, offset, stream, scale),
+        "weight_dropout_backward",
+        grad,
+        (grad, p, key, offset, stream, scale),
         lambda: reference_weight_dropout_backward(grad, p, key, offset, stream, scale),
     )
 

@@ -8,6 +8,7 @@ are added when ``torch.cuda.is_available()`` (or ``cuda=True``) and nvcc is foun
 ``python -m bayeskern.ops.extension [--cuda]`` builds it and prints the registered ops (CI uses
 ``--cuda`` on a CPU machine as a compile-and-link check of the CUDA sources).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,7 +92,7 @@ def release_cached_memory() -> int:
 def registered_ops() -> list[str]:
     """The operators the loaded extension registered."""
     prefix = f"{LIBRARY}::"
-    return sorted({name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix)})
+    return sorted({name[len(prefix) :] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ adds ``sum_b G_b * G_b`` (elementwise square) to ``fisher``:
 
 Inputs of any floating dtype and any strides; the accumulation is float32 (float64 for float64).
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,7 +53,9 @@ def _pair_expansion(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor:
     positions = g.shape[1]
     chunk = max(1, CHUNK_ELEMENTS // (positions * (positions + 1) // 2 * (g.shape[2] + a.shape[2])))
     for start in range(0, g.shape[0], chunk):
-        rows_g, rows_a = _position_pairs(g[start:start + chunk].to(fisher.dtype), a[start:start + chunk].to(fisher.dtype))
+        rows_g, rows_a = _position_pairs(
+            g[start : start + chunk].to(fisher.dtype), a[start : start + chunk].to(fisher.dtype)
+        )
         fisher.addmm_(rows_g.t(), rows_a)
     return fisher
 
@@ -67,7 +70,7 @@ def _per_example_tiles(fisher: Tensor, g: Tensor, a: Tensor) -> Tensor:
         return fisher
     chunk = max(1, CHUNK_ELEMENTS // max(1, fisher.numel()))
     for start in range(0, g.shape[0], chunk):
-        tiles = torch.bmm(g[start:start + chunk].to(dtype).transpose(1, 2), a[start:start + chunk].to(dtype))
+        tiles = torch.bmm(g[start : start + chunk].to(dtype).transpose(1, 2), a[start : start + chunk].to(dtype))
         fisher.add_(tiles.square_().sum(0))
     return fisher
 

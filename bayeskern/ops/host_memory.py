@@ -13,6 +13,7 @@ step faults it in again.
 enough; jemalloc or tcmalloc (``LD_PRELOAD``) keep freed memory the same way.  The ``bayeskern-finetune``
 job calls it on CPU.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -42,8 +43,10 @@ def retain_freed_memory(trim_threshold_mb: int = 1024) -> bool:
     """Keep freed CPU memory in the process (see the module docstring): tensors up to 32 MiB come
     from glibc's heap, and freed memory at its top is kept until more than ``trim_threshold_mb`` MiB
     are free.  Returns True where applied, False where the C library is not glibc (nothing changes)."""
-    if isinstance(trim_threshold_mb, bool) or not isinstance(trim_threshold_mb, int) or not (
-        0 <= trim_threshold_mb <= _INT_MAX_MB
+    if (
+        isinstance(trim_threshold_mb, bool)
+        or not isinstance(trim_threshold_mb, int)
+        or not (0 <= trim_threshold_mb <= _INT_MAX_MB)
     ):
         raise ValueError(f"trim_threshold_mb must be an integer in [0, {_INT_MAX_MB}], got {trim_threshold_mb!r}")
     libc = _glibc()

@@ -10,10 +10,10 @@ everything else (other devices and dtypes, tensor ``sp``, the ``reference`` back
 differentiable reference, whose time goes mostly to ``softplus`` (not vectorised on CPU).  The
 kernel flushes ``s`` below the smallest normal float32 (``rho < -87``) to it.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,9 @@ from .backend import backend_for, kernels
 from .checks import check_floating, check_same_layout
 
 
-def reference_gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None = None, prior_std: float | Tensor = 1.0) -> Tensor:
+def reference_gaussian_kl(
+    mu: Tensor, rho: Tensor, prior_mean: Tensor | None = None, prior_std: float | Tensor = 1.0
+) -> Tensor:
     """The specification, in differentiable PyTorch (``prior_std`` may be a broadcastable tensor)."""
     s = F.softplus(rho)
     sp = torch.as_tensor(prior_std, dtype=mu.dtype, device=mu.device)
@@ -32,7 +34,7 @@ def reference_gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None = N
 
 
 @torch.library.custom_op("bayeskern::gaussian_kl", mutates_args=())
-def _gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Optional[Tensor], prior_std: float) -> Tensor:
+def _gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None, prior_std: float) -> Tensor:
     kernel = kernels("cpp", "gaussian_kl")
     return kernel.gaussian_kl(mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
 
@@ -44,7 +46,7 @@ def _(mu, rho, prior_mean, prior_std):
 
 @torch.library.custom_op("bayeskern::gaussian_kl_backward", mutates_args=())
 def _gaussian_kl_backward(
-    grad: Tensor, mu: Tensor, rho: Tensor, prior_mean: Optional[Tensor], prior_std: float
+    grad: Tensor, mu: Tensor, rho: Tensor, prior_mean: Tensor | None, prior_std: float
 ) -> tuple[Tensor, Tensor]:
     kernel = kernels("cpp", "gaussian_kl_backward")
     return kernel.gaussian_kl_backward(grad, mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)

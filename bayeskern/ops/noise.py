@@ -4,10 +4,11 @@ Used where noise is needed on its own rather than fused into an op (the foreach 
 moment-matched sample bank, posterior samples for prediction).  Values are float32, keyed by (seed,
 offset + element index, stream).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +23,9 @@ def _normal(shape: Sequence[int], seed: Tensor, offset: int, stream: int, device
     key = int(seed)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     return dispatch(
-        "fill_normal_", out, (out, key, offset, stream),
+        "fill_normal_",
+        out,
+        (out, key, offset, stream),
         lambda: philox.normal(key, offset, out.numel(), stream, device=device).view(out.shape),
     )
 

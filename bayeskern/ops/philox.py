@@ -22,6 +22,7 @@ Transforms of one 32-bit word ``w``:
 These functions are plain PyTorch on int64 tensors (no uint32 arithmetic needed) and run on any
 device; they are slow and meant as the reference and the fallback.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,7 +69,7 @@ def check_key(seed: int, offset: int, stream: int = 0) -> None:
             raise ValueError(f"{name} must be an integer in [0, 2**63), got {value}")
 
 
-def seed_tensor(seed: "int | torch.Tensor") -> torch.Tensor:
+def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
     """The seed as a 0-d int64 CPU tensor, the form the custom ops take (no recompiles per value)."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
@@ -141,7 +142,7 @@ def tensor_span(numel: int) -> int:
     return -(-numel // 4) * 4
 
 
-def tensor_offsets(shapes: "list[torch.Size] | tuple[torch.Size, ...]") -> list[int]:
+def tensor_offsets(shapes: list[torch.Size] | tuple[torch.Size, ...]) -> list[int]:
     """Where each of several tensors starts in the counter space: cumulative ``tensor_span``."""
     offsets, start = [], 0
     for shape in shapes:

@@ -4,6 +4,7 @@
 backward pass regenerates it instead of saving a parameter-sized tensor:
 ``grad_mu = g``, ``grad_rho = g * eps * sigmoid(rho)``.  Maths in float32 for fp32/fp16/bf16 inputs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ def reference_gaussian_sample(mu: Tensor, rho: Tensor, seed: int, offset: int = 
     return (mu.to(dtype) + F.softplus(rho.to(dtype)) * eps).to(mu.dtype).contiguous()
 
 
-def reference_gaussian_sample_backward(grad: Tensor, rho: Tensor, seed: int, offset: int = 0, stream: int = 0) -> Tensor:
+def reference_gaussian_sample_backward(
+    grad: Tensor, rho: Tensor, seed: int, offset: int = 0, stream: int = 0
+) -> Tensor:
     """``grad_rho = grad * eps * sigmoid(rho)`` with eps regenerated."""
     dtype = _compute_dtype(rho)
     eps = philox.normal(seed, offset, rho.numel(), stream, device=rho.device).view(rho.shape).to(dtype)
@@ -38,7 +41,9 @@ def _gaussian_sample(mu: Tensor, rho: Tensor, seed: Tensor, offset: int, stream:
     key = int(seed)
     philox.check_key(key, offset, stream)
     return dispatch(
-        "gaussian_sample", mu, (mu, rho, key, offset, stream),
+        "gaussian_sample",
+        mu,
+        (mu, rho, key, offset, stream),
         lambda: reference_gaussian_sample(mu, rho, key, offset, stream),
     )
 
@@ -52,7 +57,9 @@ def _(mu, rho, seed, offset, stream):
 def _gaussian_sample_backward(grad: Tensor, rho: Tensor, seed: Tensor, offset: int, stream: int) -> Tensor:
     key = int(seed)
     return dispatch(
-        "gaussian_sample_backward", rho, (grad, rho, key, offset, stream),
+        "gaussian_sample_backward",
+        rho,
+        (grad, rho, key, offset, stream),
         lambda: reference_gaussian_sample_backward(grad, rho, key, offset, stream),
     )
 

@@ -25,11 +25,12 @@ The implementations, all of this update (``sgld(...)`` picks one, as ``BayesSGLD
 * ``sgld_step_``          -- the fused kernel over a whole bucket (Triton, or the C++ CPU / CUDA
   kernels; the backend policy of ``backend.py`` chooses).
 """
+
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,9 +45,18 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def reference_sgld_step_(
-    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor],
-    lr: float, prior_precision: float, noise_scale: float, alpha: float, eps: float,
-    seed: int, step: int, offsets: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    prior_means: list[Tensor],
+    square_avgs: list[Tensor],
+    lr: float,
+    prior_precision: float,
+    noise_scale: float,
+    alpha: float,
+    eps: float,
+    seed: int,
+    step: int,
+    offsets: list[int],
 ) -> None:
     """The specification: one tensor at a time, in plain PyTorch (``prior_precision`` = lam, ``noise_scale`` = s)."""
     for i, theta in enumerate(params):
@@ -70,9 +80,18 @@ def reference_sgld_step_(
 
 @torch.library.custom_op("bayeskern::sgld_step_", mutates_args=("params", "square_avgs"))
 def _sgld_step_(
-    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor],
-    lr: float, prior_precision: float, noise_scale: float, alpha: float, eps: float,
-    seed: Tensor, step: int, offsets: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    prior_means: list[Tensor],
+    square_avgs: list[Tensor],
+    lr: float,
+    prior_precision: float,
+    noise_scale: float,
+    alpha: float,
+    eps: float,
+    seed: Tensor,
+    step: int,
+    offsets: list[int],
 ) -> None:
     key = int(seed)
     hyper = (lr, prior_precision, noise_scale, alpha, eps)
@@ -84,8 +103,14 @@ def _sgld_step_(
     work = [p.contiguous() for p in params]
     work_avgs = [v.contiguous() for v in square_avgs]
     kernels(backend, "sgld_step_").sgld_step_(
-        work, [g.contiguous() for g in grads], [m.contiguous() for m in prior_means], work_avgs,
-        *hyper, key, step, offsets,
+        work,
+        [g.contiguous() for g in grads],
+        [m.contiguous() for m in prior_means],
+        work_avgs,
+        *hyper,
+        key,
+        step,
+        offsets,
     )
     for dst, src in zip([*params, *square_avgs], [*work, *work_avgs]):
         if dst.data_ptr() != src.data_ptr():
@@ -103,14 +128,21 @@ def _check_lists(params, grads, prior_means, square_avgs, offsets) -> None:
     first = params[0]
     if not first.dtype.is_floating_point:
         raise ValueError(f"params must be floating-point tensors, got {first.dtype}")
-    for name, values in (("grads", grads), ("offsets", offsets), ("prior_means", prior_means), ("square_avgs", square_avgs)):
+    for name, values in (
+        ("grads", grads),
+        ("offsets", offsets),
+        ("prior_means", prior_means),
+        ("square_avgs", square_avgs),
+    ):
         if name in ("prior_means", "square_avgs") and not values:
             continue
         if len(values) != len(params):
             raise ValueError(f"{name} has {len(values)} entries but params has {len(params)}")
     for i, theta in enumerate(params):
         if theta.dtype != first.dtype or theta.device != first.device:
-            raise ValueError(f"params[{i}] is {theta.dtype} on {theta.device} but params[0] is {first.dtype} on {first.device}")
+            raise ValueError(
+                f"params[{i}] is {theta.dtype} on {theta.device} but params[0] is {first.dtype} on {first.device}"
+            )
         check_same_layout(theta, grads[i], f"params[{i}]", f"grads[{i}]")
         if prior_means:
             check_same_layout(theta, prior_means[i], f"params[{i}]", f"prior_means[{i}]")
@@ -126,22 +158,28 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     On CPU with the C++ backend: one parallel pass over every element.  Elsewhere: each tensor's
     minimum and maximum (both propagate NaN) and one device synchronisation.
     """
-    tensors = [t for t in tensors]
+    tensors = list(tensors)
     if not tensors:
         return None
     if backend_for("first_nonfinite", tensors[0], tensors=tensors) == "cpp":
         index = kernels("cpp", "first_nonfinite").first_nonfinite(tensors)
         return None if index < 0 else index
     device = tensors[0].device
-    bounds = torch.stack([
-        torch.stack(torch.aminmax(t)).to(device, torch.float64) if t.numel() else torch.zeros(2, dtype=torch.float64, device=device)
-        for t in tensors
-    ])
+    bounds = torch.stack(
+        [
+            torch.stack(torch.aminmax(t)).to(device, torch.float64)
+            if t.numel()
+            else torch.zeros(2, dtype=torch.float64, device=device)
+            for t in tensors
+        ]
+    )
     finite = bounds.isfinite().all(1)
     return None if bool(finite.all()) else int((~finite).nonzero()[0])
 
 
-def check_hyperparameters(lr: float, num_data: float, prior_std: float, temperature: float, alpha: float, eps: float) -> None:
+def check_hyperparameters(
+    lr: float, num_data: float, prior_std: float, temperature: float, alpha: float, eps: float
+) -> None:
     """Raise ValueError naming the first invalid SGLD hyperparameter."""
     rules = (
         ("lr", lr, lr >= 0, ">= 0"),
@@ -191,8 +229,18 @@ def sgld_step_(
     noise_scale = math.sqrt(2.0 * lr * temperature / num_data)
     with torch.no_grad():
         _sgld_step_(
-            params, grads, prior_means, square_avgs, float(lr), prior_precision, noise_scale, float(alpha), float(eps),
-            philox.seed_tensor(seed), step, offsets,
+            params,
+            grads,
+            prior_means,
+            square_avgs,
+            float(lr),
+            prior_precision,
+            noise_scale,
+            float(alpha),
+            float(eps),
+            philox.seed_tensor(seed),
+            step,
+            offsets,
         )
 
 
@@ -208,9 +256,22 @@ def _buckets(params: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], lis
 
 
 def sgld(
-    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor], *,
-    lr: float, num_data: float, prior_std: float, temperature: float, alpha: float, eps: float,
-    seed: int, step: int, offsets: list[int], foreach: bool | None = None, fused: bool | None = None,
+    params: list[Tensor],
+    grads: list[Tensor],
+    prior_means: list[Tensor],
+    square_avgs: list[Tensor],
+    *,
+    lr: float,
+    num_data: float,
+    prior_std: float,
+    temperature: float,
+    alpha: float,
+    eps: float,
+    seed: int,
+    step: int,
+    offsets: list[int],
+    foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """Functional SGLD step (see the module docstring); picks the fused kernel, foreach or reference path.
 
@@ -221,10 +282,20 @@ def sgld(
     """
     if fused or (fused is None and not foreach):
         for idx in _buckets(params).values():
-            pick = lambda xs: [xs[i] for i in idx] if xs else None  # noqa: E731
+            pick = lambda xs: [xs[i] for i in idx] if xs else None  # noqa: E731, B023 (used in this iteration)
             sgld_step_(
-                pick(params), pick(grads), pick(prior_means), pick(square_avgs), lr=lr, num_data=num_data,
-                prior_std=prior_std, temperature=temperature, alpha=alpha, eps=eps, seed=seed, step=step,
+                pick(params),
+                pick(grads),
+                pick(prior_means),
+                pick(square_avgs),
+                lr=lr,
+                num_data=num_data,
+                prior_std=prior_std,
+                temperature=temperature,
+                alpha=alpha,
+                eps=eps,
+                seed=seed,
+                step=step,
                 offsets=pick(offsets),
             )
         return
@@ -235,15 +306,24 @@ def sgld(
 
 
 def _multi_tensor_sgld(
-    params: list[Tensor], grads: list[Tensor], prior_means: list[Tensor], square_avgs: list[Tensor],
-    lr: float, prior_precision: float, noise_scale: float, alpha: float, eps: float,
-    seed: int, step: int, offsets: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    prior_means: list[Tensor],
+    square_avgs: list[Tensor],
+    lr: float,
+    prior_precision: float,
+    noise_scale: float,
+    alpha: float,
+    eps: float,
+    seed: int,
+    step: int,
+    offsets: list[int],
 ) -> None:
     """The update with ``torch._foreach`` ops, per device and dtype, in float32 (float64 for float64)."""
     for idx in _buckets(params).values():
         ps = [params[i] for i in idx]
         low = ps[0].dtype in _LOW_PRECISION
-        up = (lambda xs: [xs[i].float() for i in idx]) if low else (lambda xs: [xs[i] for i in idx])
+        up = (lambda xs: [xs[i].float() for i in idx]) if low else (lambda xs: [xs[i] for i in idx])  # noqa: B023
         theta = up(params)
         diff = torch._foreach_sub(theta, up(prior_means)) if prior_means else theta
         g_tot = torch._foreach_add(up(grads), diff, alpha=prior_precision)
@@ -257,7 +337,10 @@ def _multi_tensor_sgld(
             torch._foreach_mul_(g_tot, precond)
         torch._foreach_add_(theta, g_tot, alpha=-lr)
         if noise_scale != 0.0:
-            xi = [noise.normal(p.shape, seed, offsets[i], stream=step, device=p.device).to(theta[0].dtype) for i, p in zip(idx, ps)]
+            xi = [
+                noise.normal(p.shape, seed, offsets[i], stream=step, device=p.device).to(theta[0].dtype)
+                for i, p in zip(idx, ps)
+            ]
             if square_avgs:
                 torch._foreach_sqrt_(precond)
                 torch._foreach_mul_(xi, precond)

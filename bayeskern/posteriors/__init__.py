@@ -1,4 +1,6 @@
-"""The posterior families; each obeys ``bayeskern.protocol.Posterior`` so predict, checkpoints and the CLI treat them alike."""
+"""The posterior families; each obeys ``bayeskern.protocol.Posterior``, so predict, checkpoints and the
+CLI treat them alike."""
+
 from ..protocol import Posterior
 from .laplace import DiagLaplace
 from .mc_dropout import MCDropout
@@ -9,5 +11,12 @@ from .sgld import BayesSGLD
 from .vi import VI
 
 __all__ = [
-    "BayesSGLD", "DiagLaplace", "GaussianPrior", "MCDropout", "Posterior", "SampleBank", "VI", "select_parameters",
+    "VI",
+    "BayesSGLD",
+    "DiagLaplace",
+    "GaussianPrior",
+    "MCDropout",
+    "Posterior",
+    "SampleBank",
+    "select_parameters",
 ]

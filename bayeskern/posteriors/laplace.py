@@ -27,6 +27,7 @@ broadcast; the ``fisher_type="mc"`` label draws use a per-rank generator (rank 0
 
 Negative log-likelihoods: ``bayeskern.likelihoods`` (regression: Gaussian with std ``noise_std``).
 """
+
 from __future__ import annotations
 
 import math
@@ -95,8 +96,12 @@ class DiagLaplace:
         self.noise_std = check_positive(noise_std, "noise_std")
         self.output_fn = output_fn
         self.prior = GaussianPrior(
-            model, params=params, include_bias=include_bias, include_norm=include_norm,
-            prior_mean=prior_mean, new_params=new_params,
+            model,
+            params=params,
+            include_bias=include_bias,
+            include_norm=include_norm,
+            prior_mean=prior_mean,
+            new_params=new_params,
         )
         self.names: list[str] = list(self.prior.names)
         model_params = dict(model.named_parameters())
@@ -149,7 +154,7 @@ class DiagLaplace:
 
         return sample
 
-    def fit(self, loader: Iterable, *, progress: bool = True, reduce: bool | None = None) -> "DiagLaplace":
+    def fit(self, loader: Iterable, *, progress: bool = True, reduce: bool | None = None) -> DiagLaplace:
         """Accumulate F over ``loader`` around the model's current weights (batches ``(inputs, targets)``
         or Mappings holding ``labels``, ``bayeskern.batches``).
 
@@ -162,7 +167,12 @@ class DiagLaplace:
         sampler = self._label_sampler(device) if self.fisher_type == "mc" else None
         try:
             result = squared_gradients(
-                self.model, loader, self.nll, self.names, sample_targets=sampler, output_fn=self.output_fn,
+                self.model,
+                loader,
+                self.nll,
+                self.names,
+                sample_targets=sampler,
+                output_fn=self.output_fn,
                 progress=progress and is_rank_zero(),
             )
         except ValueError as error:
@@ -266,7 +276,9 @@ class DiagLaplace:
             probs = prediction.probs.gather(-1, targets.to(prediction.probs.device).long().view(-1, 1))
             return float(-probs.clamp_min(torch.finfo(probs.dtype).tiny).log().mean())
         y = targets.to(prediction.mean.device).reshape(prediction.mean.shape).float()
-        nll = 0.5 * ((y - prediction.mean).square() / prediction.variance + torch.log(2 * math.pi * prediction.variance))
+        nll = 0.5 * (
+            (y - prediction.mean).square() / prediction.variance + torch.log(2 * math.pi * prediction.variance)
+        )
         return float(nll.mean())
 
     def optimize_prior_precision(

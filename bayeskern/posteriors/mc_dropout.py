@@ -1,16 +1,18 @@
 """Parameter-level MC-dropout over any ``nn.Module`` (docs/design.md, "MC-dropout").
 
-Each Bayesian weight is kept with probability ``1 - p`` (the mask is regenerated in backward).  ``mode="scale"``: ``w = z * mu / (1 - p)``; ``mode="prior"``:
-``w = z * mu + (1 - z) * theta0`` (dropped weights fall back to the prior mean, as in BayesDLL).
+Each Bayesian weight is kept with probability ``1 - p`` (the mask is regenerated in backward).
+``mode="scale"``: ``w = z * mu / (1 - p)``; ``mode="prior"``: ``w = z * mu + (1 - z) * theta0``
+(dropped weights fall back to the prior mean, as in BayesDLL).
 Regulariser (in place of the KL): ``(1 - p) / (2 sp^2) * ||mu - theta0||^2``, added to the loss as
 ``reg / N``.  There is no temperature: with ``p`` fixed, the entropy of the dropout family does not
 depend on ``mu``, so tempering would leave the objective unchanged; ``p`` sets the spread and
-``prior_std`` the strength of the pull towards theta0.  Every draw comes with the regulariser from one fused op over all tensors
-(``bayeskern.ops.draw.weight_dropout_l2``); only the first draw of a step keeps it.
+``prior_std`` the strength of the pull towards theta0.  Every draw comes with the regulariser
+from one fused op over all tensors (``bayeskern.ops.draw.weight_dropout_l2``); only the first draw of a step keeps it.
 
 Moments of one weight: scale mode ``E w = mu``, ``Var w = mu^2 p / (1 - p)``; prior mode
 ``E w = (1 - p) mu + p theta0``, ``Var w = p (1 - p) (mu - theta0)^2``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,8 +58,14 @@ class MCDropout(WeightPosterior):
         """One draw and ``regulariser()`` from the fused ``weight_dropout_l2``."""
         prior_means, prior_stds, offsets = self._fused_args()
         samples, l2 = weight_dropout_l2(
-            [mu for _, mu, _ in self._mus()], self.p, prior_means, prior_stds, seed, offsets,
-            fill_prior=self.mode == "prior", stream=stream,
+            [mu for _, mu, _ in self._mus()],
+            self.p,
+            prior_means,
+            prior_stds,
+            seed,
+            offsets,
+            fill_prior=self.mode == "prior",
+            stream=stream,
         )
         return dict(zip(self.names, samples)), l2
 

@@ -18,21 +18,21 @@ tensor broadcastable to the parameter (the first matching key wins; every select
 must be covered).  A zero mean is stored as one 0-d zero and handed out as a broadcast view, so it
 costs no memory.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 from .selection import ParamSelection, select_parameters
 
-PriorMean = Union[str, Mapping[str, Tensor], Sequence[Tensor]]
+PriorMean = str | Mapping[str, Tensor] | Sequence[Tensor]
 PRIOR_MEANS = ("pretrained", "zero")
-PriorStd = Union[float, Mapping[str, Union[float, Tensor]]]
+PriorStd = float | Mapping[str, float | Tensor]
 
 
 def mangle(name: str) -> str:
@@ -54,7 +54,9 @@ def prior_mean_by_name(prior_mean: PriorMean, names: Sequence[str]) -> str | Map
     """A ``prior_mean`` spec with a sequence of tensors turned into a mapping over ``names``."""
     if isinstance(prior_mean, str):
         if prior_mean not in PRIOR_MEANS:
-            raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors, got {prior_mean!r}")
+            raise ValueError(
+                f"prior_mean must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors, got {prior_mean!r}"
+            )
         return prior_mean
     if isinstance(prior_mean, Mapping):
         return prior_mean
@@ -111,9 +113,7 @@ class GaussianPrior(nn.Module):
         prior_std: PriorStd = 1.0,
     ) -> None:
         super().__init__()
-        self.names: list[str] = select_parameters(
-            model, params, include_bias=include_bias, include_norm=include_norm
-        )
+        self.names: list[str] = select_parameters(model, params, include_bias=include_bias, include_norm=include_norm)
         fresh = new_param_patterns(new_params)
         model_params = dict(model.named_parameters())
         means = prior_mean_by_name(prior_mean, self.names)
@@ -140,7 +140,9 @@ class GaussianPrior(nn.Module):
             value = param.detach().clone()
         else:
             if name not in mean:
-                raise ValueError(f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)")
+                raise ValueError(
+                    f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)"
+                )
             value = mean[name]
             if not isinstance(value, Tensor) or value.shape != param.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__

@@ -21,6 +21,7 @@ Data parallel: the replicas of a DDP run hold the same iterates (``BayesSGLD`` k
 every rank), so ``rank_zero_only=True`` keeps them once: on ranks other than 0 (``torch.distributed``'s
 default group) ``update()`` is a no-op returning False and the bank stays empty.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -188,12 +189,19 @@ class SampleBank:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, step count and the samples or moments."""
         return {
-            "mode": self.mode, "names": list(self.names), "burnin": self.burnin, "thin": self.thin,
-            "max_samples": self.max_samples, "seed": self.seed, "likelihood": self.likelihood,
+            "mode": self.mode,
+            "names": list(self.names),
+            "burnin": self.burnin,
+            "thin": self.thin,
+            "max_samples": self.max_samples,
+            "seed": self.seed,
+            "likelihood": self.likelihood,
             "noise_std": self.noise_std,
-            "num_updates": self.num_updates, "count": self._count,
+            "num_updates": self.num_updates,
+            "count": self._count,
             "samples": [{n: t.clone() for n, t in s.items()} for s in self._samples],
-            "mean": {n: t.clone() for n, t in self._mean.items()}, "m2": {n: t.clone() for n, t in self._m2.items()},
+            "mean": {n: t.clone() for n, t in self._mean.items()},
+            "m2": {n: t.clone() for n, t in self._m2.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

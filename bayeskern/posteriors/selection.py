@@ -20,15 +20,15 @@ its ``bias`` attribute (the ``torch.nn`` convention of Linear, Conv, Embedding b
 parameter is any parameter of an instance of ``NORM_TYPES`` (BatchNorm, LayerNorm, GroupNorm,
 InstanceNorm, RMSNorm and their subclasses, e.g. timm's ``LayerNorm2d`` and ``BatchNormAct2d``).
 """
+
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from typing import Union
 
 from torch import nn
 
-ParamSelection = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+ParamSelection = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*d, InstanceNorm*d, SyncBatchNorm
@@ -99,8 +99,10 @@ def select_parameters(
     elif isinstance(params, str) and params == "lora":
         chosen = {n for n in eligible if is_lora_adapter(n)}
         if not chosen:
-            raise ValueError("params='lora' selects the LoRA adapter weights (lora_A / lora_B), but the model has "
-                             "none: wrap it with peft.get_peft_model(model, LoraConfig(...)) first")
+            raise ValueError(
+                "params='lora' selects the LoRA adapter weights (lora_A / lora_B), but the model has "
+                "none: wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
+            )
     elif isinstance(params, str) and params == "last_layer":
         last = None
         for name in eligible:  # named_modules order: the last owner wins

@@ -25,10 +25,11 @@ Data parallel (``DistributedDataParallel``): DDP averages the gradients and ever
 noise (same seed, offsets and step; a default seed is drawn on rank 0 and broadcast), so the replicas
 take identical steps and never drift apart.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -103,9 +104,19 @@ class BayesSGLD(Optimizer):
         if seed is None:
             seed = shared_seed()
         defaults = dict(
-            lr=lr, num_data=num_data, prior_std=prior_std, prior_mean=prior_mean, new_params=new_params,
-            temperature=temperature, preconditioner=preconditioner, alpha=alpha, eps=eps, seed=seed,
-            foreach=foreach, fused=fused, nonfinite=nonfinite,
+            lr=lr,
+            num_data=num_data,
+            prior_std=prior_std,
+            prior_mean=prior_mean,
+            new_params=new_params,
+            temperature=temperature,
+            preconditioner=preconditioner,
+            alpha=alpha,
+            eps=eps,
+            seed=seed,
+            foreach=foreach,
+            fused=fused,
+            nonfinite=nonfinite,
         )
         _check_group(defaults)
         self._num_params = 0  # parameters placed so far, indexes a constructor-level prior_mean list
@@ -172,10 +183,21 @@ class BayesSGLD(Optimizer):
             ready.append((group, tensors))
         for group, (params, grads, means, avgs, offsets) in ready:
             sgld(
-                params, grads, means, avgs, lr=float(group["lr"]), num_data=group["num_data"],
-                prior_std=group["prior_std"], temperature=group["temperature"], alpha=group["alpha"],
-                eps=group["eps"], seed=group["seed"], step=group["step"], offsets=offsets,
-                foreach=group["foreach"], fused=group["fused"],
+                params,
+                grads,
+                means,
+                avgs,
+                lr=float(group["lr"]),
+                num_data=group["num_data"],
+                prior_std=group["prior_std"],
+                temperature=group["temperature"],
+                alpha=group["alpha"],
+                eps=group["eps"],
+                seed=group["seed"],
+                step=group["step"],
+                offsets=offsets,
+                foreach=group["foreach"],
+                fused=group["fused"],
             )
             group["step"] += 1
         return loss
@@ -201,9 +223,13 @@ def _check_group(group: dict[str, Any]) -> None:
     mean = group["prior_mean"]
     if isinstance(mean, str):
         if mean not in _MEAN_KINDS:
-            raise ValueError(f"Invalid prior_mean: {mean!r} (must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors)")
+            raise ValueError(
+                f"Invalid prior_mean: {mean!r} (must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors)"
+            )
     elif not isinstance(mean, (Mapping, list, tuple)):
-        raise ValueError(f"Invalid prior_mean: {mean!r} (must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors)")
+        raise ValueError(
+            f"Invalid prior_mean: {mean!r} (must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors)"
+        )
     group["new_params"] = new_param_patterns(group["new_params"])
 
 
@@ -229,12 +255,16 @@ def _prior_means(group: dict[str, Any], first: int) -> list[Tensor | None]:
         means = []
         for name, p in zip(_names(group, "a mapping prior_mean"), params):
             if name not in spec and not matches(name, group["new_params"]):
-                raise ValueError(f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)")
+                raise ValueError(
+                    f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)"
+                )
             means.append(spec.get(name, p))
         means = [_checked_mean(m, p, f" {n!r}") for m, p, n in zip(means, params, group["param_names"])]
     else:
         if first + len(params) > len(spec):
-            raise ValueError(f"prior_mean has {len(spec)} tensors but there are at least {first + len(params)} parameters")
+            raise ValueError(
+                f"prior_mean has {len(spec)} tensors but there are at least {first + len(params)} parameters"
+            )
         means = [_checked_mean(spec[i], p, f"[{i}]") for i, p in enumerate(params, start=first)]
     # a zero mean among given ones is stored as zeros, so the group's means stay one per parameter
     return [torch.zeros_like(m) if new else m for m, new in zip(means, fresh)]

@@ -12,6 +12,7 @@ the mean negative log-likelihood over S reparameterised draws plus the regularis
 ``forward``, ``sample``) comes with the KL from one fused op over all tensors
 (``bayeskern.ops.draw.gaussian_sample_kl``); only the first draw of a step keeps its KL.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,9 +61,7 @@ class VI(WeightPosterior):
     def kl(self) -> Tensor:
         """``KL(q || p)`` summed over all Bayesian parameters."""
         prior_means, prior_stds = self.prior.mean_std_lists()
-        return sum(
-            gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds)
-        )
+        return sum(gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds))
 
     def entropy(self) -> Tensor:
         """``H[q] = sum log s + (D / 2) log(2 pi e)`` over the Bayesian parameters (float32 or wider)."""

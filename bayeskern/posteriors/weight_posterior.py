@@ -32,6 +32,7 @@ so each rank draws its own weights: a K-rank step averages K * S independent dra
 reduction).  Rank 0 and a single process use ``stream = s`` as above; ``sample(index)`` is the same on
 every rank.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -109,8 +110,13 @@ class WeightPosterior(nn.Module):
         self.output_fn = output_fn
         self.__dict__["model"] = model  # held, not registered: the wrapper trains its own copies
         self.prior = GaussianPrior(
-            model, params=params, include_bias=include_bias, include_norm=include_norm,
-            prior_mean=prior_mean, new_params=new_params, prior_std=prior_std,
+            model,
+            params=params,
+            include_bias=include_bias,
+            include_norm=include_norm,
+            prior_mean=prior_mean,
+            new_params=new_params,
+            prior_std=prior_std,
         )
         self.names: list[str] = list(self.prior.names)
         model_params = dict(model.named_parameters())
@@ -164,7 +170,7 @@ class WeightPosterior(nn.Module):
         raise NotImplementedError
 
     # -- shared machinery ----------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "WeightPosterior":
+    def train(self, mode: bool = True) -> WeightPosterior:
         """Set the wrapper's and the wrapped model's training mode (BatchNorm, dropout layers)."""
         self.model.train(mode)
         return super().train(mode)
@@ -236,11 +242,21 @@ class WeightPosterior(nn.Module):
         try:
             first, regulariser = self._draw_with_regulariser(seed, rank_stream(0))
             draws = itertools.chain([first], (self._draw(seed, rank_stream(s)) for s in range(1, self.train_samples)))
-            nll = sum(
-                criterion(logits_of(self.functional_forward(weights, inputs), inputs, self.output_fn,
-                                    classification=classification), targets)
-                for weights in draws
-            ) / self.train_samples
+            nll = (
+                sum(
+                    criterion(
+                        logits_of(
+                            self.functional_forward(weights, inputs),
+                            inputs,
+                            self.output_fn,
+                            classification=classification,
+                        ),
+                        targets,
+                    )
+                    for weights in draws
+                )
+                / self.train_samples
+            )
         except Exception:
             self.rng_state[1] = steps_taken  # a failed call leaves the noise stream where it was
             raise

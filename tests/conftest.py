@@ -42,13 +42,17 @@ def _available_or_skip(name: str, device: torch.device) -> str:
     return name
 
 
-@pytest.fixture(params=["reference", "triton", "cpp"])
+# Triton's CPU interpreter is slow: its cases belong to the full run, not the fast loop (-m "not slow").
+_TRITON = pytest.param("triton", marks=pytest.mark.slow)
+
+
+@pytest.fixture(params=["reference", _TRITON, "cpp"])
 def backend(request, device) -> str:
     """Each op backend that can run on the test device."""
     return _available_or_skip(request.param, device)
 
 
-@pytest.fixture(params=["triton", "cpp"])
+@pytest.fixture(params=[_TRITON, "cpp"])
 def kernel_backend(request, device) -> str:
     """Each compiled (non-reference) backend that can run on the test device."""
     return _available_or_skip(request.param, device)

@@ -28,6 +28,8 @@ from bayeskern import distributed
 from bayeskern.app.methods import METHODS
 from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, MCDropout, SampleBank
 
+pytestmark = pytest.mark.slow  # spawns process groups
+
 WORLD = 2
 STEPS = 4
 BATCH = 8  # global batch; each rank gets BATCH // WORLD examples of it

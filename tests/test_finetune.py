@@ -13,6 +13,8 @@ import bayeskern as bk
 from bayeskern.app.finetune import main
 from bayeskern.app.methods import METHODS
 
+pytestmark = pytest.mark.slow  # runs the CLI end to end
+
 TINY = [
     "--model",
     "convnet",

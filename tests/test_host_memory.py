@@ -8,6 +8,8 @@ import pytest
 
 from bayeskern.ops import host_memory, retain_freed_memory
 
+pytestmark = pytest.mark.slow  # starts a Python process
+
 glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="the C library is not glibc")
 
 # Eight 8 MB tensors allocated and freed per step, like a Bayesian step's weight gradients.  After

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each case starts a Python process
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("matplotlib", "sklearn", "scipy", "timm", "torchvision", "transformers", "peft")
 

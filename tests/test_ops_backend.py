@@ -56,6 +56,7 @@ def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess or a long chain
 def test_without_a_compiler_import_works_and_reference_serves(tmp_path):
     result = _run_python(
         """
@@ -79,6 +80,7 @@ def test_without_a_compiler_import_works_and_reference_serves(tmp_path):
     assert result.stdout.split()[-3:] == ["['reference']", "1", "True"]
 
 
+@pytest.mark.slow  # a subprocess or a long chain
 def test_forcing_triton_on_cpu_without_interpreter_explains(tmp_path):
     result = _run_python(
         """

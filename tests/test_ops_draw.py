@@ -281,6 +281,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow  # a subprocess or a long chain
 @pytest.mark.parametrize("pool_mb, reused", [("1024", True), ("0", False)])
 def test_fused_draw_outputs_reuse_freed_memory(cpp, pool_mb, reused):
     """The fused draws' outputs (here 3 x 32 MiB a step) come from a pool of freed blocks, so a
@@ -295,6 +296,7 @@ def test_fused_draw_outputs_reuse_freed_memory(cpp, pool_mb, reused):
     assert after_release >= pages
 
 
+@pytest.mark.slow  # a subprocess or a long chain
 def test_bad_pool_size_raises_naming_the_variable(cpp):
     env = {**os.environ, "BAYESKERN_CPU_POOL_MB": "lots"}
     run = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True, text=True)

@@ -12,6 +12,8 @@ from bayeskern.app.finetune import main
 from bayeskern.app.report import load_method_result
 from bayeskern.app.training import load_safely
 
+pytestmark = pytest.mark.slow  # runs the CLI end to end
+
 TINY = [
     "--model",
     "convnet",

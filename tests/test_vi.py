@@ -19,6 +19,7 @@ def mlp(dtype=torch.float32) -> nn.Module:
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
 
 
+@pytest.mark.slow  # a subprocess or a long chain
 def test_mean_field_vi_recovers_bayesian_linear_regression_posterior():
     """Exact posterior N(m, Lambda^-1), Lambda = X^T X / sigma^2 + I / sp^2; the mean-field optimum
     has mean m and variances 1 / diag(Lambda)."""

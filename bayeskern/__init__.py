@@ -6,6 +6,7 @@ on first access; it and the scipy/scikit-learn parts of ``bayeskern.metrics`` co
 """
 
 import importlib as _importlib
+from types import ModuleType as _ModuleType
 
 from . import distributed, metrics, ops
 from .posteriors import (
@@ -45,7 +46,7 @@ _LAZY_SUBMODULES = ("plots",)
 """Submodules imported on first attribute access (PEP 562): they pull in heavy optional packages."""
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _ModuleType:
     if name in _LAZY_SUBMODULES:
         return _importlib.import_module(f".{name}", __name__)  # also binds it on the package
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -58,7 +59,7 @@ _INTEGER_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int6
 
 
 # ----------------------------------------------------------------------------- optional deps
-def _optional(module: str, package: str):
+def _optional(module: str, package: str) -> ModuleType:
     """``module`` imported on first use: scipy and scikit-learn are not needed by ``import
     bayeskern``, only by the metrics that call into them."""
     import importlib
@@ -72,7 +73,7 @@ def _optional(module: str, package: str):
         ) from error
 
 
-def _sklearn_metrics():
+def _sklearn_metrics() -> ModuleType:
     return _optional("sklearn.metrics", "scikit-learn")
 
 

@@ -24,7 +24,7 @@ except ImportError as _error:
         name=_error.name,
     ) from _error
 
-from .metrics import ArrayLike, Binning, CalibrationBins, calibration_bins
+from .metrics import ArrayLike, Binning, CalibrationBins, Norm, calibration_bins
 
 __all__ = ["compare_reliability", "reliability_diagram", "reliability_figure"]
 
@@ -56,7 +56,8 @@ def _draw(ax_diagram: Axes, ax_histogram: Axes, bins: CalibrationBins, title: st
         hatch="//",
         label="gap to confidence",
     )
-    for name, norm in (("ECE", "l1"), ("MCE", "max")):
+    norms: tuple[tuple[str, Norm], ...] = (("ECE", "l1"), ("MCE", "max"))
+    for name, norm in norms:
         ax_diagram.plot([], [], " ", label=f"{name} = {bins.error(norm):.4f}")
     ax_diagram.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
     ax_diagram.legend(loc="upper left", fontsize="small")

@@ -80,7 +80,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -386,7 +386,8 @@ def _submodule_inputs(
 
 
 def _entropy(p: Tensor) -> Tensor:
-    return -torch.special.xlogy(p, p).sum(-1)
+    terms: Tensor = torch.special.xlogy(p, p)  # torch.special is untyped in torch's stubs
+    return -terms.sum(-1)
 
 
 @torch.no_grad()
@@ -486,16 +487,18 @@ def _predict_batch(
             delta = y - total
             total = total + delta / (s + 1)
             second = second + delta * (y - total)
+    # S >= 1 samples were accumulated, so both running sums are tensors by now.
+    total_t, second_t = cast(Tensor, total), cast(Tensor, second)
     fields: dict[str, Tensor] = {}
     if classification:
-        probs = total / S
+        probs = total_t / S
         entropy = _entropy(probs)
-        expected = second / S
+        expected = second_t / S
         fields.update(
             probs=probs, entropy=entropy, expected_entropy=expected, mutual_info=(entropy - expected).clamp_min(0)
         )
     else:
-        fields.update(mean=total, variance=second / S)
+        fields.update(mean=total_t, variance=second_t / S)
     if return_logits:
         fields["logits"] = torch.stack(outputs)
     return fields

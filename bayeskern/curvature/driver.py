@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -62,11 +62,11 @@ class _Pass:
         self,
         model: nn.Module,
         names: Sequence[str],
-        loss_fn: Callable,
+        loss_fn: Callable[[Any, Tensor], Tensor],
         reduction: str,
-        sample_targets,
+        sample_targets: Callable[[Tensor], Tensor] | None,
         output_fn: OutputFn | None,
-    ):
+    ) -> None:
         self.model, self.reduction, self.sample_targets = model, reduction, sample_targets
         self.raw_loss_fn, self.output_fn = loss_fn, output_fn
         self.params = dict(model.named_parameters())
@@ -84,27 +84,31 @@ class _Pass:
         self.per_example = PerExample()
 
     def _tap_forward(self, args: tuple, kwargs: dict, batch: int) -> Any:
-        tapped = self.plan.rule + list(self.plan.broadcast) + self.plan.viewed
+        plan = self.plan
+        assert plan is not None, "the first batch sets the plan"
+        tapped = plan.rule + list(plan.broadcast) + plan.viewed
         if not tapped:
             with torch.no_grad():
                 return self.model(*args, **kwargs)
         fisher = {name: self.fisher[name] for name in tapped}
-        with torch.enable_grad(), Tap(self.params, fisher, self.plan, self.trigger, batch):
+        with torch.enable_grad(), Tap(self.params, fisher, plan, self.trigger, batch):
             return self.model(*args, **kwargs)
 
     def _unseen_but_used(self, args: tuple, kwargs: dict, y: Tensor) -> list[str]:
         """Of the parameters the probe never saw, those the loss depends on all the same (used by
         code the tracing cannot see, e.g. a C++ op): a plain backward on this batch tells."""
-        if not self.plan.unused:
+        plan = self.plan
+        assert plan is not None, "the first batch sets the plan"
+        if not plan.unused:
             return []
         # frozen ones (peft's base weights, a ModulesToSaveWrapper's original_module) are asked
         # through stand-ins that require grad; the model is not touched
         stand_ins = {
             name: self.params[name].detach().requires_grad_()
-            for name in self.plan.unused
+            for name in plan.unused
             if not self.params[name].requires_grad
         }
-        asked = {name: stand_ins.get(name, self.params[name]) for name in self.plan.unused}
+        asked = {name: stand_ins.get(name, self.params[name]) for name in plan.unused}
         with torch.enable_grad():
             out = functional_call(self.model, stand_ins, args, kwargs) if stand_ins else self.model(*args, **kwargs)
             loss = self.loss_fn(out, y, (args, kwargs))
@@ -127,9 +131,9 @@ class _Pass:
         self.plan, expected = self._probe(args, kwargs, batch)
         if batch > 1:
             small = 2 if batch > 2 else 1
-            sliced = tree_map(lambda t: t[:small] if _is_batched(t, batch) else t, (args, kwargs))
+            sliced_args, sliced_kwargs = tree_map(lambda t: t[:small] if _is_batched(t, batch) else t, (args, kwargs))
             with contextlib.suppress(RuntimeError):  # a model that cannot run so few examples: keep the first plan
-                self.plan.agree(self._probe(*sliced, small)[0])
+                self.plan.agree(self._probe(sliced_args, sliced_kwargs, small)[0])
         if self.plan.unused:
             hidden = self._unseen_but_used(args, kwargs, y)
             self.plan.unused = [name for name in self.plan.unused if name not in hidden]
@@ -167,8 +171,10 @@ class _Pass:
         true_loss = loss if self.sample_targets is None else self.raw_loss_fn(logits, y) * scale
         self.loss += float(true_loss.detach())
         self.num_examples += batch
-        if self.plan.fallback:
-            fisher = {name: self.fisher[name] for name in self.plan.fallback}
+        plan = self.plan
+        assert plan is not None, "the first batch sets the plan"
+        if plan.fallback:
+            fisher = {name: self.fisher[name] for name in plan.fallback}
             self.per_example(self.model, fisher, args, kwargs, target, self.loss_fn)
 
 
@@ -217,7 +223,9 @@ def squared_gradients(
     model.eval()
     try:
         for batch in tqdm(batches, disable=not progress, desc="fisher"):
-            state.step(*split_batch(batch))
+            inputs, targets = split_batch(batch)
+            # split_batch raises for a batch holding no targets (need_targets); typed for step only
+            state.step(inputs, cast(Tensor, targets))
     finally:
         for module, mode in training.items():
             module.training = mode

@@ -90,7 +90,10 @@ class PerExample:
         target: Tensor,
     ) -> None:
         def one(chosen: dict[str, Tensor], examples: list[Tensor], target: Tensor) -> dict[str, Tensor]:
-            return grad(example_loss)(chosen, [t.unsqueeze(0) for t in examples], target.unsqueeze(0))
+            grads: dict[str, Tensor] = grad(example_loss)(
+                chosen, [t.unsqueeze(0) for t in examples], target.unsqueeze(0)
+            )
+            return grads
 
         per_example = vmap(one, in_dims=(None, 0, 0))
         chunk = max(1, CHUNK_ELEMENTS // max(1, sum(p.numel() for p in chosen.values())))

@@ -149,6 +149,8 @@ def _embedding(slots: Slots, g: Tensor, call: dict[str, Any]) -> None:
     keys = (torch.arange(batch, device=index.device)[:, None] * rows + index.reshape(batch, -1)).flatten()
     unique, inverse = torch.unique(keys, return_inverse=True)
     fisher = slots["weight"]
+    if fisher is None:  # the hook runs only for a call with a chosen weight
+        return
     per_example = fisher.new_zeros(unique.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim).to(fisher.dtype))
     row = unique % rows
     padding = call["padding_idx"]

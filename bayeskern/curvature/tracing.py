@@ -33,7 +33,7 @@ per-example gradients, replacing the weight-gradient GEMM of a plain backward by
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,7 @@ class Plan:
 
 
 class _ParamModes(TorchFunctionMode):
-    def __init__(self, params: dict[str, Tensor], batch: int) -> None:
+    def __init__(self, params: Mapping[str, Tensor], batch: int) -> None:
         super().__init__()
         self.names = {id(p): name for name, p in params.items()}
         self.batch = batch
@@ -109,7 +109,7 @@ class _ParamModes(TorchFunctionMode):
 class Probe(_ParamModes):
     """Counts, for each chosen parameter, its uses as a rule op's weight/bias and its other uses."""
 
-    def __init__(self, params: dict[str, Tensor], batch: int) -> None:
+    def __init__(self, params: Mapping[str, Tensor], batch: int) -> None:
         super().__init__(params, batch)
         self.params = params
         self.rule_uses: Counter[str] = Counter()
@@ -119,7 +119,13 @@ class Probe(_ParamModes):
         self.viewed: set[str] = set()  # used by a view op that gives shape (1, ...)
         self.attribute_views: set[str] = set()  # read as p.T, p.mT, ...: torch.func only
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if _is_attribute_read(func):
             name = self.name(args[0]) if args and _is_view_read(func) else None
@@ -180,7 +186,7 @@ class Tap(_ParamModes):
     """
 
     def __init__(
-        self, params: dict[str, Tensor], fisher: dict[str, Tensor], plan: Plan, trigger: Tensor, batch: int
+        self, params: Mapping[str, Tensor], fisher: dict[str, Tensor], plan: Plan, trigger: Tensor, batch: int
     ) -> None:
         super().__init__(params, batch)
         self.fisher = fisher
@@ -213,19 +219,26 @@ class Tap(_ParamModes):
         """``_substitute`` on every leaf of an op's arguments (a flat comprehension for flat ones:
         this runs for every op of the forward pass, and a pytree map costs more than small ops)."""
         if any(isinstance(v, _CONTAINERS) for v in args) or any(isinstance(v, _CONTAINERS) for v in kwargs.values()):
-            return tree_map(self._substitute, (args, kwargs))
+            substituted: tuple[tuple, dict] = tree_map(self._substitute, (args, kwargs))
+            return substituted
         return tuple(self._substitute(v) for v in args), {k: self._substitute(v) for k, v in kwargs.items()}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if _is_attribute_read(func):
             out = func(*args, **kwargs)
             if isinstance(out, Tensor) and out.requires_grad and args and self.name(args[0]) is not None:
                 out = out.detach()  # p.T: a parameter must not reach the graph past the trigger
             return out
-        if func in VIEWS and args and self.name(args[0]) in self.viewed:
+        if func in VIEWS and args and (viewed := self.name(args[0])) in self.viewed:
             view = func(args[0].detach(), *args[1:], **kwargs)
-            return self._per_example(self.name(args[0]), view.expand(self.batch, *view.shape[1:]))
+            return self._per_example(viewed, view.expand(self.batch, *view.shape[1:]))
         rule = RULES.get(func)
         slots = None
         if rule is not None:
@@ -233,7 +246,7 @@ class Tap(_ParamModes):
             slots = {role: self.fisher.get(self.name(call.get(role)) or "") for role in ROLES}
         args, kwargs = self._substitute_all(args, kwargs)
         out = func(*args, **kwargs)
-        if slots is not None and any(s is not None for s in slots.values()):
+        if rule is not None and slots is not None and any(s is not None for s in slots.values()):
             out = self._hook(out, rule, slots, call)
         return out
 

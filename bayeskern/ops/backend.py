@@ -28,7 +28,7 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -113,7 +113,9 @@ def _check_forced(name: str, device: torch.device) -> None:
 
 
 # -- the op conditions: facts about a call beyond its main tensor -----------------------------------
-def _fused_draw_accepts(tensor: torch.Tensor, tensors=(), prior_stds=()) -> bool:
+def _fused_draw_accepts(
+    tensor: torch.Tensor, tensors: Iterable[torch.Tensor] = (), prior_stds: Iterable[float | torch.Tensor] = ()
+) -> bool:
     """One fused launch: every tensor (mus, prior means) of one dtype and device, float prior stds."""
     return all(t.dtype == tensor.dtype and t.device == tensor.device for t in tensors) and not any(
         isinstance(sp, torch.Tensor) for sp in prior_stds
@@ -130,7 +132,7 @@ def _kl_accepts(tensor: torch.Tensor, prior_mean: torch.Tensor | None = None, pr
     )
 
 
-def _dense_kernel_tensors(tensor: torch.Tensor, tensors=()) -> bool:
+def _dense_kernel_tensors(tensor: torch.Tensor, tensors: Iterable[torch.Tensor] = ()) -> bool:
     """Every tensor on CPU, contiguous, of a kernel dtype (the C++ finiteness scan reads them flat)."""
     return all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)
 
@@ -202,7 +204,7 @@ def backend_for(op: str, tensor: torch.Tensor, **facts: Any) -> str:
     return "reference"
 
 
-def kernels(backend: str, op: str | None = None):
+def kernels(backend: str, op: str | None = None) -> Any:
     """The namespace holding ``op``'s kernel on a compiled ``backend`` (without ``op``: the noise ops').
 
     ``cpp``: the extension's operator library (the schemas of ``csrc/bayeskern.cpp``); ``triton``:
@@ -225,4 +227,5 @@ def dispatch(op: str, main: torch.Tensor, args: tuple, reference: Callable[[], t
     if backend == "reference":
         return reference()
     args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-    return getattr(kernels(backend, op), op)(*args)
+    out: torch.Tensor = getattr(kernels(backend, op), op)(*args)
+    return out

@@ -35,7 +35,8 @@ float16.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -59,7 +60,10 @@ def _gaussian_forward_kernel(
     stream: int,
 ) -> tuple[list[Tensor], Tensor]:
     kernel = _kernels("gaussian_sample_kl", mus[0])
-    return kernel.gaussian_sample_kl(mus, rhos, prior_means, prior_stds, int(seed), offsets, stream)
+    out: tuple[list[Tensor], Tensor] = kernel.gaussian_sample_kl(
+        mus, rhos, prior_means, prior_stds, int(seed), offsets, stream
+    )
+    return out
 
 
 _gaussian_sample_kl = torch.library.custom_op("bayeskern::gaussian_sample_kl", mutates_args=())(
@@ -68,7 +72,15 @@ _gaussian_sample_kl = torch.library.custom_op("bayeskern::gaussian_sample_kl", m
 
 
 @_gaussian_sample_kl.register_fake
-def _(mus, rhos, prior_means, prior_stds, seed, offsets, stream):
+def _(
+    mus: list[Tensor],
+    rhos: list[Tensor],
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
+) -> tuple[list[Tensor], Tensor]:
     return [mu.new_empty(mu.shape) for mu in mus], mus[0].new_empty((), dtype=torch.float32)
 
 
@@ -88,9 +100,12 @@ def _gaussian_backward_kernel(
     args = (prior_means, prior_stds, int(seed), offsets, stream)
     backend = backend_for("gaussian_sample_kl_backward", mus[0])
     kernel = kernels(backend, "gaussian_sample_kl_backward")
+    out: tuple[list[Tensor], list[Tensor]]
     if backend == "triton":  # regenerates the noise: no samples
-        return kernel.gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, *args)
-    return kernel.gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, samples, *args)
+        out = kernel.gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, *args)
+    else:
+        out = kernel.gaussian_sample_kl_backward(grads, grad_kl, mus, rhos, samples, *args)
+    return out
 
 
 _gaussian_sample_kl_backward = torch.library.custom_op("bayeskern::gaussian_sample_kl_backward", mutates_args=())(
@@ -99,11 +114,22 @@ _gaussian_sample_kl_backward = torch.library.custom_op("bayeskern::gaussian_samp
 
 
 @_gaussian_sample_kl_backward.register_fake
-def _(grads, grad_kl, mus, rhos, samples, prior_means, prior_stds, seed, offsets, stream):
+def _(
+    grads: list[Tensor],
+    grad_kl: Tensor,
+    mus: list[Tensor],
+    rhos: list[Tensor],
+    samples: list[Tensor],
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
+) -> tuple[list[Tensor], list[Tensor]]:
     return [mu.new_empty(mu.shape) for mu in mus], [rho.new_empty(rho.shape) for rho in rhos]
 
 
-def _setup_gaussian(ctx, inputs, output):
+def _setup_gaussian(ctx: Any, inputs: tuple[Any, ...], output: tuple[list[Tensor], Tensor]) -> None:
     mus, rhos, prior_means, prior_stds, seed, offsets, stream = inputs
     # the C++ CPU backward takes the noise from the samples (held by the layers that read them anyway)
     samples = output[0] if backend_for("gaussian_sample_kl", mus[0]) == "cpp" else []
@@ -111,7 +137,12 @@ def _setup_gaussian(ctx, inputs, output):
     ctx.prior_stds, ctx.offsets, ctx.stream = prior_stds, offsets, stream
 
 
-def _gaussian_grads(ctx, grads, grad_kl, backward) -> tuple[list[Tensor], list[Tensor]]:
+def _gaussian_grads(
+    ctx: Any,
+    grads: list[Tensor],
+    grad_kl: Tensor,
+    backward: Callable[..., tuple[list[Tensor], list[Tensor]]],
+) -> tuple[list[Tensor], list[Tensor]]:
     tensors, prior_means, seed = _saved(ctx)
     k = len(prior_means)
     return backward(
@@ -128,7 +159,9 @@ def _gaussian_grads(ctx, grads, grad_kl, backward) -> tuple[list[Tensor], list[T
     )
 
 
-def _backward_gaussian(ctx, grads, grad_kl):
+def _backward_gaussian(
+    ctx: Any, grads: list[Tensor], grad_kl: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[None] | None, None, None, None, None]:
     grad_mus, grad_rhos = _gaussian_grads(ctx, grads, grad_kl, _gaussian_sample_kl_backward)
     return grad_mus, grad_rhos, _no_grad_means(ctx), None, None, None, None
 
@@ -142,7 +175,7 @@ class _EagerGaussianSampleKL(torch.autograd.Function):
     and gradients.  ``tensors`` = mus + rhos."""
 
     @staticmethod
-    def forward(ctx, args: tuple, *tensors: Tensor):
+    def forward(ctx: Any, args: tuple[Any, ...], *tensors: Tensor) -> tuple[Tensor, ...]:
         k = len(tensors) // 2
         inputs = (list(tensors[:k]), list(tensors[k:]), *args)
         samples, kl = _gaussian_forward_kernel(*inputs)
@@ -150,7 +183,7 @@ class _EagerGaussianSampleKL(torch.autograd.Function):
         return (*samples, kl)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor):
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         grad_mus, grad_rhos = _gaussian_grads(ctx, list(grads[:-1]), grads[-1], _gaussian_backward_kernel)
         return None, *grad_mus, *grad_rhos
 
@@ -167,14 +200,26 @@ def _dropout_forward_kernel(
     stream: int,
 ) -> tuple[list[Tensor], Tensor]:
     kernel = _kernels("weight_dropout_l2", mus[0])
-    return kernel.weight_dropout_l2(mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream)
+    out: tuple[list[Tensor], Tensor] = kernel.weight_dropout_l2(
+        mus, p, fill_prior, prior_means, prior_stds, int(seed), offsets, stream
+    )
+    return out
 
 
 _weight_dropout_l2 = torch.library.custom_op("bayeskern::weight_dropout_l2", mutates_args=())(_dropout_forward_kernel)
 
 
 @_weight_dropout_l2.register_fake
-def _(mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream):
+def _(
+    mus: list[Tensor],
+    p: float,
+    fill_prior: bool,
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
+) -> tuple[list[Tensor], Tensor]:
     return [mu.new_empty(mu.shape) for mu in mus], mus[0].new_empty((), dtype=torch.float32)
 
 
@@ -190,7 +235,7 @@ def _dropout_backward_kernel(
     offsets: list[int],
     stream: int,
 ) -> list[Tensor]:
-    return _kernels("weight_dropout_l2_backward", mus[0]).weight_dropout_l2_backward(
+    out: list[Tensor] = _kernels("weight_dropout_l2_backward", mus[0]).weight_dropout_l2_backward(
         [g.contiguous() for g in grads],
         grad_l2,
         mus,
@@ -202,6 +247,7 @@ def _dropout_backward_kernel(
         offsets,
         stream,
     )
+    return out
 
 
 _weight_dropout_l2_backward = torch.library.custom_op("bayeskern::weight_dropout_l2_backward", mutates_args=())(
@@ -210,24 +256,39 @@ _weight_dropout_l2_backward = torch.library.custom_op("bayeskern::weight_dropout
 
 
 @_weight_dropout_l2_backward.register_fake
-def _(grads, grad_l2, mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream):
+def _(
+    grads: list[Tensor],
+    grad_l2: Tensor,
+    mus: list[Tensor],
+    p: float,
+    fill_prior: bool,
+    prior_means: list[Tensor | None],
+    prior_stds: list[float],
+    seed: Tensor,
+    offsets: list[int],
+    stream: int,
+) -> list[Tensor]:
     return [mu.new_empty(mu.shape) for mu in mus]
 
 
-def _setup_dropout(ctx, inputs, output):
+def _setup_dropout(ctx: Any, inputs: tuple[Any, ...], output: tuple[list[Tensor], Tensor]) -> None:
     mus, p, fill_prior, prior_means, prior_stds, seed, offsets, stream = inputs
     _save(ctx, mus, prior_means, seed)
     ctx.p, ctx.fill_prior, ctx.prior_stds, ctx.offsets, ctx.stream = p, fill_prior, prior_stds, offsets, stream
 
 
-def _dropout_grads(ctx, grads, grad_l2, backward) -> list[Tensor]:
+def _dropout_grads(
+    ctx: Any, grads: list[Tensor], grad_l2: Tensor, backward: Callable[..., list[Tensor]]
+) -> list[Tensor]:
     mus, prior_means, seed = _saved(ctx)
     return backward(
         grads, grad_l2, mus, ctx.p, ctx.fill_prior, prior_means, ctx.prior_stds, seed, ctx.offsets, ctx.stream
     )
 
 
-def _backward_dropout(ctx, grads, grad_l2):
+def _backward_dropout(
+    ctx: Any, grads: list[Tensor], grad_l2: Tensor
+) -> tuple[list[Tensor], None, None, list[None] | None, None, None, None, None]:
     grad_mus = _dropout_grads(ctx, grads, grad_l2, _weight_dropout_l2_backward)
     return grad_mus, None, None, _no_grad_means(ctx), None, None, None, None
 
@@ -240,19 +301,19 @@ class _EagerWeightDropoutL2(torch.autograd.Function):
     ``_EagerGaussianSampleKL``).  ``tensors`` = mus."""
 
     @staticmethod
-    def forward(ctx, args: tuple, *mus: Tensor):
+    def forward(ctx: Any, args: tuple[Any, ...], *mus: Tensor) -> tuple[Tensor, ...]:
         inputs = (list(mus), *args)
         samples, l2 = _dropout_forward_kernel(*inputs)
         _setup_dropout(ctx, inputs, (samples, l2))
         return (*samples, l2)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor):
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         return None, *_dropout_grads(ctx, list(grads[:-1]), grads[-1], _dropout_backward_kernel)
 
 
 # -- shared machinery -------------------------------------------------------------------------------
-def _kernels(op: str, t: Tensor):
+def _kernels(op: str, t: Tensor) -> Any:
     """The namespace of the fused kernel ``op`` serving tensors like ``t`` (once the fused path is taken)."""
     return kernels(backend_for(op, t), op)
 
@@ -263,24 +324,31 @@ def _eager(backend: str) -> bool:
     return backend == "cpp" and not torch.compiler.is_compiling()
 
 
-def _save(ctx, tensors: list[Tensor], prior_means: list[Tensor | None], seed: Tensor) -> None:
+def _save(ctx: Any, tensors: list[Tensor], prior_means: list[Tensor | None], seed: Tensor) -> None:
     ctx.count = len(tensors)
     ctx.has_mean = [m is not None for m in prior_means]
     ctx.save_for_backward(*tensors, *[m for m in prior_means if m is not None], seed)
 
 
-def _saved(ctx) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+def _saved(ctx: Any) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
     saved = ctx.saved_tensors
     given = iter(saved[ctx.count : -1])
     return list(saved[: ctx.count]), [next(given) if has else None for has in ctx.has_mean], saved[-1]
 
 
-def _no_grad_means(ctx) -> list[None] | None:
+def _no_grad_means(ctx: Any) -> list[None] | None:
     # custom_op's structure check: a list holding None is one leaf, a list of tensors is a list
     return [None] * len(ctx.has_mean) if all(ctx.has_mean) else None
 
 
-def _check_lists(mus, prior_means, prior_stds, offsets, stream, **paired: Sequence[Tensor]) -> None:
+def _check_lists(
+    mus: Sequence[Tensor],
+    prior_means: Sequence[Tensor | None],
+    prior_stds: Sequence[float | Tensor],
+    offsets: Sequence[int],
+    stream: int,
+    **paired: Sequence[Tensor],
+) -> None:
     if not mus:
         raise ValueError("mus must hold at least one tensor")
     lengths = {"prior_means": len(prior_means), "prior_stds": len(prior_stds), "offsets": len(offsets)}
@@ -300,7 +368,18 @@ def _check_lists(mus, prior_means, prior_stds, offsets, stream, **paired: Sequen
     check_index(stream, "stream")
 
 
-def _kernel_args(op: str, mus, prior_means, prior_stds, seed: Tensor, offsets, stream) -> tuple[str, tuple | None]:
+_FusedArgs = tuple[list[Tensor | None], list[float], Tensor, list[int], int]
+
+
+def _kernel_args(
+    op: str,
+    mus: Sequence[Tensor],
+    prior_means: Sequence[Tensor | None],
+    prior_stds: Sequence[float | Tensor],
+    seed: Tensor,
+    offsets: Sequence[int],
+    stream: int,
+) -> tuple[str, _FusedArgs | None]:
     """The backend serving ``op`` and the fused kernel's list arguments (None where the per-tensor
     ops serve)."""
     backend = backend_for(op, mus[0], tensors=[*mus, *(m for m in prior_means if m is not None)], prior_stds=prior_stds)
@@ -342,8 +421,13 @@ def gaussian_sample_kl(
         samples, kl = _gaussian_sample_kl(mus, rhos, *fused)
         return list(samples), kl
     samples = [gaussian_sample(mu, rho, seed, offset, stream=stream) for mu, rho, offset in zip(mus, rhos, offsets)]
-    kl = sum(
-        gaussian_kl(mu, rho, m0, sp).to(_term_dtype(mu)) for mu, rho, m0, sp in zip(mus, rhos, prior_means, prior_stds)
+    # mus is non-empty (_check_lists), so the sum is a tensor, never the start value 0
+    kl = cast(
+        Tensor,
+        sum(
+            gaussian_kl(mu, rho, m0, sp).to(_term_dtype(mu))
+            for mu, rho, m0, sp in zip(mus, rhos, prior_means, prior_stds)
+        ),
     )
     return samples, kl
 
@@ -380,8 +464,12 @@ def weight_dropout_l2(
     samples = [
         weight_dropout(mu, p, seed, offset, fill, stream=stream) for mu, offset, fill in zip(mus, offsets, fills)
     ]
-    l2 = sum(
-        ((mu if m0 is None else mu - m0).to(_term_dtype(mu)).square() / (2 * sp**2)).sum()
-        for mu, m0, sp in zip(mus, prior_means, prior_stds)
+    # mus is non-empty (_check_lists), so the sum is a tensor, never the start value 0
+    l2 = cast(
+        Tensor,
+        sum(
+            ((mu if m0 is None else mu - m0).to(_term_dtype(mu)).square() / (2 * sp**2)).sum()
+            for mu, m0, sp in zip(mus, prior_means, prior_stds)
+        ),
     )
     return samples, (1 - p) * l2

@@ -9,6 +9,8 @@ scaled, ``out = keep * w / (1 - p)``; with ``fill`` (e.g. the prior mean) droppe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -58,7 +60,7 @@ def _weight_dropout(w: Tensor, p: float, seed: Tensor, offset: int, stream: int,
 
 
 @_weight_dropout.register_fake
-def _(w, p, seed, offset, stream, fill):
+def _(w: Tensor, p: float, seed: Tensor, offset: int, stream: int, fill: Tensor | None) -> Tensor:
     return w.new_empty(w.shape)
 
 
@@ -74,17 +76,17 @@ def _weight_dropout_backward(grad: Tensor, p: float, seed: Tensor, offset: int, 
 
 
 @_weight_dropout_backward.register_fake
-def _(grad, p, seed, offset, stream, scale):
+def _(grad: Tensor, p: float, seed: Tensor, offset: int, stream: int, scale: float) -> Tensor:
     return grad.new_empty(grad.shape)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     _, p, seed, offset, stream, fill = inputs
     ctx.save_for_backward(seed)
     ctx.p, ctx.offset, ctx.stream, ctx.has_fill = p, offset, stream, fill is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, Tensor | None]:
     (seed,) = ctx.saved_tensors
     scale = _scale(ctx.p, ctx.has_fill)
     grad_w = _weight_dropout_backward(grad, ctx.p, seed, ctx.offset, ctx.stream, scale)
@@ -115,4 +117,5 @@ def weight_dropout(
         check_same_layout(w, fill, "w", "fill")
     check_index(offset, "offset")
     check_index(stream, "stream")
-    return _weight_dropout(w, float(p), philox.seed_tensor(seed), offset, stream, fill)
+    out: Tensor = _weight_dropout(w, float(p), philox.seed_tensor(seed), offset, stream, fill)
+    return out

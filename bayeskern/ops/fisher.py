@@ -95,7 +95,7 @@ def _sq_grad_accumulate(fisher: Tensor, g: Tensor, a: Tensor) -> None:
 
 
 @_sq_grad_accumulate.register_fake
-def _(fisher, g, a):
+def _(fisher: Tensor, g: Tensor, a: Tensor) -> None:
     return None
 
 

@@ -14,6 +14,7 @@ kernel flushes ``s`` below the smallest normal float32 (``rho < -87``) to it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,12 @@ def reference_gaussian_kl(
 @torch.library.custom_op("bayeskern::gaussian_kl", mutates_args=())
 def _gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None, prior_std: float) -> Tensor:
     kernel = kernels("cpp", "gaussian_kl")
-    return kernel.gaussian_kl(mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
+    kl: Tensor = kernel.gaussian_kl(mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
+    return kl
 
 
 @_gaussian_kl.register_fake
-def _(mu, rho, prior_mean, prior_std):
+def _(mu: Tensor, rho: Tensor, prior_mean: Tensor | None, prior_std: float) -> Tensor:
     return mu.new_empty(())
 
 
@@ -49,11 +51,14 @@ def _gaussian_kl_backward(
     grad: Tensor, mu: Tensor, rho: Tensor, prior_mean: Tensor | None, prior_std: float
 ) -> tuple[Tensor, Tensor]:
     kernel = kernels("cpp", "gaussian_kl_backward")
-    return kernel.gaussian_kl_backward(grad, mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std)
+    grads: tuple[Tensor, Tensor] = kernel.gaussian_kl_backward(
+        grad, mu.contiguous(), rho.contiguous(), _contiguous(prior_mean), prior_std
+    )
+    return grads
 
 
 @_gaussian_kl_backward.register_fake
-def _(grad, mu, rho, prior_mean, prior_std):
+def _(grad: Tensor, mu: Tensor, rho: Tensor, prior_mean: Tensor | None, prior_std: float) -> tuple[Tensor, Tensor]:
     return mu.new_empty(mu.shape), rho.new_empty(rho.shape)
 
 
@@ -61,13 +66,13 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     mu, rho, prior_mean, prior_std = inputs
     ctx.save_for_backward(mu, rho, prior_mean)
     ctx.prior_std = prior_std
 
 
-def _backward(ctx, grad):
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
     mu, rho, prior_mean = ctx.saved_tensors
     grad_mu, grad_rho = _gaussian_kl_backward(grad, mu, rho, prior_mean, ctx.prior_std)
     return grad_mu, grad_rho, None, None
@@ -87,5 +92,6 @@ def gaussian_kl(mu: Tensor, rho: Tensor, prior_mean: Tensor | None = None, prior
     if not isinstance(prior_std, Tensor) and not (math.isfinite(prior_std) and prior_std > 0):
         raise ValueError(f"prior_std must be positive, got {prior_std!r}")
     if backend_for("gaussian_kl", mu, prior_mean=prior_mean, prior_std=prior_std) == "cpp":
-        return _gaussian_kl(mu, rho, prior_mean, float(prior_std))
+        kl: Tensor = _gaussian_kl(mu, rho, prior_mean, float(prior_std))
+        return kl
     return reference_gaussian_kl(mu, rho, prior_mean, prior_std)

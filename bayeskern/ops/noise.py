@@ -31,7 +31,7 @@ def _normal(shape: Sequence[int], seed: Tensor, offset: int, stream: int, device
 
 
 @_normal.register_fake
-def _(shape, seed, offset, stream, device):
+def _(shape: Sequence[int], seed: Tensor, offset: int, stream: int, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
@@ -45,7 +45,8 @@ def normal(
     check_index(offset, "offset")
     check_index(stream, "stream")
     philox.check_key(0, offset + math.prod(shape), 0)
-    return _normal(shape, philox.seed_tensor(seed), offset, stream, torch.device(device))
+    out: Tensor = _normal(shape, philox.seed_tensor(seed), offset, stream, torch.device(device))
+    return out
 
 
 def gaussian(mean: Tensor, std: Tensor, seed: int | Tensor, offset: int = 0, *, stream: int = 0) -> Tensor:

@@ -81,7 +81,9 @@ def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
     return torch.tensor(seed, dtype=torch.int64)
 
 
-def _blocks(seed: int, offset: int, numel: int, stream: int, device) -> tuple[torch.Tensor, ...]:
+def _blocks(
+    seed: int, offset: int, numel: int, stream: int, device: torch.device | str | None
+) -> tuple[torch.Tensor, ...]:
     """The Philox words of every block touched by elements [offset, offset + numel)."""
     check_key(seed, offset, stream)
     first = offset // 4
@@ -104,7 +106,9 @@ def _select(per_block: torch.Tensor, offset: int, numel: int) -> torch.Tensor:
     return per_block.reshape(-1)[start : start + numel]
 
 
-def random_words(seed: int, offset: int, numel: int, stream: int = 0, device=None) -> torch.Tensor:
+def random_words(
+    seed: int, offset: int, numel: int, stream: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The raw 32-bit word of each element (int64 tensor of length ``numel``)."""
     if numel == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
@@ -112,13 +116,17 @@ def random_words(seed: int, offset: int, numel: int, stream: int = 0, device=Non
     return _select(words, offset, numel)
 
 
-def uniform(seed: int, offset: int, numel: int, stream: int = 0, device=None) -> torch.Tensor:
+def uniform(
+    seed: int, offset: int, numel: int, stream: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Uniform noise in [0, 1), float32, exactly as every backend computes it."""
     words = random_words(seed, offset, numel, stream, device)
     return (words >> 8).to(torch.float32) * _TWO_POW_M24
 
 
-def normal(seed: int, offset: int, numel: int, stream: int = 0, device=None) -> torch.Tensor:
+def normal(
+    seed: int, offset: int, numel: int, stream: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Standard normal noise, float32 (float64 Box-Muller rounded once)."""
     if numel == 0:
         return torch.empty(0, dtype=torch.float32, device=device)

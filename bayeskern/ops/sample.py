@@ -7,6 +7,8 @@ backward pass regenerates it instead of saving a parameter-sized tensor:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,7 +51,7 @@ def _gaussian_sample(mu: Tensor, rho: Tensor, seed: Tensor, offset: int, stream:
 
 
 @_gaussian_sample.register_fake
-def _(mu, rho, seed, offset, stream):
+def _(mu: Tensor, rho: Tensor, seed: Tensor, offset: int, stream: int) -> Tensor:
     return mu.new_empty(mu.shape)
 
 
@@ -65,17 +67,17 @@ def _gaussian_sample_backward(grad: Tensor, rho: Tensor, seed: Tensor, offset: i
 
 
 @_gaussian_sample_backward.register_fake
-def _(grad, rho, seed, offset, stream):
+def _(grad: Tensor, rho: Tensor, seed: Tensor, offset: int, stream: int) -> Tensor:
     return rho.new_empty(rho.shape)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     _, rho, seed, offset, stream = inputs
     ctx.save_for_backward(rho, seed)
     ctx.offset, ctx.stream = offset, stream
 
 
-def _backward(ctx, grad):
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
     rho, seed = ctx.saved_tensors
     grad_rho = _gaussian_sample_backward(grad, rho, seed, ctx.offset, ctx.stream) if ctx.needs_input_grad[1] else None
     grad_mu = grad if ctx.needs_input_grad[0] else None
@@ -96,4 +98,5 @@ def gaussian_sample(mu: Tensor, rho: Tensor, seed: int | Tensor, offset: int = 0
     check_same_layout(mu, rho, "mu", "rho")
     check_index(offset, "offset")
     check_index(stream, "stream")
-    return _gaussian_sample(mu, rho, philox.seed_tensor(seed), offset, stream)
+    out: Tensor = _gaussian_sample(mu, rho, philox.seed_tensor(seed), offset, stream)
+    return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -118,11 +119,30 @@ def _sgld_step_(
 
 
 @_sgld_step_.register_fake
-def _(params, grads, prior_means, square_avgs, lr, prior_precision, noise_scale, alpha, eps, seed, step, offsets):
+def _(
+    params: list[Tensor],
+    grads: list[Tensor],
+    prior_means: list[Tensor],
+    square_avgs: list[Tensor],
+    lr: float,
+    prior_precision: float,
+    noise_scale: float,
+    alpha: float,
+    eps: float,
+    seed: Tensor,
+    step: int,
+    offsets: list[int],
+) -> None:
     return None
 
 
-def _check_lists(params, grads, prior_means, square_avgs, offsets) -> None:
+def _check_lists(
+    params: list[Tensor],
+    grads: list[Tensor],
+    prior_means: list[Tensor],
+    square_avgs: list[Tensor],
+    offsets: list[int],
+) -> None:
     if not params:
         return
     first = params[0]
@@ -248,6 +268,14 @@ def sgld_step_(
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+_T = TypeVar("_T")
+
+
+def _take(xs: Sequence[_T], idx: list[int]) -> list[_T]:
+    """The entries of ``xs`` at ``idx`` (one (device, dtype) bucket)."""
+    return [xs[i] for i in idx]
+
+
 def _buckets(params: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -282,12 +310,11 @@ def sgld(
     """
     if fused or (fused is None and not foreach):
         for idx in _buckets(params).values():
-            pick = lambda xs: [xs[i] for i in idx] if xs else None  # noqa: E731, B023 (used in this iteration)
             sgld_step_(
-                pick(params),
-                pick(grads),
-                pick(prior_means),
-                pick(square_avgs),
+                _take(params, idx),
+                _take(grads, idx),
+                _take(prior_means, idx) if prior_means else None,
+                _take(square_avgs, idx) if square_avgs else None,
                 lr=lr,
                 num_data=num_data,
                 prior_std=prior_std,
@@ -296,7 +323,7 @@ def sgld(
                 eps=eps,
                 seed=seed,
                 step=step,
-                offsets=pick(offsets),
+                offsets=_take(offsets, idx),
             )
         return
     prior_precision = 1.0 / (num_data * prior_std**2)

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -141,7 +141,7 @@ class DiagLaplace:
             check_classification_logits(output, self.output_fn)
         return negative_log_likelihood(output, target, self.likelihood, self.noise_std, reduction="sum")
 
-    def _label_sampler(self, device: torch.device):
+    def _label_sampler(self, device: torch.device) -> Callable[[Tensor], Tensor]:
         generator = torch.Generator(device=device).manual_seed(rank_seed(self.seed))
 
         def sample(output: Tensor) -> Tensor:
@@ -240,7 +240,8 @@ class DiagLaplace:
         lam = self.prior_precision if prior_precision is None else check_positive(prior_precision, "prior_precision")
         distance, curvature = self._log_det_terms()
         log_det = float(torch.log(curvature + lam).sum())
-        return self.log_likelihood - 0.5 * lam * distance + 0.5 * curvature.numel() * math.log(lam) - 0.5 * log_det
+        log_likelihood = cast(float, self.log_likelihood)  # set by fit, which _log_det_terms requires
+        return log_likelihood - 0.5 * lam * distance + 0.5 * curvature.numel() * math.log(lam) - 0.5 * log_det
 
     def _marglik_argmax(self) -> float:
         distance, curvature = self._log_det_terms()
@@ -270,15 +271,16 @@ class DiagLaplace:
     def validation_nll(self, val_loader: Iterable, *, num_samples: int = 16, compile: bool = False) -> float:
         """Mean negative log predictive density of ``val_loader`` (batches as ``fit`` takes them) under the
         Monte-Carlo predictive with ``num_samples`` samples (regression: with ``noise_std``)."""
-        targets = torch.cat([split_batch(batch)[1] for batch in val_loader])
+        # split_batch raises where a batch holds no targets
+        targets = torch.cat([cast(Tensor, split_batch(batch)[1]) for batch in val_loader])
         prediction = predict(self, val_loader, num_samples=num_samples, compile=compile)
         if self.likelihood == "classification":
-            probs = prediction.probs.gather(-1, targets.to(prediction.probs.device).long().view(-1, 1))
+            mean_probs = cast(Tensor, prediction.probs)  # set for classification
+            probs = mean_probs.gather(-1, targets.to(mean_probs.device).long().view(-1, 1))
             return float(-probs.clamp_min(torch.finfo(probs.dtype).tiny).log().mean())
-        y = targets.to(prediction.mean.device).reshape(prediction.mean.shape).float()
-        nll = 0.5 * (
-            (y - prediction.mean).square() / prediction.variance + torch.log(2 * math.pi * prediction.variance)
-        )
+        mean, variance = cast(Tensor, prediction.mean), cast(Tensor, prediction.variance)  # set for regression
+        y = targets.to(mean.device).reshape(mean.shape).float()
+        nll = 0.5 * ((y - mean).square() / variance + torch.log(2 * math.pi * variance))
         return float(nll.mean())
 
     def optimize_prior_precision(

@@ -15,6 +15,7 @@ Moments of one weight: scale mode ``E w = mu``, ``Var w = mu^2 p / (1 - p)``; pr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,9 +47,10 @@ class MCDropout(WeightPosterior):
     def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
         return {"mu": param.detach().clone()}
 
-    def _mus(self):
+    def _mus(self) -> Iterator[tuple[str, Tensor, Tensor]]:
+        mu = self._store("mu")
         for name in self.names:
-            yield name, self.mu._parameters[mangle(name)], self.prior.mean(name)
+            yield name, mu[mangle(name)], self.prior.mean(name)
 
     def regulariser(self) -> Tensor:
         """``sum (1 - p) / (2 sp^2) * ||mu - theta0||^2`` over the Bayesian parameters."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +64,7 @@ def prior_mean_by_name(prior_mean: PriorMean, names: Sequence[str]) -> str | Map
     if isinstance(prior_mean, Sequence) and all(isinstance(t, Tensor) for t in prior_mean):
         if len(prior_mean) != len(names):
             raise ValueError(f"prior_mean holds {len(prior_mean)} tensors but {len(names)} parameters are selected")
-        return dict(zip(names, prior_mean))
+        return dict(zip(names, cast(Sequence[Tensor], prior_mean)))  # a str was returned above
     raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors, got {prior_mean!r}")
 
 
@@ -143,7 +144,7 @@ class GaussianPrior(nn.Module):
                 raise ValueError(
                     f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)"
                 )
-            value = mean[name]
+            value = cast(Mapping[str, Tensor], mean)[name]  # str specs were validated to the two above
             if not isinstance(value, Tensor) or value.shape != param.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"prior_mean for {name!r} has shape {shape}, the parameter has {tuple(param.shape)}")
@@ -152,12 +153,12 @@ class GaussianPrior(nn.Module):
 
     def _register_std(self, name: str, param: Tensor, std: PriorStd, patterns: tuple[str, ...] | None) -> None:
         if patterns is None:
-            self._std[name] = _check_std_value(name, std, param)
+            self._std[name] = _check_std_value(name, cast(float | Tensor, std), param)  # not a Mapping
             return
         key = next((p for p in patterns if matches(name, (p,))), None)
         if key is None:
             raise ValueError(f"prior_std has no entry (name or glob) for parameter {name!r}")
-        value = _check_std_value(name, std[key], param)
+        value = _check_std_value(name, cast(Mapping[str, float | Tensor], std)[key], param)
         if isinstance(value, Tensor):
             self.register_buffer(mangle(name) + ":std", value)
         else:
@@ -189,7 +190,7 @@ class GaussianPrior(nn.Module):
     def neg_log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
         """``sum ||theta - theta0||^2 / (2 sp^2)`` over the covered parameters (``-log p`` up to a
         constant); ``params`` maps names to tensors (e.g. ``dict(model.named_parameters())``)."""
-        total = None
+        total: Tensor | None = None
         for name, theta0, sp in self.items():
             theta = params[name]
             if isinstance(sp, Tensor):
@@ -197,7 +198,7 @@ class GaussianPrior(nn.Module):
             else:
                 term = _ScaledSquaredDistance.apply(theta, None if self.is_zero_mean(name) else theta0, 0.5 / sp**2)
             total = term if total is None else total + term
-        return total
+        return cast(Tensor, total)  # select_parameters never returns an empty selection
 
 
 class _ScaledSquaredDistance(torch.autograd.Function):
@@ -206,7 +207,7 @@ class _ScaledSquaredDistance(torch.autograd.Function):
     square, scale and sum makes about four times the memory traffic."""
 
     @staticmethod
-    def forward(ctx, theta: Tensor, theta0: Tensor | None, c: float) -> Tensor:
+    def forward(ctx: Any, theta: Tensor, theta0: Tensor | None, c: float) -> Tensor:
         residual = (theta if theta0 is None else theta - theta0).reshape(-1)
         ctx.save_for_backward(residual)
         ctx.c, ctx.shape = c, theta.shape
@@ -215,6 +216,6 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         return residual.float().square().sum().to(theta.dtype) * c
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (residual,) = ctx.saved_tensors
         return (residual * (2 * ctx.c * grad)).view(ctx.shape), None, None

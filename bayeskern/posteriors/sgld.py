@@ -143,8 +143,15 @@ class BayesSGLD(Optimizer):
             self._next_offset += philox.tensor_span(p.numel())
         self._num_params += len(group["params"])
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
-        params, grads, means, avgs, offsets = [], [], [], [], []
+    def _init_group(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]:
+        """Params with a gradient, their gradients, prior means, square averages and Philox offsets."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        means: list[Tensor] = []
+        avgs: list[Tensor] = []
+        offsets: list[int] = []  # state["offset"] is the int placed by add_param_group
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -234,7 +241,7 @@ def _check_group(group: dict[str, Any]) -> None:
 
 
 def _names(group: dict[str, Any], why: str) -> list[str]:
-    names = group.get("param_names")
+    names: list[str] | None = group.get("param_names")
     if names is None:
         raise ValueError(f"{why} needs named parameters: pass model.named_parameters() (or param groups with them)")
     return names

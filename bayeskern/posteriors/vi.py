@@ -16,7 +16,8 @@ the mean negative log-likelihood over S reparameterised draws plus the regularis
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,11 @@ class VI(WeightPosterior):
     def _init_bayesian(self, param: Tensor) -> dict[str, Tensor]:
         return {"mu": param.detach().clone(), "rho": torch.full_like(param, self.init_rho)}
 
-    def _pairs(self):
+    def _pairs(self) -> Iterator[tuple[str, Tensor, Tensor]]:
+        mu, rho = self._store("mu"), self._store("rho")
         for name in self.names:
             key = mangle(name)
-            yield name, self.mu._parameters[key], self.rho._parameters[key]
+            yield name, mu[key], rho[key]
 
     def _draw_with_regulariser(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
         """One draw and ``kl()`` from the fused ``gaussian_sample_kl``."""
@@ -61,16 +63,19 @@ class VI(WeightPosterior):
     def kl(self) -> Tensor:
         """``KL(q || p)`` summed over all Bayesian parameters."""
         prior_means, prior_stds = self.prior.mean_std_lists()
-        return sum(gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds))
+        total = sum(
+            gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds)
+        )
+        return cast(Tensor, total)  # names is never empty, so not the start value 0
 
     def entropy(self) -> Tensor:
         """``H[q] = sum log s + (D / 2) log(2 pi e)`` over the Bayesian parameters (float32 or wider)."""
-        total = None
+        total: Tensor | None = None
         for _, _, rho in self._pairs():
             rho = rho.float() if rho.dtype in (torch.float16, torch.bfloat16) else rho
             term = torch.log(F.softplus(rho)).sum() + 0.5 * rho.numel() * (1.0 + math.log(2 * math.pi))
             total = term if total is None else total + term
-        return total
+        return cast(Tensor, total)  # names is never empty
 
     def _tempered(self, kl: Tensor) -> Tensor:
         """``KL - (T - 1) H[q]``: the KL alone at T = 1 (no extra pass over rho)."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,14 @@ def step_seed(base: int, step: int) -> int:
 
 class _Store(nn.Module):
     """A flat container of parameters or buffers keyed by (mangled) parameter names."""
+
+    def parameters_by_name(self) -> dict[str, nn.Parameter]:
+        """The stored parameters (``_parameters``, which never holds None here)."""
+        return cast(dict[str, nn.Parameter], self._parameters)
+
+    def buffers_by_name(self) -> dict[str, Tensor]:
+        """The stored buffers (``_buffers``, which never holds None here)."""
+        return cast(dict[str, Tensor], self._buffers)
 
 
 class WeightPosterior(nn.Module):
@@ -141,6 +149,9 @@ class WeightPosterior(nn.Module):
                 for store, value in self._init_bayesian(model_params[name]).items():
                     self.get_submodule(store).register_parameter(mangle(name), nn.Parameter(value))
 
+    model: nn.Module  # set through __dict__ in __init__: held, not registered
+    rng_state: Tensor  # a registered buffer
+
     # -- subclass hooks ------------------------------------------------------------------------
     variational: tuple[str, ...] = ()  # names of the stores holding the variational parameters
 
@@ -180,6 +191,10 @@ class WeightPosterior(nn.Module):
         self.rng_state[1] += 1
         return philox.seed_tensor(step_seed(base, step))
 
+    def _store(self, store: str) -> dict[str, nn.Parameter]:
+        """The parameters of the variational store ``store``, keyed by mangled parameter name."""
+        return cast(_Store, self.get_submodule(store)).parameters_by_name()
+
     def _eval_seed(self) -> Tensor:
         return philox.seed_tensor(int(self.rng_state[0]))
 
@@ -190,8 +205,9 @@ class WeightPosterior(nn.Module):
 
     def _others(self) -> dict[str, Tensor]:
         """Point-estimate parameters and buffers, keyed by the model's names."""
-        out = {name: self.buffers_._buffers[mangle(name)] for name in self._buffer_names}
-        out.update((name, self.point._parameters[mangle(name)]) for name in self._point_names)
+        buffers, point = self.buffers_.buffers_by_name(), self.point.parameters_by_name()
+        out = {name: buffers[mangle(name)] for name in self._buffer_names}
+        out.update((name, point[mangle(name)]) for name in self._point_names)
         return out
 
     def fixed_tensors(self) -> dict[str, Tensor]:
@@ -201,7 +217,7 @@ class WeightPosterior(nn.Module):
 
     def _device(self) -> torch.device:
         """Where the Bayesian weights live (the model's device, or wherever ``.to()`` moved them)."""
-        return self.get_submodule(self.variational[0])._parameters[mangle(self.names[0])].device
+        return self._store(self.variational[0])[mangle(self.names[0])].device
 
     def functional_forward(self, weights: dict[str, Tensor], inputs: Inputs) -> Any:
         """Run the wrapped model on ``inputs`` (moved to the posterior's device) with ``weights`` for

@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .ops import philox
+from .validation import check_count
+
 RANK_STREAM_SHIFT = 32  # training draw s of rank r uses Philox stream s + (r << 32)
 _GOLDEN = 0x9E3779B97F4A7C15  # Weyl increment spreading per-rank seeds over all 64 (and the low 32) bits
 
@@ -74,6 +77,14 @@ def shared_seed() -> int:
     return int(seed)
 
 
+def seed_or_shared(seed: int | None) -> int:
+    """``seed`` checked to be a Philox key (a whole number in ``[0, 2**63)``), or ``shared_seed()``
+    when it is None (a collective then: every rank must call it)."""
+    seed = shared_seed() if seed is None else check_count(seed, "seed", 0)
+    philox.check_key(seed, 0)
+    return seed
+
+
 @torch.no_grad()
 def all_reduce_sum(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Sum each tensor over the ranks, in place (a collective; the identity in one process).
@@ -101,6 +112,7 @@ __all__ = [
     "rank",
     "rank_seed",
     "rank_stream",
+    "seed_or_shared",
     "shared_seed",
     "world_size",
 ]

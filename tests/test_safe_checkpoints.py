@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from test_finetune import TINY  # its run options; the MC-dropout and Laplace ones do not touch vi / sgld
 
 from bayeskern.app.errors import UsageError
 from bayeskern.app.finetune import main
@@ -13,24 +14,6 @@ from bayeskern.app.report import load_method_result
 from bayeskern.app.training import load_safely
 
 pytestmark = pytest.mark.slow  # runs the CLI end to end
-
-TINY = [
-    "--model",
-    "convnet",
-    "--epochs",
-    "2",
-    "--sgld-epochs",
-    "2",
-    "--sgld-thin",
-    "1",
-    "--batch-size",
-    "128",
-    "--num-samples",
-    "2",
-    "--image-size",
-    "8",
-    "--quiet",
-]
 
 
 def _run(tmp_path, *extra, name="run"):

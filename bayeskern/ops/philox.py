@@ -150,6 +150,11 @@ def tensor_span(numel: int) -> int:
     return -(-numel // 4) * 4
 
 
+def named_offsets(shapes: dict[str, torch.Size]) -> dict[str, int]:
+    """``tensor_offsets`` keyed by name: where each named tensor starts, in the mapping's order."""
+    return dict(zip(shapes, tensor_offsets(list(shapes.values()))))
+
+
 def tensor_offsets(shapes: list[torch.Size] | tuple[torch.Size, ...]) -> list[int]:
     """Where each of several tensors starts in the counter space: cumulative ``tensor_span``."""
     offsets, start = [], 0

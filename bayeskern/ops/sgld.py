@@ -45,6 +45,11 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _drift_and_noise_scales(lr: float, num_data: float, prior_std: float, temperature: float) -> tuple[float, float]:
+    """``lam = 1 / (N sp^2)`` and ``s = sqrt(2 lr T / N)`` of the module docstring."""
+    return 1.0 / (num_data * prior_std**2), math.sqrt(2.0 * lr * temperature / num_data)
+
+
 def reference_sgld_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -245,8 +250,7 @@ def sgld_step_(
     _check_lists(params, grads, prior_means, square_avgs, offsets)
     if not params:
         return
-    prior_precision = 1.0 / (num_data * prior_std**2)
-    noise_scale = math.sqrt(2.0 * lr * temperature / num_data)
+    prior_precision, noise_scale = _drift_and_noise_scales(lr, num_data, prior_std, temperature)
     with torch.no_grad():
         _sgld_step_(
             params,
@@ -326,8 +330,7 @@ def sgld(
                 offsets=_take(offsets, idx),
             )
         return
-    prior_precision = 1.0 / (num_data * prior_std**2)
-    noise_scale = (2.0 * lr * temperature / num_data) ** 0.5
+    prior_precision, noise_scale = _drift_and_noise_scales(lr, num_data, prior_std, temperature)
     impl = _multi_tensor_sgld if foreach else reference_sgld_step_
     impl(params, grads, prior_means, square_avgs, lr, prior_precision, noise_scale, alpha, eps, seed, step, offsets)
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..batches import OutputFn, check_classification_logits, split_batch
 from ..curvature import squared_gradients
-from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, shared_seed
+from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, seed_or_shared
 from ..likelihoods import LIKELIHOODS, negative_log_likelihood
 from ..ops import noise, philox
 from ..predictive import predict
@@ -105,10 +105,8 @@ class DiagLaplace:
         )
         self.names: list[str] = list(self.prior.names)
         model_params = dict(model.named_parameters())
-        self.offsets = dict(zip(self.names, philox.tensor_offsets([model_params[n].shape for n in self.names])))
-        if seed is None:
-            seed = shared_seed()
-        philox.check_key(check_count(seed, "seed", 0), 0)
+        self.offsets = philox.named_offsets({n: model_params[n].shape for n in self.names})
+        seed = seed_or_shared(seed)
         self.seed = seed
         self._fisher: dict[str, Tensor] | None = None
         self._map: dict[str, Tensor] = {}

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import OutputFn
-from ..distributed import is_rank_zero, shared_seed
+from ..distributed import is_rank_zero, seed_or_shared
 from ..likelihoods import LIKELIHOODS
 from ..ops import noise, philox
 from ..validation import check_choice, check_count, check_positive
@@ -79,7 +79,7 @@ class SampleBank:
         self.burnin = check_count(burnin, "burnin", 0)
         self.thin = check_count(thin, "thin", 1)
         self.max_samples = check_count(max_samples, "max_samples", 1)
-        self.seed = check_count(shared_seed() if seed is None else seed, "seed", 0)
+        self.seed = seed_or_shared(seed)
         self.mode = check_choice(mode, "mode", MODES)
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.noise_std = check_positive(noise_std, "noise_std")
@@ -91,7 +91,7 @@ class SampleBank:
         self.names = select_parameters(model, params, include_bias=include_bias, include_norm=include_norm)
         params_by_name = dict(model.named_parameters())
         self._params = {n: params_by_name[n] for n in self.names}
-        self._offsets = dict(zip(self.names, philox.tensor_offsets([p.shape for p in self._params.values()])))
+        self._offsets = philox.named_offsets({n: p.shape for n, p in self._params.items()})
         self.num_updates = 0
         self._samples: deque[dict[str, Tensor]] = deque()
         self._count = 0

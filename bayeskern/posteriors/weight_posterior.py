@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..batches import LABELS, Inputs, OutputFn, as_call, logits_of, move_to, split_batch
-from ..distributed import rank_stream, shared_seed
+from ..distributed import rank_stream, seed_or_shared
 from ..likelihoods import LIKELIHOODS, negative_log_likelihood
 from ..ops import philox
 from ..validation import check_choice, check_count, check_positive
@@ -128,7 +128,7 @@ class WeightPosterior(nn.Module):
         )
         self.names: list[str] = list(self.prior.names)
         model_params = dict(model.named_parameters())
-        self.offsets = dict(zip(self.names, philox.tensor_offsets([model_params[n].shape for n in self.names])))
+        self.offsets = philox.named_offsets({n: model_params[n].shape for n in self.names})
         self._point_names = [name for name, p in model_params.items() if name not in self.offsets and p.requires_grad]
         self.point = _Store()
         for name in self._point_names:
@@ -138,9 +138,7 @@ class WeightPosterior(nn.Module):
         self.buffers_ = _Store()
         for name, buffer in model.named_buffers():
             self.buffers_.register_buffer(mangle(name), buffer.detach().clone())
-        if seed is None:
-            seed = shared_seed()
-        philox.check_key(check_count(seed, "seed", 0), 0)
+        seed = seed_or_shared(seed)
         self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
         for store in self.variational:
             self.add_module(store, _Store())

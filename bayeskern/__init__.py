@@ -8,7 +8,7 @@ on first access; it and the scipy/scikit-learn parts of ``bayeskern.metrics`` co
 import importlib as _importlib
 from types import ModuleType as _ModuleType
 
-from . import distributed, metrics, ops
+from . import distributed, metrics, ops, sharding
 from .posteriors import (
     VI,
     BayesSGLD,
@@ -39,6 +39,7 @@ __all__ = [
     "plots",
     "predict",
     "select_parameters",
+    "sharding",
 ]
 
 

@@ -3,7 +3,9 @@
 Works for any posterior obeying ``bayeskern.protocol.Posterior``: sample ``s`` is the network run
 through ``torch.func.functional_call`` with ``{**model params and buffers, **posterior.fixed_tensors(),
 **posterior.sample(s)}``, in eval mode, without gradients.  The tensors that differ between samples
-are exactly the keys of ``sample(s)`` (the Bayesian ones).
+are exactly the keys of ``sample(s)`` (the Bayesian ones).  A posterior sharded with FSDP2
+(``is_sharded``, ``bayeskern.distributed.fully_shard``) runs its own ``functional_forward`` per
+sample instead, eagerly, on every rank (the sharded model gathers its blocks in its forward).
 
 Classification (``p_s = softmax(f_s(x))``, S samples):
 
@@ -127,12 +129,12 @@ def _forward(
     module: nn.Module, params: dict[str, Tensor], args: tuple, kwargs: dict[str, Any], reading: _Reading
 ) -> tuple[Tensor, ...]:
     """One posterior sample: outputs and, for classification, probabilities and their entropy."""
-    out = logits_of(
-        functional_call(module, params, args, kwargs),
-        reading.inputs,
-        reading.output_fn,
-        classification=reading.classification,
-    )
+    return _read(functional_call(module, params, args, kwargs), reading)
+
+
+def _read(output: Any, reading: _Reading) -> tuple[Tensor, ...]:
+    """A sample's model output read as ``_forward`` returns it."""
+    out = logits_of(output, reading.inputs, reading.output_fn, classification=reading.classification)
     if not reading.classification:
         return (out,)
     log_p = torch.log_softmax(out.float(), dim=-1)
@@ -431,13 +433,15 @@ def predict(
     was_training = model.training
     model.eval()
     try:
-        base = {**_state(model), **posterior.fixed_tensors()}
+        sharded = bool(getattr(posterior, "is_sharded", False))
+        base = {} if sharded else {**_state(model), **posterior.fixed_tensors()}
         model_device = next((t.device for t in base.values()), torch.device("cpu"))
         single_batch = isinstance(inputs, (Tensor, Mapping)) and (
             batch_size is None or batch_length(inputs) <= batch_size
         )
         samples = _Samples(posterior, num_samples, model_device, cache=not single_batch)
-        target, run = _Target(model, base, samples, model_device), _Runner(compile, vectorize)
+        target = _Sharded(posterior) if sharded else _Target(model, base, samples, model_device)
+        run = _Runner(compile, vectorize)
         parts = [
             _predict_batch(x, samples, run, target, _Reading(x, output_fn, classification), return_logits)
             for x in (move_to(batch, samples.device) for batch in _batches(inputs, batch_size))
@@ -452,30 +456,52 @@ def predict(
     return Prediction(**fields)
 
 
+class _Sharded:
+    """The per-sample call of a posterior sharded with FSDP2 (``bayeskern.distributed.fully_shard``):
+    the sample's shards are written into the sharded model, whose forward gathers them block by block
+    (``functional_forward``); one sample at a time, eagerly (a collective: every rank predicts)."""
+
+    def __init__(self, posterior: Posterior) -> None:
+        self.posterior = posterior
+
+    def run(self, sample: dict[str, Tensor], x: Any, reading: _Reading) -> tuple[Tensor, ...]:
+        return _read(cast(Any, self.posterior).functional_forward(sample, x), reading)
+
+
+def _results(
+    x: Any, samples: _Samples, run: _Runner, target: _Target, reading: _Reading
+) -> Iterable[tuple[Tensor, ...]]:
+    """The per-sample results of one batch: vectorised, or the loop in chunks (module docstring)."""
+    call = target.per_sample(x)
+    if run.vectorizes(call, samples):
+        return _vectorized_results(run, call, samples, reading)
+    S = samples.num_samples
+    chunk = _chunk_size(S, samples.random_bytes) if run.compiled else 1
+    return (
+        result
+        for start in range(0, S, chunk)
+        for result in run(
+            call.module,
+            [call.params(samples[s]) for s in range(start, start + chunk)],
+            call.args,
+            call.kwargs,
+            reading,
+        )
+    )
+
+
 def _predict_batch(
-    x: Any, samples: _Samples, run: _Runner, target: _Target, reading: _Reading, return_logits: bool
+    x: Any, samples: _Samples, run: _Runner, target: _Target | _Sharded, reading: _Reading, return_logits: bool
 ) -> dict[str, Tensor]:
     classification = reading.classification
     S = samples.num_samples
     outputs: list[Tensor] = []
     total: Tensor | float = 0.0
     second: Tensor | float = 0.0  # classification: sum of H[p_s]; regression: Welford's M2
-    call = target.per_sample(x)
-    if run.vectorizes(call, samples):
-        results = _vectorized_results(run, call, samples, reading)
+    if isinstance(target, _Sharded):
+        results: Iterable[tuple[Tensor, ...]] = (target.run(samples[s], x, reading) for s in range(S))
     else:
-        chunk = _chunk_size(S, samples.random_bytes) if run.compiled else 1
-        results = (
-            result
-            for start in range(0, S, chunk)
-            for result in run(
-                call.module,
-                [call.params(samples[s]) for s in range(start, start + chunk)],
-                call.args,
-                call.kwargs,
-                reading,
-            )
-        )
+        results = _results(x, samples, run, target, reading)
     for s, result in enumerate(results):
         if return_logits:
             outputs.append(result[0])

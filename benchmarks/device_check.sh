@@ -123,3 +123,17 @@ else
     [ "$DEVICE" = cuda ] || exit 1
   fi
 fi
+
+# FSDP2 (fully_shard) over NCCL, 2 GPUs: BayesSGLD + SampleBank and DiagLaplace (fit, samples, predict)
+# against one process on the same global data (benchmarks/fsdp_nccl_check.py; the CPU tests check the
+# same under gloo).  Skipped with fewer than 2 GPUs.
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -ge 2 ]; then
+  echo "== FSDP2 over NCCL on 2 of $GPUS GPUs: SGLD, SampleBank, DiagLaplace against one process"
+  if ! timeout "${BAYESKERN_FSDP_TIMEOUT:-300}" $PY -m torch.distributed.run --standalone --nproc_per_node=2 \
+      benchmarks/fsdp_nccl_check.py 2>&1 | tee "$RESULTS/fsdp-nccl-$STAMP.log"; then
+    echo "fsdp-nccl-$STAMP failed or ran out of time"
+  fi
+else
+  echo "== FSDP2 NCCL case skipped: $GPUS GPU(s), needs 2"
+fi

@@ -10,6 +10,12 @@ GEMMs replaced by the squared ones; fallback parameters add a torch.func pass ov
 
 The model runs in eval mode (dropout off, BatchNorm on its running statistics, so examples are
 independent) and is restored afterwards; it is never edited, and ``.grad`` is never written.
+
+A ``fully_shard``-ed model (FSDP2; every rank calls with its own batches, as many as the others):
+the result holds DTensors laid out like the parameters, each rank's shard of F over the union of the
+ranks' examples (``sums.py``); ``loss`` and ``num_examples`` stay this rank's.  Every chosen parameter
+must then be served by a rule or a broadcast (the torch.func fallback and the unused-parameter check
+run the model outside FSDP2's gathering, so they raise instead).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from ..batches import OutputFn, as_call, batch_length, logits_of, split_batch
+from ..sharding import from_local_like, is_sharded, local_tensor
 from .fallback import PerExample
+from .sums import Sums
 from .tracing import Plan, Probe, Tap
 
 REDUCTIONS = ("sum", "mean")
@@ -36,7 +44,7 @@ REDUCTIONS = ("sum", "mean")
 class SquaredGradients:
     """What a pass over the data produced."""
 
-    fisher: dict[str, Tensor]  # name -> sum of squared per-example gradients (float32/float64)
+    fisher: dict[str, Tensor]  # name -> sum of squared per-example gradients (float32/float64; DTensor if sharded)
     loss: float  # sum over examples of loss_fn(output, true target) (per-example convention)
     num_examples: int
     plan: Plan
@@ -71,12 +79,16 @@ class _Pass:
         self.raw_loss_fn, self.output_fn = loss_fn, output_fn
         self.params = dict(model.named_parameters())
         self.chosen = {name: self.params[name] for name in names}
-        self.fisher = {
+        self.fisher = {  # of the local shard's shape for a sharded parameter
             name: torch.zeros(
-                p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device
+                local_tensor(p).shape,
+                dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                device=p.device,
             )
             for name, p in self.chosen.items()
         }
+        sharded = any(is_sharded(p) for p in self.chosen.values())
+        self.sharded_model = model if sharded else None
         self.plan: Plan | None = None
         self.trigger = torch.zeros((), device=next(iter(self.chosen.values())).device, requires_grad=True)
         self.loss = 0.0
@@ -90,8 +102,8 @@ class _Pass:
         if not tapped:
             with torch.no_grad():
                 return self.model(*args, **kwargs)
-        fisher = {name: self.fisher[name] for name in tapped}
-        with torch.enable_grad(), Tap(self.params, fisher, plan, self.trigger, batch):
+        fisher = Sums({name: self.fisher[name] for name in tapped}, self.params)
+        with torch.enable_grad(), Tap(self.params, fisher, plan, self.trigger, batch, self.sharded_model):
             return self.model(*args, **kwargs)
 
     def _unseen_but_used(self, args: tuple, kwargs: dict, y: Tensor) -> list[str]:
@@ -118,7 +130,7 @@ class _Pass:
         return [name for name, g in zip(asked, grads) if g is not None]
 
     def _probe(self, args: tuple, kwargs: dict, batch: int) -> tuple[Plan, Any]:
-        probe = Probe(self.chosen, batch)
+        probe = Probe(self.chosen, batch, self.sharded_model)
         with torch.no_grad(), probe:
             out = self.model(*args, **kwargs)
         return probe.plan(), out
@@ -134,6 +146,7 @@ class _Pass:
             sliced_args, sliced_kwargs = tree_map(lambda t: t[:small] if _is_batched(t, batch) else t, (args, kwargs))
             with contextlib.suppress(RuntimeError):  # a model that cannot run so few examples: keep the first plan
                 self.plan.agree(self._probe(sliced_args, sliced_kwargs, small)[0])
+        self._check_sharded_plan()
         if self.plan.unused:
             hidden = self._unseen_but_used(args, kwargs, y)
             self.plan.unused = [name for name in self.plan.unused if name not in hidden]
@@ -147,7 +160,18 @@ class _Pass:
                 pass
             self.plan.fallback += list(self.plan.broadcast) + self.plan.viewed
             self.plan.broadcast, self.plan.viewed = {}, []
+            self._check_sharded_plan()
         return self._tap_forward(args, kwargs, batch)
+
+    def _check_sharded_plan(self) -> None:
+        plan = self.plan
+        assert plan is not None, "the first batch sets the plan"
+        unserved = plan.fallback + plan.unused
+        if self.sharded_model is not None and unserved:
+            raise ValueError(
+                f"parameters {unserved} of the fully_shard-ed model need the torch.func fallback or are not seen "
+                "in the forward pass, which a sharded model does not support; leave them out (params=...)"
+            )
 
     def loss_fn(self, out: Any, target: Tensor, call: tuple[tuple, dict[str, Any]]) -> Tensor:
         """``loss_fn`` on the logits read from the model's output for the inputs of ``call``."""
@@ -231,4 +255,5 @@ def squared_gradients(
             module.training = mode
     if state.plan is None:
         raise ValueError("no batches to accumulate (the loader is empty)")
-    return SquaredGradients(state.fisher, state.loss, state.num_examples, state.plan)
+    fisher = {name: from_local_like(f, params[name]) for name, f in state.fisher.items()}
+    return SquaredGradients(fisher, state.loss, state.num_examples, state.plan)

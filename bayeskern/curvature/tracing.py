@@ -28,6 +28,11 @@ modified in place, e.g. ``linear(x).mul_(gamma)`` for 3-d x).  Hooks on the outp
 (and on the expanded broadcast parameters) receive ``dL/dy`` and accumulate the squared
 per-example gradients, replacing the weight-gradient GEMM of a plain backward by the squared one.
 ``torch.autograd.grad(loss, trigger)`` runs it.
+
+A ``fully_shard``-ed model (FSDP2) swaps each block's DTensor parameters for gathered plain ones
+around its forward and backward; given the model, both modes name those too (looked up in
+``model.named_parameters()`` when an unknown parameter first reaches an op), and the hooks add
+through ``sums.Sums``, which reduces the full contributions to each rank's shard.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -52,6 +57,7 @@ from .rules import (
     expand_to_batch,
     is_batch_broadcast_view,
 )
+from .sums import Sums
 
 _CONTAINERS = (tuple, list, dict)
 
@@ -97,20 +103,36 @@ class Plan:
 
 
 class _ParamModes(TorchFunctionMode):
-    def __init__(self, params: Mapping[str, Tensor], batch: int) -> None:
+    def __init__(self, params: Mapping[str, Tensor], batch: int, model: nn.Module | None = None) -> None:
         super().__init__()
         self.names = {id(p): name for name, p in params.items()}
         self.batch = batch
+        self.model = model  # a sharded model: its gathered parameters are named on first sight
+        self.unknown: set[int] = set()
 
     def name(self, value: Any) -> str | None:
-        return self.names.get(id(value)) if isinstance(value, Tensor) else None
+        if not isinstance(value, Tensor):
+            return None
+        found = self.names.get(id(value))
+        if (
+            found is None
+            and self.model is not None
+            and isinstance(value, nn.Parameter)
+            and id(value) not in self.unknown
+        ):
+            wanted = set(self.names.values())
+            self.names.update({id(p): n for n, p in self.model.named_parameters() if n in wanted})
+            found = self.names.get(id(value))
+            if found is None:
+                self.unknown.add(id(value))
+        return found
 
 
 class Probe(_ParamModes):
     """Counts, for each chosen parameter, its uses as a rule op's weight/bias and its other uses."""
 
-    def __init__(self, params: Mapping[str, Tensor], batch: int) -> None:
-        super().__init__(params, batch)
+    def __init__(self, params: Mapping[str, Tensor], batch: int, model: nn.Module | None = None) -> None:
+        super().__init__(params, batch, model)
         self.params = params
         self.rule_uses: Counter[str] = Counter()
         self.other_uses: Counter[str] = Counter()
@@ -181,14 +203,21 @@ class Probe(_ParamModes):
 class Tap(_ParamModes):
     """The Fisher forward pass: detached parameters, hooks on rule outputs and broadcast parameters.
 
-    ``params`` are all the model's parameters (each is detached where it is used); ``fisher`` maps
-    the names planned as ``rule``, ``broadcast`` or ``viewed`` to their accumulators.
+    ``params`` are all the model's parameters (each is detached where it is used); ``fisher`` holds
+    the accumulators of the names planned as ``rule``, ``broadcast`` or ``viewed``; ``model`` is given
+    for a sharded model (see the module docstring).
     """
 
     def __init__(
-        self, params: Mapping[str, Tensor], fisher: dict[str, Tensor], plan: Plan, trigger: Tensor, batch: int
+        self,
+        params: Mapping[str, Tensor],
+        fisher: Sums,
+        plan: Plan,
+        trigger: Tensor,
+        batch: int,
+        model: nn.Module | None = None,
     ) -> None:
-        super().__init__(params, batch)
+        super().__init__(params, batch, model)
         self.fisher = fisher
         self.broadcast = plan.broadcast
         self.viewed = set(plan.viewed)
@@ -199,8 +228,8 @@ class Tap(_ParamModes):
         """``expanded`` (a parameter broadcast to ``(B, ...)``) as a fresh tensor whose gradient,
         one slice per example, is squared into ``fisher[name]``."""
         expanded = expanded + self.trigger
-        fisher = self.fisher[name]
-        expanded.register_hook(lambda g: add_square_sum(fisher, g))
+        fisher = self.fisher
+        expanded.register_hook(lambda g: fisher.add({"": name}, lambda slots: add_square_sum(slots[""], g)))
         return expanded
 
     def _substitute(self, value: Any) -> Any:
@@ -240,17 +269,17 @@ class Tap(_ParamModes):
             view = func(args[0].detach(), *args[1:], **kwargs)
             return self._per_example(viewed, view.expand(self.batch, *view.shape[1:]))
         rule = RULES.get(func)
-        slots = None
+        names = None
         if rule is not None:
             call = rule.bind(args, kwargs)
-            slots = {role: self.fisher.get(self.name(call.get(role)) or "") for role in ROLES}
+            names = {role: name if (name := self.name(call.get(role))) in self.fisher else None for role in ROLES}
         args, kwargs = self._substitute_all(args, kwargs)
         out = func(*args, **kwargs)
-        if rule is not None and slots is not None and any(s is not None for s in slots.values()):
-            out = self._hook(out, rule, slots, call)
+        if rule is not None and names is not None and any(n is not None for n in names.values()):
+            out = self._hook(out, rule, names, call)
         return out
 
-    def _hook(self, out: Tensor, rule: Rule, slots: dict[str, Tensor | None], call: dict[str, Any]) -> Tensor:
+    def _hook(self, out: Tensor, rule: Rule, names: dict[str, str | None], call: dict[str, Any]) -> Tensor:
         if not out.requires_grad or out._is_view():
             # a fresh tensor hanging from the trigger; an in-place op on a view would drop the hook
             out = out + self.trigger
@@ -263,7 +292,7 @@ class Tap(_ParamModes):
                     "bayeskern: the input of a layer was modified in place after the layer used it; "
                     "its per-example gradients cannot be formed (use out-of-place operations)"
                 )
-            rule.accumulate(slots, g, call)
+            self.fisher.add(names, lambda slots: rule.accumulate(slots, g, call))
 
         out.register_hook(accumulate)
         return out

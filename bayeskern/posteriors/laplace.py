@@ -25,6 +25,15 @@ count are sums over examples, so each rank accumulates its shard and they are al
 at the end: every rank then holds the posterior of the whole data set.  A default seed is rank 0's,
 broadcast; the ``fisher_type="mc"`` label draws use a per-rank generator (rank 0's is the single-process one).
 
+Sharded (FSDP2, a ``fully_shard``-ed model; the posterior may be created before or after sharding,
+and is fitted after): each rank feeds its own batches (as many as the other ranks), the curvature
+driver forms each block's squared per-example gradients while FSDP2 has the block gathered and
+reduce-scatters them (``curvature/sums.py``), so ``fisher``, ``mean``, ``std`` and the prior means are
+DTensors laid out like the parameters, each rank holding its shard of F over the union of the data.
+Sums over the parameters (the evidence, the marglik search) add the ranks' shards with one all-reduce
+each.  Sample s draws element j with the Philox counter of its global index (``sharding.element_offset``),
+so it equals the single-process sample; ``bayeskern.predict`` takes the DTensor samples.
+
 Negative log-likelihoods: ``bayeskern.likelihoods`` (regression: Gaussian with std ``noise_std``).
 """
 
@@ -32,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -44,6 +53,15 @@ from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_see
 from ..likelihoods import LIKELIHOODS, negative_log_likelihood
 from ..ops import noise, philox
 from ..predictive import predict
+from ..sharding import (
+    common_mesh,
+    element_offset,
+    forward_with,
+    from_local_like,
+    global_sum,
+    is_sharded,
+    local_tensor,
+)
 from ..validation import check_choice, check_count, check_nonnegative, check_positive
 from .prior import GaussianPrior, PriorMean
 from .selection import ParamSelection
@@ -110,6 +128,7 @@ class DiagLaplace:
         self.seed = seed
         self._fisher: dict[str, Tensor] | None = None
         self._map: dict[str, Tensor] = {}
+        self._mesh: Any = None  # the device mesh of a fit on a sharded model
         self.log_likelihood: float | None = None  # log p(D | theta*), set by fit
         self.num_data = 0
 
@@ -157,11 +176,19 @@ class DiagLaplace:
         or Mappings holding ``labels``, ``bayeskern.batches``).
 
         ``reduce``: sum F, the log-likelihood and the example count over the ranks of
-        ``torch.distributed`` (a collective; None: whenever a process group is initialised).  The
-        progress bar shows on rank 0 only.  Raises ValueError if ``loader`` yields no batch.
+        ``torch.distributed`` (a collective; None: whenever a process group is initialised; a sharded
+        model always reduces).  The progress bar shows on rank 0 only.  Raises ValueError if ``loader``
+        yields no batch.
         """
         params = dict(self.model.named_parameters())
         device = params[self.names[0]].device
+        mesh = common_mesh((params[n] for n in self.names), "parameters of the DiagLaplace")
+        if mesh is not None:
+            if reduce is False:
+                raise ValueError("fit: reduce=False is not possible on a fully_shard-ed model (its F is reduced)")
+            if not all(is_sharded(params[n]) for n in self.names):
+                raise ValueError("fit: the model mixes DTensor (fully_shard-ed) and plain parameters; shard it whole")
+            self._shard_prior(params)
         sampler = self._label_sampler(device) if self.fisher_type == "mc" else None
         try:
             result = squared_gradients(
@@ -176,8 +203,11 @@ class DiagLaplace:
         except ValueError as error:
             raise ValueError(f"fit: {error}") from None
         totals = torch.tensor([result.loss, result.num_examples], dtype=torch.float64, device=device)
-        if is_distributed() if reduce is None else reduce:
+        if mesh is not None:
+            all_reduce_sum({"": totals})  # F is reduced already, shard by shard
+        elif is_distributed() if reduce is None else reduce:
             all_reduce_sum({**result.fisher, "": totals})
+        self._mesh = mesh
         self._fisher = result.fisher
         self._map = {name: params[name].detach().clone() for name in self.names}
         self.log_likelihood = -float(totals[0])
@@ -185,10 +215,33 @@ class DiagLaplace:
         self._std = None
         return self
 
+    def _shard_prior(self, params: Mapping[str, Tensor]) -> None:
+        """Lay out the prior's tensors like the sharded ``params`` unless they are already (a posterior
+        created before the model was sharded, or a sharded state loaded into one created after)."""
+        tensors = [self.prior.mean(n) for n in self.names if not self.prior.is_zero_mean(n)]
+        tensors += [sp for n in self.names if isinstance(sp := self.prior.std(n), Tensor)]
+        if not all(is_sharded(t) for t in tensors):
+            self.prior.shard_like(params)
+
     def _require_fit(self) -> dict[str, Tensor]:
         if self._fisher is None:
             raise RuntimeError("DiagLaplace: call fit(loader) (or load_state_dict) first")
         return self._fisher
+
+    def _check_layout(self) -> None:
+        """The fit's tensors must be laid out as the model's parameters are now."""
+        params = dict(self.model.named_parameters())
+        for name in self.names:
+            if is_sharded(params[name]) != is_sharded(self._map[name]):
+                now = "sharded" if is_sharded(params[name]) else "unsharded"
+                raise RuntimeError(
+                    f"DiagLaplace: the model's parameter {name!r} is {now} but was not when fit ran (fully_shard "
+                    "between fit and sampling?); fit again on the model as it is"
+                )
+
+    def _sum(self, value: Tensor) -> float:
+        """A sum over this rank's shards, added over the mesh of a sharded fit (a collective)."""
+        return float(global_sum(value.detach().to(self._mesh.device_type), self._mesh) if self._mesh else value)
 
     # -- the posterior -------------------------------------------------------------------------
     @property
@@ -206,6 +259,18 @@ class DiagLaplace:
         self._require_fit()
         return dict(self._map)
 
+    @property
+    def is_sharded(self) -> bool:
+        """True after a fit on a ``fully_shard``-ed model (``bayeskern.predict`` then runs
+        ``functional_forward``, on every rank)."""
+        return self._mesh is not None
+
+    def functional_forward(self, weights: dict[str, Tensor], inputs: Any) -> Any:
+        """The sharded model's output on ``inputs`` with ``weights`` (a sample) for the Bayesian
+        parameters (``sharding.forward_with``; the model's weights are restored)."""
+        self._check_layout()
+        return forward_with(self.model, weights, inputs)
+
     def fixed_tensors(self) -> dict[str, Tensor]:
         """Nothing: every tensor but the Bayesian ones is the model's own."""
         return {}
@@ -219,35 +284,46 @@ class DiagLaplace:
         """The index-th posterior sample ``theta* + eps * std`` (deterministic in ``index``)."""
         index = check_count(index, "index", 0)
         if self._std is None:
-            self._std = {n: s.to(self._map[n].dtype) for n, s in self.std().items()}
-        return {
-            name: noise.gaussian(self._map[name], self._std[name], self.seed, self.offsets[name], stream=index)
-            for name in self.names
-        }
+            self._require_fit()
+            self._check_layout()
+            self._std = {n: local_tensor(s.to(self._map[n].dtype)) for n, s in self.std().items()}
+        draws = {}
+        for name in self.names:
+            mean = self._map[name]
+            offset = self.offsets[name] + element_offset(mean)
+            local = noise.gaussian(local_tensor(mean), self._std[name], self.seed, offset, stream=index)
+            draws[name] = from_local_like(local, mean)
+        return draws
 
     # -- evidence and prior precision ----------------------------------------------------------
-    def _log_det_terms(self) -> tuple[float, Tensor]:
-        """``||theta* - theta0||^2`` and the stacked ``F`` (float64)."""
+    def _log_det_terms(self) -> tuple[float, Tensor, int]:
+        """``||theta* - theta0||^2``, the stacked ``F`` (float64; this rank's shards when sharded) and D."""
         fisher = self._require_fit()
-        distance = sum(float((self._map[n].double() - self.prior.mean(n).double()).square().sum()) for n in self.names)
-        return distance, torch.cat([fisher[n].double().flatten() for n in self.names])
+        local = {n: local_tensor(self._map[n]).double() for n in self.names}
+        distance = self._sum(
+            sum(
+                ((local[n] - local_tensor(self.prior.mean(n)).double()).square().sum() for n in self.names),
+                torch.zeros((), dtype=torch.float64),
+            )
+        )
+        count = sum(self._map[n].numel() for n in self.names)
+        return distance, torch.cat([local_tensor(fisher[n]).double().flatten() for n in self.names]), count
 
     def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
         """The Laplace evidence ``log Z(lambda)`` of the model (module docstring), at ``prior_precision`` or the
         current lambda."""
         lam = self.prior_precision if prior_precision is None else check_positive(prior_precision, "prior_precision")
-        distance, curvature = self._log_det_terms()
-        log_det = float(torch.log(curvature + lam).sum())
+        distance, curvature, count = self._log_det_terms()
+        log_det = self._sum(torch.log(curvature + lam).sum())
         log_likelihood = cast(float, self.log_likelihood)  # set by fit, which _log_det_terms requires
-        return log_likelihood - 0.5 * lam * distance + 0.5 * curvature.numel() * math.log(lam) - 0.5 * log_det
+        return log_likelihood - 0.5 * lam * distance + 0.5 * count * math.log(lam) - 0.5 * log_det
 
     def _marglik_argmax(self) -> float:
-        distance, curvature = self._log_det_terms()
-        count = curvature.numel()
+        distance, curvature, count = self._log_det_terms()
 
         def slope(log_lam: float) -> float:  # d log Z / d log lambda, decreasing
             lam = math.exp(log_lam)
-            return -0.5 * lam * distance + 0.5 * count - 0.5 * float((lam / (curvature + lam)).sum())
+            return -0.5 * lam * distance + 0.5 * count - 0.5 * self._sum((lam / (curvature + lam)).sum())
 
         low, high = LOG_LAMBDA_RANGE
         if slope(high) >= 0:
@@ -347,8 +423,11 @@ class DiagLaplace:
         self.seed = int(state_dict["seed"])
         self.log_likelihood = state_dict["log_likelihood"]
         self.num_data = int(state_dict["num_data"])
-        self.prior.load_state_dict(state_dict["prior"])
         params = dict(self.model.named_parameters())
+        if any(is_sharded(t) for t in state_dict["fisher"].values()):
+            self._shard_prior(params)
+        self.prior.load_state_dict(state_dict["prior"])
         self._map = {n: t.detach().to(params[n].device, params[n].dtype).clone() for n, t in state_dict["mean"].items()}
         self._fisher = {n: t.detach().to(params[n].device).clone() for n, t in state_dict["fisher"].items()}
+        self._mesh = common_mesh(self._fisher.values(), "tensors of the state_dict")  # DTensors: a sharded fit
         self.prior_precision = state_dict["prior_precision"]

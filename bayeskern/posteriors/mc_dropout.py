@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..ops.draw import weight_dropout_l2
 from ..ops.dropout import check_probability
+from ..sharding import global_sum, local_tensor
 from ..validation import check_choice
 from .prior import mangle
 from .weight_posterior import WeightPosterior
@@ -54,13 +55,14 @@ class MCDropout(WeightPosterior):
 
     def regulariser(self) -> Tensor:
         """``sum (1 - p) / (2 sp^2) * ||mu - theta0||^2`` over the Bayesian parameters."""
-        return (1 - self.p) * self.prior.neg_log_prob({name: mu for name, mu, _ in self._mus()})
+        local = self.prior.neg_log_prob({name: mu for name, mu, _ in self._mus()})  # this rank's part if sharded
+        return (1 - self.p) * global_sum(local, self.mesh)
 
     def _draw_with_regulariser(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
         """One draw and ``regulariser()`` from the fused ``weight_dropout_l2``."""
         prior_means, prior_stds, offsets = self._fused_args()
         samples, l2 = weight_dropout_l2(
-            [mu for _, mu, _ in self._mus()],
+            [local_tensor(mu) for _, mu, _ in self._mus()],
             self.p,
             prior_means,
             prior_stds,

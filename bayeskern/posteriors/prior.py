@@ -119,6 +119,7 @@ class GaussianPrior(nn.Module):
         model_params = dict(model.named_parameters())
         means = prior_mean_by_name(prior_mean, self.names)
         self._zero: dict[str, torch.Size] = {}
+        self._layout: dict[str, Tensor] = {}  # once sharded: a DTensor laid out like each parameter
         self._std: dict[str, float | Tensor] = {}
         std_patterns = self._std_patterns(prior_std)
         for name in self.names:
@@ -165,9 +166,17 @@ class GaussianPrior(nn.Module):
             self._std[name] = value
 
     def mean(self, name: str) -> Tensor:
-        """``theta0`` of parameter ``name`` with the parameter's shape (zero means are broadcast views)."""
+        """``theta0`` of parameter ``name`` with the parameter's shape (zero means are broadcast views;
+        DTensors laid out like the parameter once sharded, ``shard_like``)."""
         value = self.get_buffer(mangle(name))
-        return value.expand(self._zero[name]) if name in self._zero else value
+        if name not in self._zero:
+            return value
+        like = self._layout.get(name)
+        if like is None:
+            return value.expand(self._zero[name])
+        from ..sharding import from_local_like, local_tensor
+
+        return from_local_like(value.expand(local_tensor(like).shape), like)
 
     def std(self, name: str) -> float | Tensor:
         """``sp`` of parameter ``name``: a float, or a tensor broadcastable to the parameter."""
@@ -177,6 +186,24 @@ class GaussianPrior(nn.Module):
 
     def is_zero_mean(self, name: str) -> bool:
         return name in self._zero
+
+    @torch.no_grad()
+    def shard_like(self, params: Mapping[str, Tensor]) -> None:
+        """Lay out every stored prior mean and tensor std like ``params[name]`` (the DTensor parameters of
+        a sharded model, ``bayeskern.sharding.shard_copy``): each rank keeps its shard.  Zero means stay
+        one 0-d zero, and so does a std tensor that broadcasts along the sharded first dimension; one that
+        varies along it is expanded to the parameter's shape and sharded."""
+        from ..sharding import shard_copy
+
+        for name in self.names:
+            like = params[name]
+            self._layout[name] = like
+            if not self.is_zero_mean(name):
+                self.register_buffer(mangle(name), shard_copy(self.mean(name), like))
+            sp = self.std(name)
+            if isinstance(sp, Tensor) and sp.dim() == like.dim() and sp.shape[0] > 1:  # varies along sharded rows
+                full = sp.expand(like.shape).contiguous()
+                self.register_buffer(mangle(name) + ":std", shard_copy(full, like))
 
     def mean_std_lists(self) -> tuple[list[Tensor | None], list[float | Tensor]]:
         """The means (None where zero) and stds of ``names``, in order: the fused ops' prior arguments."""
@@ -189,14 +216,19 @@ class GaussianPrior(nn.Module):
 
     def neg_log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
         """``sum ||theta - theta0||^2 / (2 sp^2)`` over the covered parameters (``-log p`` up to a
-        constant); ``params`` maps names to tensors (e.g. ``dict(model.named_parameters())``)."""
+        constant); ``params`` maps names to tensors (e.g. ``dict(model.named_parameters())``).  With
+        DTensors (a sharded prior and parameters) it is this rank's part: the sum over its shards."""
+        from ..sharding import local_tensor
+
         total: Tensor | None = None
         for name, theta0, sp in self.items():
-            theta = params[name]
+            theta = local_tensor(params[name])  # a sharded prior: each rank sums its shard
+            mean = None if self.is_zero_mean(name) else local_tensor(theta0)
             if isinstance(sp, Tensor):
-                term = ((theta - theta0).square() / (2 * sp**2)).sum()
+                residual = theta if mean is None else theta - mean
+                term = (residual.square() / (2 * local_tensor(sp) ** 2)).sum()
             else:
-                term = _ScaledSquaredDistance.apply(theta, None if self.is_zero_mean(name) else theta0, 0.5 / sp**2)
+                term = _ScaledSquaredDistance.apply(theta, mean, 0.5 / sp**2)
             total = term if total is None else total + term
         return cast(Tensor, total)  # select_parameters never returns an empty selection
 

@@ -24,6 +24,15 @@ resumed from a checkpoint reproduces the uninterrupted run bit for bit.
 Data parallel (``DistributedDataParallel``): DDP averages the gradients and every rank draws the same
 noise (same seed, offsets and step; a default seed is drawn on rank 0 and broadcast), so the replicas
 take identical steps and never drift apart.
+
+Sharded (FSDP2, ``fully_shard``; build the optimizer after sharding, as for any ``torch.optim``
+optimizer): the parameters, gradients, prior means and square averages are DTensors sharded alike
+(``Shard(0)`` on one 1-D mesh), and each rank updates its local shard only.  Element j of a parameter
+reads the Philox counter ``offset + j`` of its *global* index (``offset + sharding.element_offset(p)``
+for the shard's first element), so a sharded run draws exactly the noise of a single process and, on
+the same global batches (FSDP2 averages the gradients over the ranks), follows the same trajectory.
+The non-finite check is agreed on by all ranks of the mesh (one all-reduce per group and step), so
+every rank skips or raises together.
 """
 
 from __future__ import annotations
@@ -32,12 +41,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ..distributed import shared_seed
 from ..ops import philox
 from ..ops.sgld import check_hyperparameters, first_nonfinite, sgld
+from ..sharding import element_offset, is_sharded, local_tensor, shard_like
 from ..validation import check_count
 from .prior import PRIOR_MEANS, matches, new_param_patterns
 
@@ -121,6 +132,8 @@ class BayesSGLD(Optimizer):
         _check_group(defaults)
         self._num_params = 0  # parameters placed so far, indexes a constructor-level prior_mean list
         self._next_offset = 0
+        self._mesh: Any = None  # the device mesh of DTensor parameters (one for all), None if plain
+        self._shard_offsets: dict[Tensor, int] = {}  # DTensor parameter -> element_offset (fixed layout)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -130,6 +143,7 @@ class BayesSGLD(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
+        self._check_sharding(group)
         first = 0 if own_mean else self._num_params
         means = _prior_means(group, first)
         group["prior_mean"] = group["prior_mean"] if isinstance(group["prior_mean"], str) else "given"
@@ -140,13 +154,38 @@ class BayesSGLD(Optimizer):
             state["offset"] = self._next_offset
             if mean is not None:
                 state["prior_mean"] = mean
+            if group["preconditioner"] == "rmsprop":  # eager: a checkpoint template (DCP) must hold it
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             self._next_offset += philox.tensor_span(p.numel())
         self._num_params += len(group["params"])
+
+    def _check_sharding(self, group: dict[str, Any]) -> None:
+        """Every parameter plain, or every one a DTensor on one mesh with a contiguous local shard."""
+        for i, p in enumerate(group["params"]):
+            sharded = is_sharded(p)
+            if (self._num_params or i) and sharded != (self._mesh is not None):
+                raise ValueError(
+                    "params mix DTensor (fully_shard-ed) and plain parameters: shard the whole model "
+                    "(fully_shard on the root module too) before building BayesSGLD"
+                )
+            if not sharded:
+                continue
+            if self._mesh is None:
+                self._mesh = p.device_mesh
+            elif p.device_mesh != self._mesh:
+                raise ValueError(
+                    f"param {_name_of(group, i)} is sharded on {p.device_mesh} but earlier parameters on "
+                    f"{self._mesh}: BayesSGLD needs one device mesh for all its parameters"
+                )
+            if p.device_mesh.ndim != 1:
+                raise ValueError(f"param {_name_of(group, i)} is sharded on a {p.device_mesh.ndim}-D mesh (need 1-D)")
+            self._shard_offsets[p] = element_offset(p)  # raises unless the local shard is contiguous (Shard(0))
 
     def _init_group(
         self, group: dict[str, Any]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]:
-        """Params with a gradient, their gradients, prior means, square averages and Philox offsets."""
+        """Params with a gradient, their gradients, prior means, square averages and Philox offsets
+        (local shards and the offsets of their first elements for DTensor parameters)."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
         means: list[Tensor] = []
@@ -158,15 +197,15 @@ class BayesSGLD(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("BayesSGLD does not support sparse gradients")
             state = self.state[p]
-            params.append(p)
-            grads.append(p.grad)
-            offsets.append(state["offset"])
+            params.append(local_tensor(p))
+            grads.append(local_tensor(p.grad))
+            offsets.append(state["offset"] + self._shard_offsets.get(p, 0))
             if "prior_mean" in state:
-                means.append(state["prior_mean"])
+                means.append(local_tensor(state["prior_mean"]))
             if group["preconditioner"] == "rmsprop":
-                if "square_avg" not in state:
+                if "square_avg" not in state:  # preconditioner switched on after construction
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                avgs.append(state["square_avg"])
+                avgs.append(local_tensor(state["square_avg"]))
         return params, grads, means, avgs, offsets
 
     @torch.no_grad()
@@ -181,10 +220,10 @@ class BayesSGLD(Optimizer):
             tensors = self._init_group(group)
             if not tensors[0]:
                 continue
-            bad = first_nonfinite(tensors[1])
+            bad = self._agreed(first_nonfinite(tensors[1]), len(tensors[1]))
             if bad is not None:
                 if group["nonfinite"] == "raise":
-                    raise RuntimeError(f"BayesSGLD: non-finite gradient in {_describe(group, tensors[0], bad, index)}")
+                    raise RuntimeError(f"BayesSGLD: non-finite gradient in {_describe(group, bad, index)}")
                 group["skipped_steps"] += 1
                 continue
             ready.append((group, tensors))
@@ -208,6 +247,20 @@ class BayesSGLD(Optimizer):
             )
             group["step"] += 1
         return loss
+
+    def _agreed(self, bad: int | None, count: int) -> int | None:
+        """The first non-finite gradient over every rank's shards (the minimum index; one all-reduce
+        over the mesh when sharded), so that all ranks skip or raise together."""
+        if self._mesh is None:
+            return bad
+        index = torch.tensor(count if bad is None else bad, device=self._mesh.device_type)
+        dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self._mesh.get_group())
+        return None if int(index) == count else int(index)
+
+
+def _name_of(group: dict[str, Any], index: int) -> str:
+    names = group.get("param_names")
+    return repr(names[index]) if names else str(index)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -257,7 +310,7 @@ def _prior_means(group: dict[str, Any], first: int) -> list[Tensor | None]:
     if isinstance(spec, str):
         if spec != "pretrained":  # "zero", or "given": a group restored from a state dict
             return [None] * len(params)
-        means = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
+        means = [p.detach().clone(memory_format=torch.preserve_format) for p in params]  # DTensors: sharded alike
     elif isinstance(spec, Mapping):
         means = []
         for name, p in zip(_names(group, "a mapping prior_mean"), params):
@@ -281,14 +334,16 @@ def _checked_mean(mean: Any, param: Tensor, where: str) -> Tensor:
     if not isinstance(mean, Tensor) or mean.shape != param.shape:
         shape = tuple(mean.shape) if isinstance(mean, Tensor) else type(mean).__name__
         raise ValueError(f"prior_mean{where} has shape {shape} but its parameter has shape {tuple(param.shape)}")
+    if is_sharded(param) and not is_sharded(mean):  # a full mean: this rank keeps its shard
+        return shard_like(mean.detach().to(device=param.device, dtype=param.dtype), param).clone()
     return mean.detach().to(device=param.device, dtype=param.dtype).clone(memory_format=torch.preserve_format)
 
 
-def _describe(group: dict[str, Any], params: list[Tensor], index: int, group_index: int) -> str:
+def _describe(group: dict[str, Any], index: int, group_index: int) -> str:
     names = group.get("param_names")
-    position = next(i for i, p in enumerate(group["params"]) if p is params[index])
+    position = [i for i, p in enumerate(group["params"]) if p.grad is not None][index]  # params: those with a grad
     name = f"parameter {names[position]!r}" if names else f"parameter {position}"
-    return f"{name} of param group {group_index} (shape {tuple(params[index].shape)})"
+    return f"{name} of param group {group_index} (shape {tuple(group['params'][position].shape)})"
 
 
 __all__ = ["BayesSGLD", "sgld"]

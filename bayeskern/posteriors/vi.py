@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..ops.draw import gaussian_sample_kl
 from ..ops.kl import gaussian_kl
+from ..sharding import global_sum, local_tensor
 from ..validation import check_nonnegative, check_positive
 from .prior import mangle
 from .weight_posterior import WeightPosterior
@@ -54,28 +55,39 @@ class VI(WeightPosterior):
             yield name, mu[key], rho[key]
 
     def _draw_with_regulariser(self, seed: Tensor, stream: int) -> tuple[dict[str, Tensor], Tensor]:
-        """One draw and ``kl()`` from the fused ``gaussian_sample_kl``."""
+        """One draw and ``kl()`` from the fused ``gaussian_sample_kl`` (sharded: this rank's shards and its
+        part of the KL)."""
         _, mus, rhos = zip(*self._pairs())
         prior_means, prior_stds, offsets = self._fused_args()
-        samples, kl = gaussian_sample_kl(mus, rhos, prior_means, prior_stds, seed, offsets, stream=stream)
+        samples, kl = gaussian_sample_kl(
+            [local_tensor(mu) for mu in mus],
+            [local_tensor(rho) for rho in rhos],
+            prior_means,
+            prior_stds,
+            seed,
+            offsets,
+            stream=stream,
+        )
         return dict(zip(self.names, samples)), kl
 
     def kl(self) -> Tensor:
         """``KL(q || p)`` summed over all Bayesian parameters."""
-        prior_means, prior_stds = self.prior.mean_std_lists()
+        prior_means, prior_stds, _ = self._fused_args()
         total = sum(
-            gaussian_kl(mu, rho, m0, sp) for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds)
+            gaussian_kl(local_tensor(mu), local_tensor(rho), m0, sp)
+            for (_, mu, rho), m0, sp in zip(self._pairs(), prior_means, prior_stds)
         )
-        return cast(Tensor, total)  # names is never empty, so not the start value 0
+        return global_sum(cast(Tensor, total), self.mesh)  # names is never empty, so not the start value 0
 
     def entropy(self) -> Tensor:
         """``H[q] = sum log s + (D / 2) log(2 pi e)`` over the Bayesian parameters (float32 or wider)."""
         total: Tensor | None = None
         for _, _, rho in self._pairs():
+            rho = local_tensor(rho)
             rho = rho.float() if rho.dtype in (torch.float16, torch.bfloat16) else rho
             term = torch.log(F.softplus(rho)).sum() + 0.5 * rho.numel() * (1.0 + math.log(2 * math.pi))
             total = term if total is None else total + term
-        return cast(Tensor, total)  # names is never empty
+        return global_sum(cast(Tensor, total), self.mesh)  # names is never empty
 
     def _tempered(self, kl: Tensor) -> Tensor:
         """``KL - (T - 1) H[q]``: the KL alone at T = 1 (no extra pass over rho)."""

@@ -31,6 +31,16 @@ training seed; the streams are folded with the rank (``s + (rank << 32)``, ``dis
 so each rank draws its own weights: a K-rank step averages K * S independent draws (variance
 reduction).  Rank 0 and a single process use ``stream = s`` as above; ``sample(index)`` is the same on
 every rank.
+
+Sharded (FSDP2; ``bayeskern.distributed.fully_shard(posterior)``, docs/guide/distributed.md): the held
+model is sharded per block and becomes the posterior's workspace, every variational parameter, point
+estimate and prior tensor is a DTensor laid out like the model parameter it stands for.  A training
+call draws one global sample (stream 0 on every rank) on each rank's local shards, with the Philox
+counters of the global elements (``offset + sharding.element_offset``), writes it into the model's
+sharded parameters and runs the model, whose blocks FSDP2 gathers one at a time; the gradients FSDP2
+reduce-scatters onto the model's parameters are chained to the variational ones at the end of
+``backward()`` (``_ChainSharded``).  The regulariser is summed over the ranks
+(``sharding.global_sum``).  So a sharded step equals the single-process step on the global batch.
 """
 
 from __future__ import annotations
@@ -47,6 +57,16 @@ from ..batches import LABELS, Inputs, OutputFn, as_call, logits_of, move_to, spl
 from ..distributed import rank_stream, seed_or_shared
 from ..likelihoods import LIKELIHOODS, negative_log_likelihood
 from ..ops import philox
+from ..sharding import (
+    common_mesh,
+    element_offset,
+    from_local_like,
+    global_sum,
+    is_sharded,
+    local_tensor,
+    shard_copy,
+    shard_model,
+)
 from ..validation import check_choice, check_count, check_positive
 from .prior import GaussianPrior, PriorMean, PriorStd, mangle
 from .selection import ParamSelection
@@ -70,6 +90,45 @@ class _Store(nn.Module):
     def buffers_by_name(self) -> dict[str, Tensor]:
         """The stored buffers (``_buffers``, which never holds None here)."""
         return cast(dict[str, Tensor], self._buffers)
+
+
+def _local_std(sp: float | Tensor) -> float | Tensor:
+    return local_tensor(sp) if isinstance(sp, Tensor) else sp
+
+
+def _check_equal_batches(targets: Tensor, mesh: Any) -> None:
+    """Raise ValueError unless every rank of ``mesh`` holds a minibatch of the same size: FSDP2 averages
+    the ranks' gradients, the gradient of the global batch's mean only when the sizes are equal."""
+    import torch.distributed as dist
+
+    n = targets.shape[0] if targets.dim() else 1
+    sizes = torch.tensor([n, -n], dtype=torch.int64)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=mesh.get_group())
+    if int(sizes[0]) != -int(sizes[1]):
+        raise ValueError(
+            f"targets: the ranks' minibatches differ in size (from {-int(sizes[1])} to {int(sizes[0])}); give every "
+            "rank the same number of examples (a global batch divisible by the world size)"
+        )
+
+
+class _ChainSharded(torch.autograd.Function):
+    """Joins the regulariser to the loss and, in backward, defers the step's chain rule to the end of
+    the backward pass: FSDP2 reduce-scatters the model's gradients in its own final callback, so the
+    chain runs in a callback queued after it (callbacks run in order and may queue more)."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, value: Tensor, state: tuple[Any, Tensor, dict[str, Tensor]]) -> Tensor:
+        ctx.state = state
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        posterior, term, thetas = ctx.state
+        ctx.state = None
+        engine = torch.autograd.Variable._execution_engine
+        chain = lambda: posterior._chain(term, grad, thetas)  # noqa: E731
+        engine.queue_callback(lambda: engine.queue_callback(chain))
+        return torch.zeros(()), None, None
 
 
 class WeightPosterior(nn.Module):
@@ -116,7 +175,14 @@ class WeightPosterior(nn.Module):
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.noise_std = check_positive(noise_std, "noise_std")
         self.output_fn = output_fn
+        if any(is_sharded(p) for p in model.parameters()):
+            raise ValueError(
+                "model: its parameters are sharded (DTensors) already; create the posterior on the unsharded "
+                "model, then shard both with bayeskern.distributed.fully_shard(posterior)"
+            )
         self.__dict__["model"] = model  # held, not registered: the wrapper trains its own copies
+        self.__dict__["_sharded"] = None  # the model's FSDP2 parameters by name, once sharded
+        self.__dict__["mesh"] = None
         self.prior = GaussianPrior(
             model,
             params=params,
@@ -149,6 +215,8 @@ class WeightPosterior(nn.Module):
 
     model: nn.Module  # set through __dict__ in __init__: held, not registered
     rng_state: Tensor  # a registered buffer
+    _sharded: dict[str, Tensor] | None  # set through __dict__: the model's FSDP2 parameters once sharded
+    mesh: Any  # set through __dict__: the 1-D device mesh once sharded, else None
 
     # -- subclass hooks ------------------------------------------------------------------------
     variational: tuple[str, ...] = ()  # names of the stores holding the variational parameters
@@ -168,7 +236,10 @@ class WeightPosterior(nn.Module):
 
     def _fused_args(self) -> tuple[list[Tensor | None], list[float | Tensor], list[int]]:
         """Prior means, prior stds and Philox offsets of the Bayesian parameters: the fused draws' lists."""
-        return (*self.prior.mean_std_lists(), [self.offsets[name] for name in self.names])
+        means, stds = self.prior.mean_std_lists()
+        first = self._store(self.variational[0])
+        offsets = [self.offsets[name] + element_offset(first[mangle(name)]) for name in self.names]
+        return [None if m is None else local_tensor(m) for m in means], [_local_std(sp) for sp in stds], offsets
 
     def mean(self) -> dict[str, Tensor]:
         """The expected Bayesian weights."""
@@ -221,6 +292,14 @@ class WeightPosterior(nn.Module):
         """Run the wrapped model on ``inputs`` (moved to the posterior's device) with ``weights`` for
         the Bayesian parameters; returns the model's output as it is."""
         args, kwargs = as_call(move_to(inputs, self._device()))
+        if self._sharded is not None:
+            self._load({**self._point_locals(), **weights})
+            return self.model(*args, **kwargs)
+        if is_sharded(next(self.model.parameters())):
+            raise ValueError(
+                "model: it was sharded after the posterior was created; shard both together with "
+                "bayeskern.distributed.fully_shard(posterior)"
+            )
         return functional_call(self.model, {**self._others(), **weights}, args, kwargs)
 
     def forward(self, inputs: Inputs, targets: Tensor | None = None, criterion: Criterion | None = None) -> Any:
@@ -253,6 +332,12 @@ class WeightPosterior(nn.Module):
         criterion = self.nll if criterion is None else criterion
         steps_taken = int(self.rng_state[1])
         seed = self._next_seed()
+        if self._sharded is not None:
+            try:
+                return self._sharded_loss(inputs, targets, criterion, classification, seed)
+            except Exception:
+                self.rng_state[1] = steps_taken
+                raise
         try:
             first, regulariser = self._draw_with_regulariser(seed, rank_stream(0))
             draws = itertools.chain([first], (self._draw(seed, rank_stream(s)) for s in range(1, self.train_samples)))
@@ -283,5 +368,99 @@ class WeightPosterior(nn.Module):
     @torch.no_grad()
     def sample(self, index: int) -> dict[str, Tensor]:
         """The index-th posterior sample of the Bayesian weights: drawn with seed ``base`` and stream
-        ``index`` (deterministic in ``index``)."""
-        return self._draw(self._eval_seed(), check_count(index, "index", 0))
+        ``index`` (deterministic in ``index``); DTensors sharded like the model's parameters once
+        sharded (the same values as the unsharded posterior's sample)."""
+        drawn = self._draw(self._eval_seed(), check_count(index, "index", 0))
+        if self._sharded is None:
+            return drawn
+        store = self._store(self.variational[0])
+        return {name: from_local_like(w, store[mangle(name)]) for name, w in drawn.items()}
+
+    # -- sharded training (FSDP2) --------------------------------------------------------------
+    @property
+    def is_sharded(self) -> bool:
+        """True once ``bayeskern.distributed.fully_shard`` sharded the posterior and its model."""
+        return self._sharded is not None
+
+    def _shard(self, *, mesh: Any = None, blocks: Any = None, **fsdp_options: Any) -> None:
+        """Apply FSDP2 to the held model per block (``sharding.shard_model``) and lay out every
+        variational parameter, point estimate and prior tensor like the model parameter it stands
+        for; ``bayeskern.distributed.fully_shard`` is the documented entry point."""
+        if self._sharded is not None:
+            raise ValueError("posterior: it is sharded already; call bayeskern.distributed.fully_shard once")
+        if self.train_samples != 1:
+            raise ValueError(
+                f"train_samples must be 1 to shard with FSDP2 (got {self.train_samples}): FSDP2 re-gathers the "
+                "weights of the last draw in backward; average more draws over steps or batches instead"
+            )
+        mesh = shard_model(self.model, mesh=mesh, blocks=blocks, **fsdp_options)
+        sharded = dict(self.model.named_parameters())
+        common_mesh(sharded.values(), "model's parameters")
+        for name in self.names:
+            element_offset(sharded[name])  # a contiguous local range, or ValueError
+        with torch.no_grad():
+            stores = [*self.variational, "point"]
+            for store in stores:
+                params = self._store(store)
+                for key, param in list(params.items()):
+                    like = sharded[key.replace("/", ".")]
+                    params[key] = nn.Parameter(shard_copy(param, like), param.requires_grad)
+            self.prior.shard_like(sharded)
+            buffers = self.buffers_.buffers_by_name()
+            for name in self._buffer_names:  # the model runs on the posterior's buffers from now on
+                owner, _, leaf = name.rpartition(".")
+                self.model.get_submodule(owner).register_buffer(leaf, buffers[mangle(name)])
+        self.__dict__["_sharded"] = {name: sharded[name] for name in [*self._point_names, *self.names]}
+        self.__dict__["mesh"] = mesh
+
+    def _point_locals(self) -> dict[str, Tensor]:
+        point = self.point.parameters_by_name()
+        return {name: local_tensor(point[mangle(name)]) for name in self._point_names}
+
+    @torch.no_grad()
+    def _load(self, weights: Mapping[str, Tensor]) -> None:
+        """Write ``weights`` (local shards or DTensors) into the model's sharded parameters, which
+        FSDP2 gathers block by block in the model's forward (and again in backward)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        assert self._sharded is not None
+        for module in self.model.modules():  # a forward without backward (eval) leaves the root gathered
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        for name, w in weights.items():
+            local_tensor(self._sharded[name]).copy_(local_tensor(w))
+
+    def _sharded_loss(
+        self, inputs: Inputs, targets: Tensor, criterion: Criterion, classification: bool, seed: Tensor
+    ) -> Tensor:
+        """``loss`` on the sharded model: one global draw (stream 0 on every rank, so all ranks use the
+        same weights, those of a single process), each rank drawing its local shards; FSDP2 averages
+        the likelihood gradients over the ranks and reduce-scatters them onto the model's sharded
+        parameters, from which ``_ChainSharded`` carries them to the variational parameters."""
+        assert self._sharded is not None
+        _check_equal_batches(targets, self.mesh)
+        weights, regulariser = self._draw_with_regulariser(seed, 0)
+        thetas = {**self._point_locals(), **weights}
+        self._load(thetas)
+        args, kwargs = as_call(inputs)
+        output = self.model(*args, **kwargs)
+        nll = criterion(logits_of(output, inputs, self.output_fn, classification=classification), targets)
+        term = self._tempered(global_sum(regulariser, self.mesh)) / self.num_data
+        anchor = torch.zeros((), requires_grad=True)
+        joined: Tensor = _ChainSharded.apply(anchor, term.detach(), (self, term, thetas))
+        return nll + joined
+
+    def _chain(self, term: Tensor, grad_term: Tensor, thetas: dict[str, Tensor]) -> None:
+        """Backpropagate the gradients FSDP2 left on the model's sharded parameters (and the
+        regulariser's) through this step's draw to the variational parameters and point estimates;
+        clears the model's gradients."""
+        assert self._sharded is not None
+        grads = []
+        for name, theta in thetas.items():
+            param = self._sharded[name]
+            grads.append(torch.zeros_like(theta) if param.grad is None else local_tensor(param.grad))
+            param.grad = None
+        tensors = [term, *thetas.values()]
+        given = [grad_term, *grads]
+        keep = [k for k, t in enumerate(tensors) if t.requires_grad]
+        torch.autograd.backward([tensors[k] for k in keep], [given[k] for k in keep])

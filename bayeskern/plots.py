@@ -1,4 +1,4 @@
-"""Reliability diagrams.
+"""Reliability diagrams, shift curves and OOD score histograms.
 
 Headless: figures are ``matplotlib.figure.Figure`` objects on an explicit Agg canvas, so nothing
 touches pyplot's global state or needs a display. The bins and the ECE/MCE come from
@@ -26,7 +26,7 @@ except ImportError as _error:
 
 from .metrics import ArrayLike, Binning, CalibrationBins, Norm, calibration_bins
 
-__all__ = ["compare_reliability", "reliability_diagram", "reliability_figure"]
+__all__ = ["compare_reliability", "ood_histograms", "reliability_diagram", "reliability_figure", "shift_curves"]
 
 PANEL_INCHES = (4.0, 5.0)
 """Width and height of one method's panel (diagram above, histogram below)."""
@@ -131,4 +131,44 @@ def compare_reliability(
 ) -> Path:
     """Write the reliability diagrams of several methods side by side (400 pixels wide each)."""
     figure = reliability_figure(probs_by_name, targets, n_bins, binning=binning, from_logits=from_logits)
+    return _save(figure, path)
+
+
+def shift_curves(
+    shift_by_method: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]], path: str | PathLike
+) -> Path:
+    """ECE (top row) and NLL (bottom row) against severity, one panel per corruption and one line
+    per method; ``shift_by_method[method][corruption][severity]`` holds ``ece`` and ``nll``.  The
+    in-distribution value, where given as severity ``"0"``, starts each line."""
+    corruptions = list(next(iter(shift_by_method.values())))
+    width, height = PANEL_INCHES
+    figure = Figure(figsize=(width * len(corruptions), height * 1.2), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, len(corruptions), squeeze=False, sharex=True)
+    for column, corruption in enumerate(corruptions):
+        for row, metric in enumerate(("ece", "nll")):
+            ax = axes[row][column]
+            for method, shift in shift_by_method.items():
+                levels = sorted(shift[corruption], key=int)
+                ax.plot([int(s) for s in levels], [shift[corruption][s][metric] for s in levels], "o-", label=method)
+            ax.set(xlabel="severity" if row else "", ylabel=metric.upper(), title=corruption if not row else "")
+    axes[0][0].legend(fontsize="small")
+    return _save(figure, path)
+
+
+def ood_histograms(scores_by_method: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | PathLike) -> Path:
+    """One panel per method: histograms of an OOD score (e.g. mutual information) on the
+    in-distribution and the out-of-distribution inputs, ``scores_by_method[method] = (in, out)``."""
+    width, _ = PANEL_INCHES
+    figure = Figure(figsize=(width * len(scores_by_method), 3.0), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(scores_by_method), squeeze=False)[0]
+    for ax, (method, (inside, outside)) in zip(axes, scores_by_method.items()):
+        s_in, s_out = np.asarray(inside, dtype=float), np.asarray(outside, dtype=float)
+        high = max(float(s_in.max(initial=0.0)), float(s_out.max(initial=0.0))) or 1.0
+        bins = np.linspace(0.0, high, 30)
+        ax.hist(s_in, bins, alpha=0.6, density=True, label="in-distribution")
+        ax.hist(s_out, bins, alpha=0.6, density=True, label="out-of-distribution")
+        ax.set(title=method, xlabel="score")
+    axes[0].legend(fontsize="small")
     return _save(figure, path)

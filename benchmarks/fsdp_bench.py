@@ -157,17 +157,21 @@ def _persistent_bytes(module: nn.Module, opt: torch.optim.Optimizer) -> int:
 
 def _step_peak(module: nn.Module, call: Any, opt: torch.optim.Optimizer, batch: Any) -> dict[str, int]:
     """Persistent bytes plus the peak of what one more step allocates (``ShardTracker``): over the
-    forward and backward (``"backward"``), and over the whole step with ``opt.step()`` (``"step"``)."""
+    forward (``"forward"``: the draw, the gathered blocks, the activations), forward and backward
+    (``"backward"``), and the whole step with ``opt.step()`` (``"step"``)."""
     import gc
 
     gc.collect()
     persistent = _persistent_bytes(module, opt)
     with ShardTracker() as tracker, tracker.fsdp_storage():
         opt.zero_grad()
-        call(*batch).backward()
+        loss = call(*batch)
+        forward = tracker.peak
+        loss.backward()
         backward = tracker.peak
         opt.step()
-    return {"persistent": persistent, "backward": persistent + backward, "step": persistent + tracker.peak}
+    peaks = {"forward": forward, "backward": backward, "step": tracker.peak}
+    return {"persistent": persistent, **{part: persistent + peak for part, peak in peaks.items()}}
 
 
 def _plain_loss(model: nn.Module) -> Any:
@@ -283,6 +287,15 @@ def main() -> None:
             benchmarks.append(
                 _entry(group, "fsdp2", fsdp, False, interleaved_ratio=ratio, peak_bytes=peaks["fsdp2"], **size)
             )
+    sharded_peaks = [found["peaks"]["fsdp2"] for found in ranks]
+    step_peak: dict[str, Any] = {"block_weights_bytes": block_weights}
+    for part in ("step", "backward", "forward"):
+        step_peak[f"{part}_unsharded_bytes"] = unsharded_peak[part]
+        step_peak[f"{part}_per_rank_bytes"] = [peak[part] for peak in sharded_peaks]
+        step_peak[f"{part}_per_rank_over_unsharded"] = [peak[part] / unsharded_peak[part] for peak in sharded_peaks]
+        step_peak[f"{part}_per_rank_above_persistent_over_block"] = [
+            (peak[part] - peak["persistent"]) / block_weights for peak in sharded_peaks
+        ]
     memory = {
         "unsharded_bytes": unsharded,
         "block_bytes": block,
@@ -290,24 +303,7 @@ def main() -> None:
         "per_rank_bytes": [found["sharded_bytes"] for found in ranks],
         "per_rank_over_goal": [found["sharded_bytes"] / goal for found in ranks],
         "per_rank_over_unsharded": [found["sharded_bytes"] / unsharded for found in ranks],
-        "step_peak": {
-            "block_weights_bytes": block_weights,
-            **{
-                f"{part}_{key}": value
-                for part in ("step", "backward")
-                for key, value in {
-                    "unsharded_bytes": unsharded_peak[part],
-                    "per_rank_bytes": [found["peaks"]["fsdp2"][part] for found in ranks],
-                    "per_rank_over_unsharded": [
-                        found["peaks"]["fsdp2"][part] / unsharded_peak[part] for found in ranks
-                    ],
-                    "per_rank_above_persistent_over_block": [
-                        (found["peaks"]["fsdp2"][part] - found["peaks"]["fsdp2"]["persistent"]) / block_weights
-                        for found in ranks
-                    ],
-                }.items()
-            },
-        },
+        "step_peak": step_peak,
     }
     machine = {
         "processor": platform.processor() or platform.machine(),

@@ -10,12 +10,12 @@ from bayeskern.app.errors import UsageError
 
 
 def test_digits_splits_are_fixed_disjoint_and_stratified():
-    splits = load_dataset("digits", DataOptions(image_size=12, seed=3, train_per_class=0))
+    splits = load_dataset("digits10", DataOptions(image_size=12, seed=3, train_per_class=0))
     sizes = [len(s) for s in (splits.train, splits.val, splits.test)]
     assert sum(sizes) == 1797 and sizes[0] == 1078 and abs(sizes[1] - sizes[2]) <= 1
     x, _ = splits.train[0]
     assert x.shape == (3, 12, 12) and splits.num_classes == 10
-    again = load_dataset("digits", DataOptions(image_size=12, seed=3))
+    again = load_dataset("digits10", DataOptions(image_size=12, seed=3))
     assert torch.equal(splits.test.tensors[0], again.test.tensors[0])
     train_rows = {tuple(row.flatten()[:20].tolist()) for row in splits.train.tensors[0]}
     assert not any(tuple(row.flatten()[:20].tolist()) in train_rows for row in splits.test.tensors[0][:50])
@@ -24,13 +24,29 @@ def test_digits_splits_are_fixed_disjoint_and_stratified():
 
 
 def test_digits_default_is_ten_training_examples_per_class():
-    splits = load_dataset("digits", DataOptions(seed=3))
+    splits = load_dataset("digits10", DataOptions(seed=3))
     labels = torch.stack([splits.train[i][1] for i in range(len(splits.train))])
     assert torch.equal(torch.bincount(labels), torch.full((10,), 10))
-    full = load_dataset("digits", DataOptions(seed=3, train_per_class=0))
+    full = load_dataset("digits10", DataOptions(seed=3, train_per_class=0))
     assert len(full.val) == len(splits.val) and len(full.test) == len(splits.test)
-    again = load_dataset("digits", DataOptions(seed=3))
+    again = load_dataset("digits10", DataOptions(seed=3))
     assert splits.train.indices == again.train.indices
+
+
+def test_digits_transfer_task_is_five_to_nine_with_zero_to_four_as_source_and_ood():
+    ten = load_dataset("digits10", DataOptions(image_size=8, seed=1, train_per_class=0))
+    task = load_dataset("digits", DataOptions(image_size=8, seed=1, train_per_class=0))
+    assert task.num_classes == 5 and task.source_name == "digits0-4"
+    for split, whole in ((task.train, ten.train), (task.val, ten.val), (task.test, ten.test)):
+        images, labels = whole.tensors
+        assert torch.equal(split.tensors[0], images[labels >= 5]) and torch.equal(
+            split.tensors[1], labels[labels >= 5] - 5
+        )
+    assert torch.equal(task.source.tensors[0], ten.train.tensors[0][ten.train.tensors[1] < 5])
+    assert torch.equal(task.ood.tensors[0], ten.test.tensors[0][ten.test.tensors[1] < 5])
+    few_shot = load_dataset("digits", DataOptions(image_size=8, seed=1))
+    assert torch.equal(torch.bincount(few_shot.train.dataset.tensors[1][few_shot.train.indices]), torch.full((5,), 10))
+    assert len(few_shot.source) == len(task.source)  # the source is not subset
 
 
 def _write_images(root, classes=("cat", "dog"), per_class=10, size=20):

@@ -243,6 +243,8 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
         "bayeskern.app.finetune",
         "--epochs",
         "2",
+        "--pretrain-epochs",
+        "1",
         "--sgld-epochs",
         "2",
         "--dropout-epochs",

@@ -143,3 +143,18 @@ def test_cli_reports_an_app_dependency_that_fails_during_the_run(tmp_path, monke
     monkeypatch.setattr(finetune, "run", unrelated)
     with pytest.raises(ImportError, match="something else"):
         finetune.main(["--quiet", "--out", str(tmp_path)])
+
+
+def test_cli_text_model_without_transformers_exits_2_naming_the_hf_extra(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"w{i},{i % 2}\n" for i in range(40)))
+    result = _python(f"""
+        import sys
+        sys.modules["transformers"] = None
+        from bayeskern.app.finetune import main
+        sys.exit(main(["--model", "hf:{tmp_path}", "--dataset", "csv:{data}", "--quiet", "--out", {str(tmp_path / "out")!r}]))
+    """)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(err) == 1 and "Traceback" not in result.stderr
+    assert "transformers" in err[0] and "pip install 'bayeskern[hf]'" in err[0]

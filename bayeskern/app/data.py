@@ -1,9 +1,13 @@
-"""Datasets for fine-tuning, by name: ``digits`` (offline default), ``cifar10``, ``flowers102``,
-``oxford_pets`` (torchvision; downloaded only when asked) and ``imagefolder:PATH``.
+"""Datasets for fine-tuning, by name: ``digits`` (offline default), ``digits10``, ``diabetes``
+(regression), ``cifar10``, ``flowers102``, ``oxford_pets`` (torchvision; downloaded only when asked)
+and ``imagefolder:PATH``.
 
-Every loader returns fixed, seeded train/val/test splits.  ``digits`` is scikit-learn's 1,797
+Every loader returns fixed, seeded train/val/test splits.  ``digits10`` is scikit-learn's 1,797
 8x8 handwritten digits (they ship inside scikit-learn), split 60/20/20 stratified, upsampled to
-``image_size`` and repeated to three channels so image backbones take it unchanged.
+``image_size`` and repeated to three channels so image backbones take it unchanged.  ``digits`` is
+the same images as a transfer task: classify digits 5-9; digits 0-4 are the ``source`` a backbone
+is pretrained on (their training images) and the out-of-distribution inputs (their test images).
+``diabetes`` is scikit-learn's tabular regression (``bayeskern.app.regression``).
 
 ``train_per_class`` keeps a seeded subset of that many training examples per class (validation
 and test stay whole).  Its default is the dataset's: 10 for digits -- a few-shot fine-tuning split
@@ -16,6 +20,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,13 @@ class Splits:
     val: Dataset
     test: Dataset
     num_classes: int
+    ood: Dataset | None = None  # inputs of classes the task does not have (OOD evaluation)
+    source: Dataset | None = None  # labelled data of other classes to pretrain a backbone on
+    source_name: str = ""  # names the source in the pretraining cache
+    likelihood: str = "classification"  # or "regression" (tabular: bayeskern.app.regression)
+    target_scale: float = 1.0  # regression: the targets' std, to report errors in their units
+    class_names: list[str] | None = None  # class id -> label in the data (text datasets)
+    collate: Callable | None = None  # builds a batch from examples (None: torch's default_collate)
 
 
 @dataclass
@@ -41,6 +53,7 @@ class DataOptions:
     train_per_class: int | None = None  # None: the dataset's default (DEFAULT_TRAIN_PER_CLASS); 0: all
     train_transform: Callable | None = None
     eval_transform: Callable | None = None
+    text: Any = None  # app.text.TextOptions of a csv:/json: dataset
 
 
 def _seeded_split(n: int, fractions: tuple[float, ...], seed: int) -> list[list[int]]:
@@ -68,6 +81,33 @@ def digits(options: DataOptions) -> Splits:
     mean, std = images[train].mean(), images[train].std()
     images = (images - mean) / std
     return Splits(*(TensorDataset(images[i], labels[i]) for i in (train, val, test)), num_classes=10)
+
+
+TRANSFER_CLASSES = (5, 6, 7, 8, 9)
+"""The digits task's classes; the other five are the pretraining source and the OOD inputs."""
+
+
+def digits_transfer(options: DataOptions) -> Splits:
+    """``digits`` as a transfer task: classify digits 5-9 (labels 0-4); the training images of
+    digits 0-4 are the ``source`` a backbone is pretrained on, their test images the ``ood`` set."""
+    full = digits(options)
+    parts = []
+    for split in (full.train, full.val, full.test):
+        images, labels = split.tensors
+        target = torch.isin(labels, torch.tensor(TRANSFER_CLASSES))
+        parts.append((TensorDataset(images[target], labels[target] - TRANSFER_CLASSES[0]), split.tensors, target))
+    (train, (source_x, source_y), source_mask), (val, _, _), (test, test_all, test_mask) = parts
+    source = TensorDataset(source_x[~source_mask], source_y[~source_mask])
+    ood = TensorDataset(test_all[0][~test_mask], test_all[1][~test_mask])
+    return Splits(train, val, test, len(TRANSFER_CLASSES), ood=ood, source=source, source_name="digits0-4")
+
+
+def diabetes(options: DataOptions) -> Splits:
+    """scikit-learn's diabetes regression, standardised (``bayeskern.app.regression``)."""
+    from .regression import diabetes_splits
+
+    (train, val, test), scale = diabetes_splits(options.seed)
+    return Splits(train, val, test, 1, likelihood="regression", target_scale=scale)
 
 
 def _torchvision_opener(name: str, dataset_cls, options: DataOptions) -> Callable[..., Dataset]:
@@ -164,14 +204,16 @@ def imagefolder(path: str, options: DataOptions) -> Splits:
 
 
 DATASETS: dict[str, Callable[[DataOptions], Splits]] = {
-    "digits": digits,
+    "digits": digits_transfer,
+    "digits10": digits,
+    "diabetes": diabetes,
     "cifar10": cifar10,
     "flowers102": flowers102,
     "oxford_pets": oxford_pets,
 }
 
 
-DEFAULT_TRAIN_PER_CLASS = {"digits": 10}
+DEFAULT_TRAIN_PER_CLASS = {"digits": 10, "digits10": 10}
 
 
 def targets_of(dataset: Dataset) -> torch.Tensor:
@@ -201,16 +243,22 @@ def load_dataset(spec: str, options: DataOptions) -> Splits:
     """Resolve ``spec`` (a name in DATASETS or ``imagefolder:PATH``) to its splits."""
     if spec.startswith("imagefolder:"):
         splits = imagefolder(spec.split(":", 1)[1], options)
+    elif spec.startswith(("csv:", "json:")):
+        from .text import load_text_dataset
+
+        splits = load_text_dataset(spec, options.text, options.seed)
     elif spec in DATASETS:
         splits = DATASETS[spec](options)
     else:
-        known = ", ".join([*DATASETS, "imagefolder:PATH"])
+        known = ", ".join([*DATASETS, "imagefolder:PATH", "csv:PATH", "json:PATH"])
         raise UsageError(f"unknown dataset {spec!r} (known: {known})")
     per_class = options.train_per_class
     if per_class is None:
         per_class = DEFAULT_TRAIN_PER_CLASS.get(spec, 0)
     if per_class < 0:
         raise UsageError(f"--train-per-class must be >= 0, got {per_class}")
+    if per_class and splits.likelihood == "regression":
+        raise UsageError(f"--train-per-class needs classes; {spec!r} is a regression dataset")
     if per_class:
         splits.train = per_class_subset(splits.train, per_class, options.seed)
     return splits

@@ -26,27 +26,47 @@ validation split (metrics.json records it), never on test.
 Under ``torchrun`` the trained modules run inside ``DistributedDataParallel`` (``Method.parallel``;
 VI and MC-dropout through ``forward(inputs, targets)``, their loss), the SGLD bank keeps samples on
 rank 0 only and Laplace fits each rank's shard of the training set (the Fisher is all-reduced).
+With ``--fsdp`` every method trains sharded with FSDP2 instead (``bayeskern.distributed.fully_shard``:
+the backbone for the plain fit, SGLD and Laplace, the posterior for VI and MC-dropout), using the
+library's sharded support (BayesSGLD and a SampleBank of shards, ``DiagLaplace.fit`` on the sharded
+model, its prior precision tuned sharded); once trained, each is gathered into an unsharded copy
+(``gathered``, a collective) that rank 0 evaluates as without ``--fsdp``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 import bayeskern as bk
+from bayeskern.batches import Inputs, as_call, inputs_of, logits_of, move_to
 from bayeskern.distributed import is_distributed, world_size
+from bayeskern.likelihoods import negative_log_likelihood
+from bayeskern.sharding import is_sharded
 
 from .data import Splits
 from .errors import UsageError
 from .models import Backbone
 from .training import EpochLoop
+
+
+def gathered(state):
+    """``state`` (a state_dict, nested dicts and lists allowed) with every DTensor gathered into a
+    full tensor: a collective, every rank must call it."""
+    if isinstance(state, dict):
+        return {k: gathered(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [gathered(v) for v in state]
+    return state.full_tensor() if isinstance(state, Tensor) and is_sharded(state) else state
 
 
 class Method:
@@ -81,9 +101,9 @@ class Method:
     # -- shared pieces ---------------------------------------------------------------------------
     @property
     def prior_mean(self) -> str | dict[str, Tensor]:
-        """The pretrained weights when there are any (those the MAP replaced, after ``start_from_map``),
-        else zero."""
-        if not self.args.pretrained:
+        """The pretrained weights when there are any (those the MAP replaced, after ``start_from_map``)
+        and ``--prior-mean pretrained``, else zero."""
+        if not self.args.pretrained or getattr(self.args, "prior_mean", "pretrained") == "zero":
             return "zero"
         return self.pretrained_weights if self.pretrained_weights is not None else "pretrained"
 
@@ -98,28 +118,105 @@ class Method:
         ]
         return [g for g in groups if g["params"]]
 
+    def trained(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The named parameters training updates: all, or ``Backbone.params`` (LoRA: adapters and head)."""
+        chosen = self.backbone.params
+        if chosen is None:
+            return list(model.named_parameters())
+        return [(name, p) for name, p in model.named_parameters() if name in set(chosen)]
+
+    @staticmethod
+    def logits(net: nn.Module, inputs: Inputs) -> Tensor:
+        """``net`` called on ``inputs`` (a tensor, or a Mapping of keyword inputs), its logits read
+        from the output (``bayeskern.batches``)."""
+        args, kwargs = as_call(inputs)
+        return logits_of(net(*args, **kwargs), inputs)
+
+    @property
+    def likelihood(self) -> str:
+        """``"classification"``, or ``"regression"`` on a tabular dataset (``bayeskern.app.regression``)."""
+        return self.splits.likelihood
+
+    @property
+    def noise_std(self) -> float:
+        """The regression likelihood's sigma: the plain fit's validation RMSE once it is fitted (1 before)."""
+        return float(self.shared.get("noise_std", 1.0))
+
+    def data_loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        """The mean negative log-likelihood: cross-entropy, or Gaussian with std ``noise_std``."""
+        return negative_log_likelihood(output, targets, self.likelihood, self.noise_std)
+
+    def fit_noise_std(self) -> None:
+        """Regression: fit the plain fit if no method has (the backbone's weights are kept), so that
+        ``noise_std`` is known before a method that does not start from it (VI) trains."""
+        if self.likelihood == "regression" and "noise_std" not in self.shared:
+            initial = copy.deepcopy(self.backbone.model.state_dict())
+            self.train_map(self.make_loop("map"))
+            self.backbone.model.load_state_dict(initial)
+
     def parallel(self, module: nn.Module) -> nn.Module:
         """``module`` inside ``DistributedDataParallel`` under torch.distributed (gradients averaged)."""
         return DistributedDataParallel(module) if is_distributed() else module
 
+    @property
+    def sharded(self) -> bool:
+        """``--fsdp``: train with FSDP2 instead of DDP (UsageError without a process group)."""
+        if not getattr(self.args, "fsdp", False):
+            return False
+        if not is_distributed():
+            raise UsageError("--fsdp needs torchrun (an initialised process group)")
+        return True
+
+    def shard_backbone(self) -> nn.Module:
+        """``--fsdp``: shard the backbone's model in place per block (``bk.distributed.fully_shard``, a
+        collective); returns an unsharded copy taken first, for ``unshard_backbone``."""
+        unsharded = copy.deepcopy(self.backbone.model)
+        bk.distributed.fully_shard(self.backbone.model)
+        return unsharded
+
+    def unshard_backbone(self, unsharded: nn.Module) -> None:
+        """Load the sharded model's gathered state (a collective; buffers such as BatchNorm statistics
+        are rank-local under FSDP2, each rank keeps its own) into ``unsharded`` and make it the model."""
+        unsharded.load_state_dict(gathered(self.backbone.model.state_dict()))
+        self.backbone.model = unsharded
+
     def eval_loader(self, dataset: Dataset):
         return self.loop.loader(dataset, shuffle=False)
+
+    def predict_loader(self, dataset: Dataset):
+        """Batches of ``--eval-batch-size`` for the predictive: a posterior's weight samples not kept
+        in memory are redrawn for every batch, so fewer, larger batches cost less."""
+        return dataclasses.replace(self.loop, batch_size=self.args.eval_batch_size).loader(dataset, shuffle=False)
 
     @torch.no_grad()
     def deterministic_probs(self, model: nn.Module, dataset: Dataset) -> Tensor:
         model.eval()
         chunks = []
-        for inputs, _ in self.eval_loader(dataset):
+        for batch in self.predict_loader(dataset):
             with self.loop.autocast():
-                logits = model(inputs.to(self.device))
-            chunks.append(F.softmax(logits.float(), dim=-1).cpu())
+                logits = self.logits(model, move_to(inputs_of(batch), self.device))
+            regression = self.likelihood == "regression"
+            chunks.append((logits.float() if regression else F.softmax(logits.float(), dim=-1)).cpu())
         return torch.cat(chunks)
 
-    def mc_probs(self, posterior, dataset: Dataset) -> Tensor:
+    def predictive(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
+        """Predictive probabilities (N, C) and the mutual information between prediction and weights
+        (N,), float32 on the CPU; a point estimate has none (zero).  Regression: the predictive mean
+        and variance (N, 1), the variance including ``noise_std ** 2``."""
+        probs = self.predict(dataset)
+        if self.likelihood == "regression":
+            return probs, torch.full_like(probs, self.noise_std**2)
+        return probs, torch.zeros(len(probs))
+
+    def mc_predictive(self, posterior, dataset: Dataset) -> tuple[Tensor, Tensor]:
+        """``predictive`` of a posterior's Monte-Carlo predictive: MI = H[probs] - mean_s H[p_s]."""
         prediction = bk.predict(
-            posterior, self.eval_loader(dataset), num_samples=self.args.num_samples, compile=self.args.compile
+            posterior, self.predict_loader(dataset), num_samples=self.args.num_samples, compile=self.args.compile
         )
-        return prediction.probs.float().cpu()
+        if self.likelihood == "regression":
+            return cast(Tensor, prediction.mean).float().cpu(), cast(Tensor, prediction.variance).float().cpu()
+        mutual_information = (prediction.entropy - prediction.expected_entropy).clamp_min(0.0)
+        return prediction.probs.float().cpu(), mutual_information.float().cpu()
 
     def steps(self, epochs: int) -> int:
         """Optimizer steps of ``epochs`` epochs on this rank (its ``DistributedSampler`` share)."""
@@ -166,17 +263,25 @@ class Method:
     def train_map(self, loop: EpochLoop) -> None:
         """The deterministic fit of the backbone (Adam on the mean cross-entropy); shared as the MAP."""
         model = self.backbone.model
-        net = self.parallel(model)
-        optimizer, scheduler = self.adam(list(model.named_parameters()), self.args.lr, loop)
+        unsharded = self.shard_backbone() if self.sharded else None
+        net = model if unsharded is not None else self.parallel(model)
+        optimizer, scheduler = self.adam(self.trained(model), self.args.lr, loop)
         self.train_supervised(
             model,
-            {"model": model, "optimizer": optimizer},
-            lambda x, y: F.cross_entropy(net(x), y),
+            {} if unsharded is not None else {"model": model, "optimizer": optimizer},
+            lambda x, y: self.data_loss(self.logits(net, x), y),
             optimizer,
             loop=loop,
             scheduler=scheduler,
         )
+        if unsharded is not None:
+            self.unshard_backbone(unsharded)
+            model = self.backbone.model
         self.shared["map_state"] = copy.deepcopy(model.state_dict())
+        if self.likelihood == "regression":  # sigma: the maximum-likelihood fit of the validation residuals
+            mean = self.deterministic_probs(model, self.splits.val)
+            targets = torch.stack([self.splits.val[i][1] for i in range(len(self.splits.val))])
+            self.shared["noise_std"] = float((mean - targets.reshape(mean.shape)).square().mean().sqrt())
 
     def start_from_map(self) -> None:
         """Put the MAP into the backbone, fitting it first if no method has; the pretrained weights
@@ -209,6 +314,10 @@ class _WeightPosteriorMethod(Method):
         raise NotImplementedError
 
     def train(self) -> None:
+        self.fit_noise_std()
+        if self.sharded:
+            self.train_sharded()
+            return
         self.posterior = self.build().to(self.device)
         lr = getattr(self.args, self.lr_option)
         optimizer, scheduler = self.adam(list(self.posterior.named_parameters()), lr, self.loop)
@@ -220,9 +329,27 @@ class _WeightPosteriorMethod(Method):
             scheduler=scheduler,
         )
 
+    def train_sharded(self) -> None:
+        """``--fsdp``: train the posterior sharded with FSDP2 (``bayeskern.distributed.fully_shard``),
+        then gather it into an unsharded posterior on a copy of the backbone, which rank 0 evaluates.
+        The per-epoch checkpoints keep the scheduler only (``--fsdp`` excludes ``--resume``)."""
+        unsharded_model = copy.deepcopy(self.backbone.model)
+        sharded = self.build().to(self.device)
+        bk.distributed.fully_shard(sharded)
+        lr = getattr(self.args, self.lr_option)
+        optimizer, scheduler = self.adam(list(sharded.named_parameters()), lr, self.loop)
+        self.train_supervised(sharded, {}, sharded, optimizer, scheduler=scheduler)
+        state = gathered(sharded.state_dict())
+        self.backbone.model = unsharded_model
+        self.posterior = self.build().to(self.device)
+        self.posterior.load_state_dict(state)
+
     def predict(self, dataset: Dataset) -> Tensor:
+        return self.predictive(dataset)[0]
+
+    def predictive(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
         self.posterior.eval()
-        return self.mc_probs(self.posterior, dataset)
+        return self.mc_predictive(self.posterior, dataset)
 
 
 class VariationalInference(_WeightPosteriorMethod):
@@ -232,9 +359,12 @@ class VariationalInference(_WeightPosteriorMethod):
         a = self.args
         return bk.VI(
             self.backbone.model,
+            params=self.backbone.params,
             prior_mean=self.prior_mean,
             new_params=self.backbone.new_params,
             prior_std=a.prior_std,
+            likelihood=self.likelihood,
+            noise_std=self.noise_std,
             init_std=a.vi_init_std,
             num_data=self.num_data,
             temperature=a.vi_temperature,
@@ -259,9 +389,12 @@ class MCDropoutMethod(_WeightPosteriorMethod):
         a = self.args
         return bk.MCDropout(
             self.backbone.model,
+            params=self.backbone.params,
             p=a.dropout_p,
             mode=a.dropout_mode,
             include_norm=a.dropout_norm,
+            likelihood=self.likelihood,
+            noise_std=self.noise_std,
             prior_mean=self.prior_mean,
             new_params=self.backbone.new_params,
             prior_std=a.prior_std,
@@ -278,10 +411,14 @@ class SGLD(Method):
         self.loop = self.make_loop(self.name, epochs=self.args.sgld_epochs)
 
     def train(self) -> None:
-        a, model = self.args, self.backbone.model
+        """Under ``--fsdp`` the chain runs on the sharded backbone and the bank stores each rank's
+        shards; both are then gathered into an unsharded model and bank that rank 0 evaluates."""
+        a = self.args
         self.start_from_map()
+        unsharded = self.shard_backbone() if self.sharded else None
+        model = self.backbone.model
         optimizer = bk.BayesSGLD(
-            self.param_groups(list(model.named_parameters()), a.sgld_lr),
+            self.param_groups(self.trained(model), a.sgld_lr),
             lr=a.sgld_lr,
             num_data=self.num_data,
             prior_mean=self.prior_mean,
@@ -297,44 +434,85 @@ class SGLD(Method):
                 f"SGLD keeps no sample: {steps} steps, {burnin} of burn-in, thinning {a.sgld_thin}; "
                 "raise --sgld-epochs or lower --sgld-burnin / --sgld-thin"
             )
-        self.bank = bk.SampleBank(
-            model, burnin=burnin, thin=a.sgld_thin, max_samples=a.num_samples, seed=a.seed, rank_zero_only=True
-        )
-        net = self.parallel(model)
+        self.bank = self.sample_bank(model, burnin, rank_zero_only=unsharded is None)
+        net = model if unsharded is not None else self.parallel(model)
         self.train_supervised(
             model,
-            {"model": model, "optimizer": optimizer, "bank": self.bank},
-            lambda x, y: F.cross_entropy(net(x), y),
+            {} if unsharded is not None else {"model": model, "optimizer": optimizer, "bank": self.bank},
+            lambda x, y: self.data_loss(self.logits(net, x), y),
             optimizer,
             after_step=self.bank.update,
         )
+        if unsharded is not None:
+            state = gathered(self.bank.state_dict())
+            self.unshard_backbone(unsharded)
+            self.bank = self.sample_bank(self.backbone.model, burnin, rank_zero_only=False)
+            self.bank.load_state_dict(state)
+
+    def sample_bank(self, model: nn.Module, burnin: int, rank_zero_only: bool) -> bk.SampleBank:
+        a = self.args
+        return bk.SampleBank(
+            model,
+            params=self.backbone.params,
+            burnin=burnin,
+            thin=a.sgld_thin,
+            max_samples=a.num_samples,
+            seed=a.seed,
+            rank_zero_only=rank_zero_only,
+            likelihood=self.likelihood,
+            noise_std=self.noise_std,
+        )
 
     def predict(self, dataset: Dataset) -> Tensor:
+        return self.predictive(dataset)[0]
+
+    def predictive(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
         self.backbone.model.eval()
-        return self.mc_probs(self.bank, dataset)
+        return self.mc_predictive(self.bank, dataset)
 
 
 class Laplace(Method):
     name = "laplace"
 
     def train(self) -> None:
-        a, model = self.args, self.backbone.model
+        """Under ``--fsdp`` the Fisher is fitted on the sharded backbone, every rank on as many examples
+        (``floor(N / K)``: FSDP2 gathers per batch, so the ranks need as many batches; up to K - 1
+        examples are left out), then gathered into an unsharded DiagLaplace on every rank, whose prior
+        precision is tuned there (a sharded predictive runs eagerly, one sample per call: several
+        times slower) and which rank 0 evaluates."""
+        a = self.args
         self.start_from_map()
-        self.laplace = bk.DiagLaplace(
+        unsharded = self.shard_backbone() if self.sharded else None
+        model = self.backbone.model
+        self.laplace = self.diag_laplace(model)
+        model.eval()
+        data = self.splits.train
+        if unsharded is not None:
+            data = Subset(data, range(len(data) - len(data) % world_size()))
+        self.laplace.fit(self.eval_loader(self.loop.shard(data)), progress=self.loop.show_progress)
+        if unsharded is not None:
+            state = gathered(self.laplace.state_dict())
+            self.unshard_backbone(unsharded)
+            self.laplace = self.diag_laplace(self.backbone.model)
+            self.laplace.load_state_dict(state)
+            self.backbone.model.eval()
+        if a.laplace_optimize != "none":
+            self.laplace.optimize_prior_precision(
+                method=a.laplace_optimize, val_loader=self.predict_loader(self.splits.val), grid=self.precision_grid()
+            )
+
+    def diag_laplace(self, model: nn.Module) -> bk.DiagLaplace:
+        a = self.args
+        return bk.DiagLaplace(
             model,
-            likelihood="classification",
-            params=a.laplace_params,
+            likelihood=self.likelihood,
+            noise_std=self.noise_std,
+            params=a.laplace_params or self.backbone.params,
             prior_mean=self.prior_mean,
             new_params=self.backbone.new_params,
             prior_precision=a.laplace_prior_precision,
             fisher_type=a.laplace_fisher,
         )
-        model.eval()
-        self.laplace.fit(self.eval_loader(self.loop.shard(self.splits.train)), progress=self.loop.show_progress)
-        if a.laplace_optimize != "none":
-            self.laplace.optimize_prior_precision(
-                method=a.laplace_optimize, val_loader=self.eval_loader(self.splits.val), grid=self.precision_grid()
-            )
 
     def precision_grid(self) -> list[float]:
         """The ``val_nll`` search: half-decade steps from the other methods' prior precision ``1 / sp^2``
@@ -343,8 +521,11 @@ class Laplace(Method):
         return (torch.logspace(0, 8, 17) / self.args.prior_std**2).tolist()
 
     def predict(self, dataset: Dataset) -> Tensor:
+        return self.predictive(dataset)[0]
+
+    def predictive(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
         self.laplace.model.eval()
-        return self.mc_probs(self.laplace, dataset)
+        return self.mc_predictive(self.laplace, dataset)
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Vanilla, VariationalInference, MCDropoutMethod, SGLD, Laplace)}

@@ -1,7 +1,8 @@
 """Backbones by name and their pretrained weights.
 
 ``--model`` takes ``timm:<name>`` (timm's own factory), ``torchvision:<name>``
-(``torchvision.models.get_model``) or a built-in small network (``convnet``).  ``--pretrained``
+(``torchvision.models.get_model``), a built-in small network (``convnet``) or ``hf:<hub id or
+directory>`` (a ``transformers`` text classifier, ``app.text``).  ``--pretrained``
 takes ``timm`` or ``torchvision`` (the library's published weights; needs network access) or a PATH
 to a state dict (``.pt``/``.pth``, optionally nested under ``state_dict``/``model``) or a
 ``.safetensors`` file.  Pretrained weights become the initial point and the prior mean; the
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .regression import MLP
 
 
 class ConvNet(nn.Module):
@@ -43,7 +45,7 @@ class ConvNet(nn.Module):
         return self.head(self.features(x))
 
 
-BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {"convnet": ConvNet}
+BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {"convnet": ConvNet, "mlp": MLP}
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Backbone:
     model: nn.Module
     classifier: list[str]  # parameter names of the classifier head
     new_params: list[str] = field(default_factory=list)  # freshly initialised: prior mean zero
+    params: list[str] | None = None  # the trained (and Bayesian) parameters; None: all (LoRA: adapters and head)
 
 
 def _classifier_prefix(model: nn.Module) -> str:
@@ -156,9 +159,14 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], classifier
     return new
 
 
-def create_backbone(spec: str, num_classes: int, pretrained: str | None = None) -> Backbone:
-    """Build ``spec`` for ``num_classes`` and load ``pretrained`` weights (see module docstring)."""
+def create_backbone(spec: str, num_classes: int, pretrained: str | None = None, text=None) -> Backbone:
+    """Build ``spec`` for ``num_classes`` and load ``pretrained`` weights (see module docstring);
+    ``hf:NAME`` is a text classifier (``app.text.hf_backbone``, ``text`` its TextOptions)."""
     family, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
+    if family == "hf":
+        from .text import hf_backbone
+
+        return hf_backbone(name, num_classes, text)
     published = pretrained in ("timm", "torchvision")
     if published and pretrained != family:
         raise UsageError(f"--pretrained {pretrained} needs a {pretrained}:NAME model, got {spec!r}")

@@ -25,6 +25,9 @@ class MethodResult:
     train_seconds: float
     peak_bytes: int | None
     val: dict[str, float] = field(default_factory=dict)  # the validation split, for choosing settings
+    shift: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # corruption -> severity -> metrics
+    shift_mean: dict[str, float] = field(default_factory=dict)  # error/ECE/NLL averaged over every shifted set
+    ood: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> auroc/aupr/fpr95
 
 
 def _log_probs(probs: Tensor) -> Tensor:
@@ -53,31 +56,92 @@ def evaluate(
     )
 
 
+SHIFT_METRICS = ("error", "ece", "nll")
+
+
+def shift_report(probs_by_set: dict[tuple[str, int], Tensor], targets: Tensor) -> tuple[dict, dict[str, float]]:
+    """Error, ECE and NLL on every (corruption, severity) set, and their means over all sets."""
+    shift: dict[str, dict[str, dict[str, float]]] = {}
+    for (corruption, severity), probs in probs_by_set.items():
+        report = metrics.calibration_report(probs.double(), targets)
+        shift.setdefault(corruption, {})[str(severity)] = {k: report[k] for k in SHIFT_METRICS}
+    rows = [row for by_severity in shift.values() for row in by_severity.values()]
+    mean = {k: sum(row[k] for row in rows) / len(rows) for k in SHIFT_METRICS} if rows else {}
+    return shift, mean
+
+
 def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f}"
 
 
+def _shift_ood_head(results: dict[str, MethodResult]) -> list[str]:
+    shifted = any(r.shift_mean for r in results.values())
+    ood = any(r.ood for r in results.values())
+    return [*(("shift err", "shift ECE", "shift NLL") if shifted else ()), *(("AUROC maxp", "AUROC MI") if ood else ())]
+
+
+def _shift_ood_cells(r: MethodResult, head: list[str]) -> list[str]:
+    """Means over the shifted test sets; OOD AUROC of the max-probability and mutual-information scores."""
+    values = {
+        "shift err": r.shift_mean.get("error"),
+        "shift ECE": r.shift_mean.get("ece"),
+        "shift NLL": r.shift_mean.get("nll"),
+        "AUROC maxp": r.ood.get("max_prob", {}).get("auroc"),
+        "AUROC MI": r.ood.get("mutual_information", {}).get("auroc"),
+    }
+    return ["n/a" if values[h] is None else f"{values[h]:.4f}" for h in head]
+
+
 def markdown_table(results: dict[str, MethodResult]) -> str:
-    head = [*COLUMNS, "ECE (TS)", "NLL (TS)", "T", "train s", "peak MiB"]  # peak MiB: see bayeskern.app.measure
+    extra = _shift_ood_head(results)
+    head = [*COLUMNS, "ECE (TS)", "NLL (TS)", "T", *extra, "train s", "peak MiB"]  # peak MiB: bayeskern.app.measure
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, r in results.items():
         cells = [f"{r.test[c]:.4f}" for c in COLUMNS]
-        cells += [
-            f"{r.test_ts['ece']:.4f}",
-            f"{r.test_ts['nll']:.4f}",
-            f"{r.temperature:.2f}",
-            f"{r.train_seconds:.1f}",
-            _mib(r.peak_bytes),
-        ]
+        cells += [f"{r.test_ts['ece']:.4f}", f"{r.test_ts['nll']:.4f}", f"{r.temperature:.2f}"]
+        cells += _shift_ood_cells(r, extra)
+        cells += [f"{r.train_seconds:.1f}", _mib(r.peak_bytes)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def regression_table(results: dict[str, MethodResult]) -> str:
+    """Regression: test RMSE, Gaussian NLL and central-90% coverage, and the validation NLL."""
+    head = ["RMSE", "NLL", "coverage 90%", "val NLL", "train s", "peak MiB"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name, r in results.items():
+        cells = [f"{r.test['rmse']:.2f}", f"{r.test['nll']:.4f}", f"{r.test['coverage90']:.3f}", f"{r.val['nll']:.4f}"]
+        lines.append(f"| {name} | " + " | ".join([*cells, f"{r.train_seconds:.1f}", _mib(r.peak_bytes)]) + " |")
+    return "\n".join(lines)
+
+
+def study_table(results_by_prior: dict[str, dict[str, MethodResult]]) -> str:
+    """``--study prior``: one row per method and prior mean (error, ECE, NLL in-distribution and
+    averaged over the shifted sets, mutual-information OOD AUROC)."""
+    head = ["error", "ECE", "NLL", "shift ECE", "shift NLL", "AUROC MI"]
+    lines = ["| method | prior mean | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    for prior, results in results_by_prior.items():
+        for name, r in results.items():
+            cells = [f"{r.test['error']:.4f}", f"{r.test['ece']:.4f}", f"{r.test['nll']:.4f}"]
+            cells += _shift_ood_cells(r, ["shift ECE", "shift NLL", "AUROC MI"])
+            lines.append(f"| {name} | {prior} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(
-    run_dir: Path, config: dict, results: dict[str, MethodResult], test_probs: dict[str, Tensor], test_targets: Tensor
+    run_dir: Path,
+    config: dict,
+    results: dict[str, MethodResult],
+    test_probs: dict[str, Tensor],
+    test_targets: Tensor,
+    extra: dict | None = None,
+    ood_scores: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> None:
+    """``metrics.json`` (the config, ``extra`` sections such as the pretraining record, and every
+    method's result), the reliability diagrams, the shift curves and the OOD score histograms
+    (``ood_scores``: per method, the mutual-information or entropy scores in and out)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"config": config, "methods": {name: asdict(r) for name, r in results.items()}}
+    payload = {"config": config, **(extra or {}), "methods": {name: asdict(r) for name, r in results.items()}}
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     from bayeskern import plots  # matplotlib, only when diagrams are drawn
 
@@ -85,6 +149,15 @@ def write_outputs(
         plots.reliability_diagram(probs, test_targets, run_dir / f"reliability_{name}.png", title=name)
     if len(test_probs) > 1:
         plots.compare_reliability(test_probs, test_targets, run_dir / "reliability_all.png")
+    shifts = {  # severity 0: the clean test set
+        name: {c: {"0": r.test, **by_severity} for c, by_severity in r.shift.items()}
+        for name, r in results.items()
+        if r.shift
+    }
+    if shifts:
+        plots.shift_curves(shifts, run_dir / "shift.png")
+    if ood_scores:
+        plots.ood_histograms(ood_scores, run_dir / "ood_scores.png")
 
 
 def save_method_result(directory: Path, result: MethodResult, probs: dict[str, Tensor]) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
+from ..batches import Inputs, move_to, split_batch
 from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank, world_size
 from .errors import UsageError
 
@@ -85,6 +86,7 @@ class EpochLoop:
     resume: bool = False
     quiet: bool = False
     stop_after: int | None = None
+    collate: Callable | None = None  # builds a batch from examples (text: padding); None: default_collate
 
     @property
     def checkpoint_path(self) -> Path:
@@ -105,6 +107,7 @@ class EpochLoop:
             sampler=sampler,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
+            collate_fn=self.collate,
         )
 
     @staticmethod
@@ -149,8 +152,9 @@ class EpochLoop:
         if not self.quiet:
             print(json.dumps(record), flush=True)
 
-    def run(self, dataset: Dataset, state: dict[str, Stateful], step: Callable[[Tensor, Tensor], float]) -> None:
-        """Train ``epochs`` epochs of ``step(inputs, targets) -> loss`` over ``dataset``."""
+    def run(self, dataset: Dataset, state: dict[str, Stateful], step: Callable[[Inputs, Tensor], float]) -> None:
+        """Train ``epochs`` epochs of ``step(inputs, targets) -> loss`` over ``dataset`` (batches as
+        ``bayeskern.batches`` reads them: ``(x, y)`` tensors or Mappings holding ``labels``)."""
         generator = torch.Generator()
         sampler = DistributedSampler(dataset, shuffle=True, seed=self.seed) if is_distributed() else None
         loader = self.loader(dataset, shuffle=sampler is None, generator=generator, sampler=sampler)
@@ -160,11 +164,8 @@ class EpochLoop:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             start, total, count = time.perf_counter(), 0.0, 0
-            for inputs, targets in self._progress(
-                loader, desc=f"{self.directory.name} epoch {epoch + 1}/{self.epochs}"
-            ):
-                inputs = inputs.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
+            for batch in self._progress(loader, desc=f"{self.directory.name} epoch {epoch + 1}/{self.epochs}"):
+                inputs, targets = move_to(split_batch(batch), self.device)
                 total += step(inputs, targets) * len(targets)
                 count += len(targets)
             total, count = all_reduce_sum({"sums": torch.tensor([total, count], dtype=torch.float64)})["sums"].tolist()

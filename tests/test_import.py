@@ -152,7 +152,8 @@ def test_cli_text_model_without_transformers_exits_2_naming_the_hf_extra(tmp_pat
         import sys
         sys.modules["transformers"] = None
         from bayeskern.app.finetune import main
-        sys.exit(main(["--model", "hf:{tmp_path}", "--dataset", "csv:{data}", "--quiet", "--out", {str(tmp_path / "out")!r}]))
+        args = ["--model", "hf:{tmp_path}", "--dataset", "csv:{data}", "--quiet"]
+        sys.exit(main([*args, "--out", {str(tmp_path / "out")!r}]))
     """)
     err = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", default="digits", help=f"{', '.join(DATASETS)}, imagefolder:PATH, csv:PATH or json:PATH (text)")
     add("--data-dir", type=Path, default=Path("data"), help="where torchvision datasets live")
     add("--download", action="store_true", help="download a missing torchvision dataset")
-    add("--model", default="timm:resnet18", help="timm:NAME, torchvision:NAME, convnet (built-in) or hf:ID|DIR (text)")
+    add("--model", default="timm:resnet18", help="timm:NAME, torchvision:NAME, convnet or mlp (built in), hf:ID|DIR")
     add(
         "--pretrained",
         default="source",

@@ -313,6 +313,20 @@ class _WeightPosteriorMethod(Method):
     def build(self) -> nn.Module:
         raise NotImplementedError
 
+    def posterior_options(self) -> dict:
+        """The arguments VI and MC-dropout share: the selection, the prior and the likelihood."""
+        a = self.args
+        return dict(
+            params=self.backbone.params,
+            prior_mean=self.prior_mean,
+            new_params=self.backbone.new_params,
+            prior_std=a.prior_std,
+            likelihood=self.likelihood,
+            noise_std=self.noise_std,
+            num_data=self.num_data,
+            seed=a.seed,
+        )
+
     def train(self) -> None:
         self.fit_noise_std()
         if self.sharded:
@@ -359,17 +373,10 @@ class VariationalInference(_WeightPosteriorMethod):
         a = self.args
         return bk.VI(
             self.backbone.model,
-            params=self.backbone.params,
-            prior_mean=self.prior_mean,
-            new_params=self.backbone.new_params,
-            prior_std=a.prior_std,
-            likelihood=self.likelihood,
-            noise_std=self.noise_std,
             init_std=a.vi_init_std,
-            num_data=self.num_data,
             temperature=a.vi_temperature,
             train_samples=a.vi_train_samples,
-            seed=a.seed,
+            **self.posterior_options(),
         )
 
 
@@ -389,17 +396,10 @@ class MCDropoutMethod(_WeightPosteriorMethod):
         a = self.args
         return bk.MCDropout(
             self.backbone.model,
-            params=self.backbone.params,
             p=a.dropout_p,
             mode=a.dropout_mode,
             include_norm=a.dropout_norm,
-            likelihood=self.likelihood,
-            noise_std=self.noise_std,
-            prior_mean=self.prior_mean,
-            new_params=self.backbone.new_params,
-            prior_std=a.prior_std,
-            num_data=self.num_data,
-            seed=a.seed,
+            **self.posterior_options(),
         )
 
 

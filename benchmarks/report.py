@@ -11,7 +11,8 @@ each alone on its line:
 
 * ``<!-- table: FILE.json -->`` or ``<!-- table: FILE.json groups: REGEX -->``: the table of that
   result file (only the groups whose name matches ``REGEX``), under a line naming its machine;
-* ``<!-- machines -->``: one row per result file: its date, commit and machine;
+* ``<!-- quality: FILE.json -->``: the tables of a ``benchmarks/quality.py`` result (``quality_table``);
+* ``<!-- machines -->``: one row per pytest-benchmark result file: its date, commit and machine;
 * ``<!-- rest -->``: the tables of every group of every result file that no table directive has
   shown (appended at the end when the template has no such directive), so each committed result
   appears somewhere.
@@ -30,6 +31,7 @@ machine, the accelerator and the torch version recorded in the JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -37,7 +39,9 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DIRECTIVE = re.compile(r"^<!--\s*(table|machines|rest)\s*(?::\s*(\S+?\.json))?\s*(?:groups:\s*(.*?))?\s*-->\s*$")
+DIRECTIVE = re.compile(
+    r"^<!--\s*(table|quality|machines|rest)\s*(?::\s*(\S+?\.json))?\s*(?:groups:\s*(.*?))?\s*-->\s*$"
+)
 GENERATED = (
     "<!-- Rendered by `python benchmarks/report.py` from benchmarks/notes.md and benchmarks/results/*.json:"
     " edit those, not this file. -->"
@@ -138,6 +142,14 @@ def render(paths: list[Path], only: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def quality_tables(result: dict) -> list[str]:
+    """The tables of a ``quality.py`` result, by ``quality_table.py`` beside this file."""
+    spec = importlib.util.spec_from_file_location("quality_table", HERE / "quality_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tables(result)
+
+
 def _machines(results: dict[str, dict]) -> list[str]:
     rows = ["| result file | date | commit | machine |", "|---|---|---|---|"]
     for name, data in results.items():
@@ -149,7 +161,8 @@ def _machines(results: dict[str, dict]) -> list[str]:
 
 def render_readme(results_dir: Path, notes: Path) -> str:
     """benchmarks/README.md: the template ``notes`` with its directives replaced (module docstring)."""
-    results = {p.name: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    every = {p.name: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    results = {name: data for name, data in every.items() if "benchmarks" in data}  # pytest-benchmark files
     shown: dict[str, set[str]] = defaultdict(set)
     body: list[str | None] = []  # None marks where the rest goes
     for number, line in enumerate(notes.read_text().splitlines(), 1):
@@ -162,6 +175,10 @@ def render_readme(results_dir: Path, notes: Path) -> str:
             body.extend(_machines(results))
         elif kind == "rest":
             body.append(None)
+        elif kind == "quality":
+            if name not in every or "tasks" not in every[name]:
+                raise ValueError(f"{notes}:{number}: no quality.py result {name!r} in {results_dir}")
+            body.extend(quality_tables(every[name]))
         else:
             if name not in results:
                 raise ValueError(f"{notes}:{number}: no result file {name!r} in {results_dir}")

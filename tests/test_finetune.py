@@ -147,16 +147,21 @@ def test_methods_refining_the_map_keep_the_pretrained_weights_as_prior_mean(tmp_
 
 
 def test_laplace_searches_prior_precisions_upward_from_the_prior(tmp_path, monkeypatch):
-    grids = []
+    calls = []
     search = bk.DiagLaplace.optimize_prior_precision
 
     def spy(self, *args, **kwargs):
-        grids.append(kwargs["grid"])
+        calls.append(kwargs)
         return search(self, *args, **kwargs)
 
     monkeypatch.setattr(bk.DiagLaplace, "optimize_prior_precision", spy)
     assert _run(tmp_path, "--method", "laplace", "--prior-std", "0.5", name="lap") == 0
-    assert grids == [pytest.approx([10 ** (k / 2) / 0.5**2 for k in range(17)], rel=1e-5)]
+    assert _run(tmp_path, "--method", "laplace", "--laplace-grid-points", "5", "--num-samples", "3", name="five") == 0
+    assert [c["grid"] for c in calls] == [
+        pytest.approx([10 ** (k / 2) / 0.5**2 for k in range(17)], rel=1e-5),
+        pytest.approx([10.0 ** (2 * k) for k in range(5)], rel=1e-5),
+    ]
+    assert [c["num_samples"] for c in calls] == [2, 3]  # each run's --num-samples (_run gives 2)
 
 
 def test_resume_after_interruption_gives_the_same_metrics(tmp_path):
@@ -189,6 +194,7 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path):
         (["--study", "temperature"], "unknown --study 'temperature'"),
         (["--prior-mean", "pretrain"], "--prior-mean: invalid choice"),
         (["--pretrain-epochs", "0"], "--pretrain-epochs must be at least 1"),
+        (["--laplace-grid-points", "0"], "--laplace-grid-points must be at least 1"),
         (["--dataset", "diabetes"], "is tabular: use --model mlp"),
     ],
 )

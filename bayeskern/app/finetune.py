@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--laplace-fisher", choices=("empirical", "mc"), default="empirical")
     add("--laplace-params", default=None, help='"last_layer" or a comma-separated list of names/globs (default all)')
     add("--laplace-optimize", choices=("marglik", "val_nll", "none"), default="val_nll")
+    add(
+        "--laplace-grid-points",
+        type=int,
+        default=17,
+        help="val_nll: prior precisions tried, log-spaced from 1/sp^2 to 1e8/sp^2 (17: half-decade steps)",
+    )
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--amp", choices=tuple(AMP_DTYPES), default="none")
     add("--compile", action="store_true", help="run the Monte-Carlo predictive under torch.compile")
@@ -210,6 +216,7 @@ def _validate(args: argparse.Namespace) -> None:
         "dropout_epochs",
         "sgld_epochs",
         "sgld_thin",
+        "laplace_grid_points",
     ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")

@@ -498,7 +498,10 @@ class Laplace(Method):
             self.backbone.model.eval()
         if a.laplace_optimize != "none":
             self.laplace.optimize_prior_precision(
-                method=a.laplace_optimize, val_loader=self.predict_loader(self.splits.val), grid=self.precision_grid()
+                method=a.laplace_optimize,
+                val_loader=self.predict_loader(self.splits.val),
+                grid=self.precision_grid(),
+                num_samples=a.num_samples,
             )
 
     def diag_laplace(self, model: nn.Module) -> bk.DiagLaplace:
@@ -515,10 +518,11 @@ class Laplace(Method):
         )
 
     def precision_grid(self) -> list[float]:
-        """The ``val_nll`` search: half-decade steps from the other methods' prior precision ``1 / sp^2``
-        up to ``1e8 / sp^2`` (a few-shot MAP fits its training set, F is small, and the best precision
-        sits high: at 1e4 the library's default grid ends on it)."""
-        return (torch.logspace(0, 8, 17) / self.args.prior_std**2).tolist()
+        """The ``val_nll`` search: ``--laplace-grid-points`` log-spaced values from the other methods'
+        prior precision ``1 / sp^2`` up to ``1e8 / sp^2`` (17: half-decade steps; a few-shot MAP fits its
+        training set, F is small, and the best precision sits high: at 1e4 the library's default grid
+        ends on it).  Each value costs one ``--num-samples`` predictive over the validation split."""
+        return (torch.logspace(0, 8, self.args.laplace_grid_points) / self.args.prior_std**2).tolist()
 
     def predict(self, dataset: Dataset) -> Tensor:
         return self.predictive(dataset)[0]

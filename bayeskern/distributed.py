@@ -26,7 +26,6 @@ from .ops import philox
 from .validation import check_count
 
 RANK_STREAM_SHIFT = 32  # training draw s of rank r uses Philox stream s + (r << 32)
-_GOLDEN = 0x9E3779B97F4A7C15  # Weyl increment spreading per-rank seeds over all 64 (and the low 32) bits
 
 
 def is_distributed() -> bool:
@@ -60,7 +59,7 @@ def rank_stream(stream: int) -> int:
 def rank_seed(seed: int) -> int:
     """A per-rank seed for a stateful generator: ``(seed + rank * 0x9E3779B97F4A7C15) mod 2**63``
     (``seed`` itself on rank 0; the low 32 bits differ too, which mt19937 seeding keeps)."""
-    return (seed + rank() * _GOLDEN) % 2**63
+    return (seed + rank() * philox.WEYL_INCREMENT) % 2**63
 
 
 def collective_device() -> torch.device:

@@ -16,6 +16,13 @@ from torch import Tensor
 LIKELIHOODS = ("classification", "regression")
 
 
+def gaussian_nll(mean: Tensor, target: Tensor, variance: Tensor | float) -> Tensor:
+    """``-log N(target | mean, variance)`` elementwise: ``(target - mean)^2 / (2 variance) + log(2 pi variance) / 2``
+    (``variance`` a tensor broadcasting against ``mean``, or one number)."""
+    variance = torch.as_tensor(variance, dtype=mean.dtype, device=mean.device)
+    return 0.5 * ((target - mean).square() / variance + torch.log(2 * math.pi * variance))
+
+
 def negative_log_likelihood(
     output: Tensor, target: Tensor, likelihood: str, noise_std: float, reduction: str = "mean"
 ) -> Tensor:
@@ -25,7 +32,5 @@ def negative_log_likelihood(
         output = output.float()
     if likelihood == "classification":
         return F.cross_entropy(output, target if target.is_floating_point() else target.long(), reduction=reduction)
-    variance = noise_std**2
-    squared = (output - target.reshape(output.shape).to(output.dtype)).square()
-    total = squared.sum() / (2 * variance) + squared.numel() * 0.5 * math.log(2 * math.pi * variance)
+    total = gaussian_nll(output, target.reshape(output.shape).to(output.dtype), noise_std**2).sum()
     return total / max(len(output), 1) if reduction == "mean" else total

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from ..likelihoods import gaussian_nll
+
 Z_95 = 1.6448536269514722  # the standard normal's 95% quantile: mean +- Z_95 sd holds 90%
 
 
@@ -57,7 +59,7 @@ def regression_report(mean: Tensor, variance: Tensor, targets: Tensor, scale: fl
     all in units ``scale`` times those given (NLL shifts by ``log scale``)."""
     mean, variance, targets = mean.double().flatten(), variance.double().flatten(), targets.double().flatten()
     residual = targets - mean
-    nll = 0.5 * (torch.log(2 * math.pi * variance) + residual.square() / variance)
+    nll = gaussian_nll(mean, targets, variance)
     return {
         "rmse": float(residual.square().mean().sqrt()) * scale,
         "nll": float(nll.mean()) + math.log(scale),

@@ -34,6 +34,9 @@ PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUNDS = 10
+WEYL_INCREMENT = 0x9E3779B97F4A7C15
+"""2^64 / golden ratio: ``(seed + k * WEYL_INCREMENT) mod 2^63`` spreads consecutive ``k`` (training calls,
+ranks) over all 64 (and the low 32) bits of the seeds derived from one base seed."""
 _MASK32 = 0xFFFFFFFF
 _TWO_POW_M24 = 2.0**-24
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ..batches import OutputFn, check_classification_logits, split_batch
 from ..curvature import squared_gradients
 from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, seed_or_shared
-from ..likelihoods import LIKELIHOODS, negative_log_likelihood
+from ..likelihoods import LIKELIHOODS, gaussian_nll, negative_log_likelihood
 from ..ops import noise, philox
 from ..predictive import predict
 from ..sharding import (
@@ -354,8 +354,7 @@ class DiagLaplace:
             return float(-probs.clamp_min(torch.finfo(probs.dtype).tiny).log().mean())
         mean, variance = cast(Tensor, prediction.mean), cast(Tensor, prediction.variance)  # set for regression
         y = targets.to(mean.device).reshape(mean.shape).float()
-        nll = 0.5 * ((y - mean).square() / variance + torch.log(2 * math.pi * variance))
-        return float(nll.mean())
+        return float(gaussian_nll(mean, y, variance).mean())
 
     def optimize_prior_precision(
         self,

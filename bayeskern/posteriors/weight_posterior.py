@@ -71,13 +71,12 @@ from ..validation import check_choice, check_count, check_positive
 from .prior import GaussianPrior, PriorMean, PriorStd, mangle
 from .selection import ParamSelection
 
-_WEYL = 0x9E3779B97F4A7C15
 Criterion = Callable[[Any, Tensor], Tensor]
 
 
 def step_seed(base: int, step: int) -> int:
     """The Philox seed of training call ``step`` (0-based) of a posterior with base seed ``base``."""
-    return (base + (step + 1) * _WEYL) % 2**63
+    return (base + (step + 1) * philox.WEYL_INCREMENT) % 2**63
 
 
 class _Store(nn.Module):

@@ -439,3 +439,22 @@ def test_conv_patches_equal_unfold(kernel, stride, padding, dilation):
     pads = _pads(padding, kernel, dilation)
     expected = F.unfold(F.pad(x, pads), kernel, dilation, 0, stride).transpose(1, 2)
     torch.testing.assert_close(patches(x, kernel, stride, padding, dilation), expected, rtol=0, atol=0)
+
+
+def test_a_plan_checked_at_one_batch_size_says_so_and_stays_exact():
+    class NoPairs(nn.Module):  # cannot run the driver's 2-example re-probe of the plan
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(5, 3)
+
+        def forward(self, x):
+            if x.shape[0] == 2:
+                raise RuntimeError("no batches of two")
+            return self.layer(x)
+
+    torch.manual_seed(0)
+    model = NoPairs()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.warns(RuntimeWarning, match="checked at batch size 6 only .*no batches of two"):
+        result = squared_gradients(model, [(x, y)], sum_ce)
+    assert_fisher_close(result.fisher, oracle_fisher(model, x, y))

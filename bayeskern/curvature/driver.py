@@ -20,7 +20,7 @@ run the model outside FSDP2's gathering, so they raise instead).
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -53,6 +53,15 @@ class SquaredGradients:
 def _to(value: Any, device: torch.device) -> Any:
     """Tensors moved to ``device`` and detached (a gradient-carrying input would bypass the trigger)."""
     return tree_map(lambda t: t.detach().to(device) if isinstance(t, Tensor) else t, value)
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')[:200]}"
+
+
+def _warn(message: str) -> None:
+    """A RuntimeWarning from ``squared_gradients`` (Python's default filter shows each message once)."""
+    warnings.warn(f"squared_gradients: {message}", RuntimeWarning, stacklevel=3)
 
 
 def _same_outputs(out: Any, expected: Any) -> bool:
@@ -144,21 +153,26 @@ class _Pass:
         if batch > 1:
             small = 2 if batch > 2 else 1
             sliced_args, sliced_kwargs = tree_map(lambda t: t[:small] if _is_batched(t, batch) else t, (args, kwargs))
-            with contextlib.suppress(RuntimeError):  # a model that cannot run so few examples: keep the first plan
+            try:
                 self.plan.agree(self._probe(sliced_args, sliced_kwargs, small)[0])
+            except RuntimeError as error:  # a model that cannot run so few examples: keep the first plan
+                _warn(f"the plan was checked at batch size {batch} only ({small} examples failed: {_reason(error)})")
         self._check_sharded_plan()
         if self.plan.unused:
             hidden = self._unseen_but_used(args, kwargs, y)
             self.plan.unused = [name for name in self.plan.unused if name not in hidden]
             self.plan.fallback += hidden
         if self.plan.broadcast or self.plan.viewed:
+            moved = list(self.plan.broadcast) + self.plan.viewed
             try:
                 out = self._tap_forward(args, kwargs, batch)
                 if _same_outputs(out, expected):
                     return out
-            except RuntimeError:
-                pass
-            self.plan.fallback += list(self.plan.broadcast) + self.plan.viewed
+            except RuntimeError as error:  # the outputs differing is the designed check; an error is not
+                _warn(
+                    f"{', '.join(moved)} go to the torch.func fallback: their broadcast rules raised {_reason(error)}"
+                )
+            self.plan.fallback += moved
             self.plan.broadcast, self.plan.viewed = {}, []
             self._check_sharded_plan()
         return self._tap_forward(args, kwargs, batch)

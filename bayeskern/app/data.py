@@ -16,7 +16,6 @@ like Flowers102's ten training images per class -- and all examples elsewhere; 0
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,21 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import UsageError
-
-
-@dataclass
-class Splits:
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    num_classes: int
-    ood: Dataset | None = None  # inputs of classes the task does not have (OOD evaluation)
-    source: Dataset | None = None  # labelled data of other classes to pretrain a backbone on
-    source_name: str = ""  # names the source in the pretraining cache
-    likelihood: str = "classification"  # or "regression" (tabular: bayeskern.app.regression)
-    target_scale: float = 1.0  # regression: the targets' std, to report errors in their units
-    class_names: list[str] | None = None  # class id -> label in the data (text datasets)
-    collate: Callable | None = None  # builds a batch from examples (None: torch's default_collate)
+from .regression import diabetes_splits
+from .shared import Splits, seeded_split
+from .text import load_text_dataset
 
 
 @dataclass
@@ -54,16 +41,6 @@ class DataOptions:
     train_transform: Callable | None = None
     eval_transform: Callable | None = None
     text: Any = None  # app.text.TextOptions of a csv:/json: dataset
-
-
-def _seeded_split(n: int, fractions: tuple[float, ...], seed: int) -> list[list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    sizes = [round(f * n) for f in fractions[:-1]]
-    bounds = [0]
-    for size in sizes:
-        bounds.append(bounds[-1] + size)
-    bounds.append(n)
-    return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def digits(options: DataOptions) -> Splits:
@@ -104,8 +81,6 @@ def digits_transfer(options: DataOptions) -> Splits:
 
 def diabetes(options: DataOptions) -> Splits:
     """scikit-learn's diabetes regression, standardised (``bayeskern.app.regression``)."""
-    from .regression import diabetes_splits
-
     (train, val, test), scale = diabetes_splits(options.seed)
     return Splits(train, val, test, 1, likelihood="regression", target_scale=scale)
 
@@ -126,7 +101,7 @@ def _torchvision_opener(name: str, dataset_cls, options: DataOptions) -> Callabl
 
 def _split_off_val(train: Dataset, val: Dataset, test: Dataset, num_classes: int, seed: int) -> Splits:
     """Hold out 10% of the training set (a copy with the eval transform) as validation."""
-    train_idx, val_idx = _seeded_split(len(train), (0.9, 0.1), seed)
+    train_idx, val_idx = seeded_split(len(train), (0.9, 0.1), seed)
     return Splits(Subset(train, train_idx), Subset(val, val_idx), test, num_classes)
 
 
@@ -188,7 +163,7 @@ def imagefolder(path: str, options: DataOptions) -> Splits:
     eval_full = open_folder(base, options.eval_transform)
     missing = [name for name in ("val", "test") if not (root / name).is_dir() or base is root]
     fractions = {0: (1.0,), 1: (0.85, 0.15), 2: (0.7, 0.15, 0.15)}[len(missing)]
-    parts = _seeded_split(len(train_full), fractions, options.seed)
+    parts = seeded_split(len(train_full), fractions, options.seed)
     splits = {"train": Subset(train_full, parts[0])}
     for name, indices in zip(missing, parts[1:]):
         splits[name] = Subset(eval_full, indices)
@@ -244,8 +219,6 @@ def load_dataset(spec: str, options: DataOptions) -> Splits:
     if spec.startswith("imagefolder:"):
         splits = imagefolder(spec.split(":", 1)[1], options)
     elif spec.startswith(("csv:", "json:")):
-        from .text import load_text_dataset
-
         splits = load_text_dataset(spec, options.text, options.seed)
     elif spec in DATASETS:
         splits = DATASETS[spec](options)

@@ -13,7 +13,6 @@ zero).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ from torch import nn
 
 from .errors import UsageError
 from .regression import MLP
+from .shared import Backbone, classifier_prefix, under
+from .text import hf_backbone
 
 
 class ConvNet(nn.Module):
@@ -48,29 +49,6 @@ class ConvNet(nn.Module):
 BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {"convnet": ConvNet, "mlp": MLP}
 
 
-@dataclass
-class Backbone:
-    model: nn.Module
-    classifier: list[str]  # parameter names of the classifier head
-    new_params: list[str] = field(default_factory=list)  # freshly initialised: prior mean zero
-    params: list[str] | None = None  # the trained (and Bayesian) parameters; None: all (LoRA: adapters and head)
-
-
-def _classifier_prefix(model: nn.Module) -> str:
-    """timm names its head in pretrained_cfg; otherwise the last nn.Linear in registration order."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("classifier"):
-        return cfg["classifier"]
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise UsageError(f"{type(model).__name__} has no nn.Linear classifier to fit to the task's classes")
-    return linears[-1]
-
-
-def _under(prefix: str, name: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def _timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     import timm
 
@@ -83,7 +61,7 @@ def _timm(name: str, num_classes: int, pretrained: bool) -> nn.Module:
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
-    prefix = _classifier_prefix(model)
+    prefix = classifier_prefix(model)
     parent_name, _, attr = prefix.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
@@ -164,8 +142,6 @@ def create_backbone(spec: str, num_classes: int, pretrained: str | None = None, 
     ``hf:NAME`` is a text classifier (``app.text.hf_backbone``, ``text`` its TextOptions)."""
     family, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
     if family == "hf":
-        from .text import hf_backbone
-
         return hf_backbone(name, num_classes, text)
     published = pretrained in ("timm", "torchvision")
     if published and pretrained != family:
@@ -174,10 +150,10 @@ def create_backbone(spec: str, num_classes: int, pretrained: str | None = None, 
         raise UsageError(f"unknown model family {family!r} in {spec!r} (known: {', '.join(FACTORIES)})")
     factory = FACTORIES[family] if family else _builtin
     model = factory(name, num_classes, published)
-    prefix = _classifier_prefix(model)
-    classifier = [n for n, _ in model.named_parameters() if _under(prefix, n)]
+    prefix = classifier_prefix(model)
+    classifier = [n for n, _ in model.named_parameters() if under(prefix, n)]
     backbone = Backbone(model, classifier, new_params=list(classifier) if published else [])
     if pretrained and not published:
-        state_classifier = [k for k in model.state_dict() if _under(prefix, k)]
+        state_classifier = [k for k in model.state_dict() if under(prefix, k)]
         backbone.new_params = load_pretrained(model, read_state_dict(Path(pretrained)), state_classifier)
     return backbone

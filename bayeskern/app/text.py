@@ -45,9 +45,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .data import Splits, _seeded_split
 from .errors import UsageError
-from .models import Backbone, _classifier_prefix, _under
+from .shared import Backbone, Splits, classifier_prefix, seeded_split, under
 
 FORMATS = ("csv", "json")
 SPLIT_COLUMN = "split"
@@ -279,7 +278,7 @@ def _split_rows(fmt: str, paths: list[Path], seed: int) -> dict[str, list[dict[s
             raise UsageError(f"--dataset: the {SPLIT_COLUMN!r} column of {paths[0]} names no {empty[0]} row")
         return by_split
     fractions = (0.7, 0.15, 0.15) if len(files) == 1 else (0.85, 0.15)
-    parts = _seeded_split(len(rows), fractions, seed)
+    parts = seeded_split(len(rows), fractions, seed)
     split = {name: [rows[i] for i in part] for name, part in zip(("train", "val", "test"), parts)}
     if len(files) == 2:
         split["test"] = files[1]
@@ -334,9 +333,9 @@ def hf_backbone(name: str, num_classes: int, options: TextOptions | None) -> Bac
     fresh = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
     new = [n for n, _ in model.named_parameters() if n in fresh]
     names = [n for n, _ in model.named_parameters()]
-    classifier = [n for n in names if not _under(model.base_model_prefix, n)]  # what the task added
+    classifier = [n for n in names if not under(model.base_model_prefix, n)]  # what the task added
     if not classifier or len(classifier) == len(names):
-        classifier = [n for n in names if _under(_classifier_prefix(model), n)]
+        classifier = [n for n in names if under(classifier_prefix(model), n)]
     if options is None or options.lora_r is None:
         return Backbone(model, classifier, new_params=new)
     return _with_lora(model, classifier, new, options)

@@ -28,7 +28,8 @@ predictive call) and ``peak_bytes`` (growth of the process's resident memory ove
 prediction, on CPU; ``max_memory_allocated`` on CUDA).  Over seeds each number is the mean, its
 sample standard deviation beside it as ``<metric>_std`` (null for one seed).
 
-Writes ``DIR/quality.json`` and prints one markdown table per task (``quality_table``).  An unknown
+Writes ``DIR/<task>-seed<k>.json`` as each seed completes, then ``DIR/quality.json``, and prints one
+markdown table per task (``quality_table``).  An unknown
 task or row exits 2 naming it; a missing optional package names the ``[bench]`` extra.
 """
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -49,9 +51,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-ROWS = ("plain", "plain_ts", "ensemble", "vi", "mc_dropout", "sgld", "laplace")
-POSTERIORS = ("vi", "mc_dropout", "sgld", "laplace")  # bayeskern-finetune's method names
-NEEDS_PLAIN = ("plain", "plain_ts", "ensemble", "mc_dropout", "sgld", "laplace")
+BASELINES = ("plain", "plain_ts", "ensemble")
+POSTERIORS = ("vi", "mc_dropout", "sgld", "laplace")  # names in bayeskern-finetune's method registry
+REFINES_PLAIN = ("mc_dropout", "sgld", "laplace")  # posteriors started from the plain fit (their cost includes it)
+ROWS = BASELINES + POSTERIORS
+NEEDS_PLAIN = ("plain", "plain_ts", "ensemble", *REFINES_PLAIN)
 SETS = ("val", "test", "shift", "ood")
 REPORTED = ("error", "nll", "ece", "brier")
 
@@ -249,7 +253,7 @@ def run_seed(task, seed: int, rows: list[str], scale: Scale, device: torch.devic
     for name in POSTERIORS:
         if name in rows:
             output = fit(name, built.args, shared)
-            if name != "vi":  # started from the plain fit: its training is part of the cost
+            if name in REFINES_PLAIN:
                 output.train_seconds += plain.train_seconds
             outputs[name] = output
     result["rows"] = {row: row_metrics(outputs[row], built.targets) for row in rows}
@@ -280,7 +284,7 @@ def summarise(per_seed: list):
 def machine() -> dict:
     info = {
         "processor": platform.processor() or platform.machine(),
-        "cores": __import__("os").cpu_count(),
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -296,11 +300,16 @@ def machine() -> dict:
 
 
 def commit() -> str | None:
+    """The checkout's commit, marked ``(dirty)`` when tracked files differ from it; None outside git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+        )
     except OSError:
         return None
+    name = head.stdout.strip()
+    return (f"{name} (dirty)" if status.stdout.strip() else name) or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(scale.seeds):
             start = time.perf_counter()
             per_seed.append(run_seed(task, seed, args.methods, scale, device, args.set))
+            seed_path = args.out / f"{name}-seed{seed}.json"  # each seed kept as it completes
+            seed_path.write_text(json.dumps(per_seed[-1], indent=2, allow_nan=False) + "\n")
             print(f"[{name}] seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         describe = per_seed[0]["describe"]
         entry = {**describe, "rows": summarise([s["rows"] for s in per_seed])}
@@ -355,14 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         report["tasks"][name] = entry
     report["wall_seconds"] = round(time.perf_counter() - wall, 1)
     path = args.out / "quality.json"
-    path.write_text(json.dumps(report, indent=2, allow_nan=False, default=_finite) + "\n")
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     print("\n".join(tables(report)))
     print(f"\nwrote {path} ({report['wall_seconds']} s)")
     return 0
-
-
-def _finite(value):
-    raise TypeError(f"not JSON-serialisable: {value!r}")
 
 
 if __name__ == "__main__":

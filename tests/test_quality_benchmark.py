@@ -215,6 +215,11 @@ def test_quick_run_writes_every_row_of_both_tasks(tiny_bert: Path, tmp_path: Pat
     monkeypatch.setitem(quality_tasks.SETTINGS, "vision", ["--model", "convnet", "--train-per-class", "4"])
     assert quality.main(argv) == 0
     report = json.loads((out / "quality.json").read_text())
+    seeds = [json.loads((out / f"{t}-seed{k}.json").read_text()) for t in ("text", "vision") for k in range(2)]
+    assert all(list(s["rows"]) == list(quality.ROWS) for s in seeds)
+    assert report["tasks"]["text"]["rows"]["vi"]["shift"]["nll"] == pytest.approx(
+        (seeds[0]["rows"]["vi"]["shift"]["nll"] + seeds[1]["rows"]["vi"]["shift"]["nll"]) / 2
+    )
     assert set(report) >= {"machine", "tasks", "seeds", "ensemble_size", "num_samples"}
     assert report["seeds"] == 2 and report["ensemble_size"] == 2
     for name in ("text", "vision"):
@@ -235,3 +240,14 @@ def test_quick_run_writes_every_row_of_both_tasks(tiny_bert: Path, tmp_path: Pat
         assert 0 < task["plain_ts_temperature"] < 100
     printed = capsys.readouterr().out
     assert printed.count("| ensemble |") == 2 and "wrote" in printed
+
+
+def test_the_guide_shows_the_committed_table() -> None:
+    """docs/guide/quality.md carries the tables of the committed full run, line for line."""
+    result = json.loads((BENCH / "results" / "cpu-quality.json").read_text())
+    guide = (BENCH.parent / "docs" / "guide" / "quality.md").read_text().splitlines()
+    assert not result["quick"] and result["seeds"] == 3 and result["ensemble_size"] == 5
+    assert set(result["tasks"]) == {"text", "vision"}
+    assert all(list(task["rows"]) == list(quality.ROWS) for task in result["tasks"].values())
+    missing = [line for line in importlib.import_module("quality_table").tables(result) if line and line not in guide]
+    assert not missing, "paste the tables of benchmarks/results/cpu-quality.json into docs/guide/quality.md"

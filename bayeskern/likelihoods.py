@@ -18,9 +18,15 @@ LIKELIHOODS = ("classification", "regression")
 
 def gaussian_nll(mean: Tensor, target: Tensor, variance: Tensor | float) -> Tensor:
     """``-log N(target | mean, variance)`` elementwise: ``(target - mean)^2 / (2 variance) + log(2 pi variance) / 2``
-    (``variance`` a tensor broadcasting against ``mean``, or one number)."""
-    variance = torch.as_tensor(variance, dtype=mean.dtype, device=mean.device)
-    return 0.5 * ((target - mean).square() / variance + torch.log(2 * math.pi * variance))
+    (``variance`` a tensor broadcasting against ``mean``, or one number; ValueError unless positive).  A number
+    stays a Python float: the training loss neither copies it to the device nor synchronises to check it."""
+    if isinstance(variance, Tensor):
+        if not bool((variance > 0).all()):
+            raise ValueError("variance must be positive (a predictive variance)")
+        return 0.5 * ((target - mean).square() / variance + torch.log(2 * math.pi * variance))
+    if not variance > 0:
+        raise ValueError(f"variance must be positive (the regression likelihood's noise_std squared), got {variance!r}")
+    return 0.5 * ((target - mean).square() / variance + math.log(2 * math.pi * variance))
 
 
 def negative_log_likelihood(

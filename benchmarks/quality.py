@@ -36,6 +36,7 @@ task or row exits 2 naming it; a missing optional package names the ``[bench]`` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -144,10 +145,6 @@ class Output:
     peak_bytes: int | None
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * p.clamp_min(1e-30).log()).sum(-1)
-
-
 def temperature_scaled(plain: Output, val_targets: torch.Tensor) -> tuple[Output, float]:
     """The plain fit with the temperature that minimises its validation NLL (log-probabilities as logits)."""
     from bayeskern import metrics
@@ -160,12 +157,13 @@ def temperature_scaled(plain: Output, val_targets: torch.Tensor) -> tuple[Output
 
 def ensembled(members: list[Output]) -> Output:
     """The members' mean predictive; mutual information H[mean p] - mean H[p_m]."""
+    from bayeskern import metrics
+
     probs, mutual_info = {}, {}
     for key in members[0].probs:
         stacked = torch.stack([m.probs[key].double() for m in members])
-        mean = stacked.mean(0)
-        probs[key] = mean.float()
-        mutual_info[key] = (_entropy(mean) - _entropy(stacked).mean(0)).clamp_min(0).float()
+        probs[key] = stacked.mean(0).float()
+        mutual_info[key] = metrics.mutual_information(stacked).float()
     peaks = [m.peak_bytes for m in members if m.peak_bytes is not None]
     return Output(
         probs,
@@ -214,9 +212,8 @@ def run_seed(task, seed: int, rows: list[str], scale: Scale, device: torch.devic
 
     built = task.build(seed, scale, device, overrides)
     sets = {"val": built.splits.val, "test": built.splits.test, "shift": built.shift, "ood": built.ood}
-    bounds = [0]
-    for dataset in sets.values():
-        bounds.append(bounds[-1] + len(dataset))
+    bounds = list(itertools.accumulate((len(d) for d in sets.values()), initial=0))
+    parts = dict(zip(sets, itertools.pairwise(bounds)))
     everything = ConcatDataset(list(sets.values()))
 
     def fit(method_name: str, args: argparse.Namespace, shared: dict) -> Output:
@@ -226,7 +223,6 @@ def run_seed(task, seed: int, rows: list[str], scale: Scale, device: torch.devic
             method.train()
         with measure(device) as predicting:
             probs, mutual_info = method.predictive(everything)
-        parts = {k: (a, b) for k, a, b in zip(sets, bounds, bounds[1:])}
         peaks = [u.peak_bytes for u in (training, predicting) if u.peak_bytes is not None]
         return Output(
             {k: probs[a:b] for k, (a, b) in parts.items()},

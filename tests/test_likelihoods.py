@@ -3,6 +3,7 @@ against torch.distributions."""
 
 import math
 
+import pytest
 import torch
 
 from bayeskern.likelihoods import gaussian_nll, negative_log_likelihood
@@ -27,3 +28,9 @@ def test_regression_likelihood_sums_outputs_and_averages_examples() -> None:
     total = negative_log_likelihood(output, target.flatten(), "regression", 0.3, reduction="sum")
     assert math.isclose(float(mean), float(per_example.mean()), rel_tol=1e-6)
     assert math.isclose(float(total), float(per_example.sum()), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("variance", [0.0, -1.0, torch.tensor([1.0, 0.0])])
+def test_gaussian_nll_rejects_a_variance_that_is_not_positive(variance) -> None:
+    with pytest.raises(ValueError, match="variance must be positive"):
+        gaussian_nll(torch.zeros(2), torch.ones(2), variance)

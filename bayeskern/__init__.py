@@ -8,7 +8,7 @@ on first access; it and the scipy/scikit-learn parts of ``bayeskern.metrics`` co
 import importlib as _importlib
 from types import ModuleType as _ModuleType
 
-from . import distributed, metrics, ops, sharding
+from . import distributed, metrics, ops
 from .posteriors import (
     VI,
     BayesSGLD,
@@ -39,7 +39,6 @@ __all__ = [
     "plots",
     "predict",
     "select_parameters",
-    "sharding",
 ]
 
 

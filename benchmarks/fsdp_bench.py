@@ -87,7 +87,7 @@ def _batch(args: argparse.Namespace, step: int) -> tuple[torch.Tensor, torch.Ten
 
 def _state_bytes(post: nn.Module, opt: torch.optim.Optimizer) -> int:
     """Bytes this process holds of the posterior's parameters and the optimizer's tensor state."""
-    from bayeskern.sharding import local_tensor
+    from bayeskern.distributed import local_tensor
 
     def nbytes(t: torch.Tensor) -> int:
         local = local_tensor(t)
@@ -103,7 +103,7 @@ class ShardTracker(AllocationTracker):
     their local shard's storage, and ``fsdp_storage()`` adds FSDP2's storage resizes."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from bayeskern.sharding import local_tensor
+        from bayeskern.distributed import local_tensor
 
         out = func(*args, **(kwargs or {}))
         leaves = [local_tensor(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -144,7 +144,7 @@ class ShardTracker(AllocationTracker):
 def _persistent_bytes(module: nn.Module, opt: torch.optim.Optimizer) -> int:
     """Bytes of the storages (local shards) of ``module``'s parameters and buffers and of the
     optimizer's tensor state, each storage once."""
-    from bayeskern.sharding import local_tensor
+    from bayeskern.distributed import local_tensor
 
     tensors = [*module.parameters(), *module.buffers()]
     tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]

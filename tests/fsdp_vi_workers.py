@@ -86,7 +86,7 @@ def vi_job(rank: int, checkpoint: str) -> dict[str, Any]:
         bk.distributed.fully_shard(post, **FSDP_OPTIONS.get(case, {}))
         found: dict[str, Any] = {"samples": [W.full(post.sample(i)) for i in SAMPLE_INDICES]}
         found["moments"] = [W.full(post.mean()), W.full(post.std())]  # gathered: copies
-        found["local_bytes"] = sum(bk.sharding.local_tensor(p).numel() for p in post.parameters())
+        found["local_bytes"] = sum(bk.distributed.local_tensor(p).numel() for p in post.parameters())
         found["losses"] = train(post, optimizer(post, "sgd"), range(STEPS), rank)
         found["state"] = state(post)
         x, _ = W.data()
@@ -158,7 +158,7 @@ def errors(rank: int) -> dict[str, str]:
 
     def model_sharded_behind() -> None:
         post = posterior("vi")
-        bk.sharding.shard_model(post.model)
+        bk.distributed.shard_model(post.model)
         post.loss(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
 
     def unequal_batches() -> None:
@@ -169,7 +169,7 @@ def errors(rank: int) -> dict[str, str]:
 
     def after_sharding() -> None:
         model = W.model()
-        bk.sharding.shard_model(model)
+        bk.distributed.shard_model(model)
         posterior("vi", model)
 
     found = {

@@ -217,7 +217,7 @@ def test_weight_posteriors_under_ddp(
     assert results[0]["same_data_loss"] != results[1]["same_data_loss"]
     trained = POSTERIORS[kind]()
     trained.load_state_dict(results[1]["state"])
-    monkeypatch.setattr(weight_posterior, "rank_stream", lambda s: s + (1 << distributed.RANK_STREAM_SHIFT))
+    monkeypatch.setattr(weight_posterior, "rank_stream", lambda s: s + (1 << distributed.ranks.RANK_STREAM_SHIFT))
     assert results[1]["same_data_loss"] == pytest.approx(_local_grads(trained, x[:BATCH], y[:BATCH])[0], rel=1e-6)
 
 

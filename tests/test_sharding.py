@@ -1,4 +1,4 @@
-"""``bayeskern.sharding``: where a rank's DTensor shard lives in the flattened global tensor.
+"""``bayeskern.distributed.sharding``: where a rank's DTensor shard lives in the flattened global tensor.
 
 Layouts of any rank are built in one process with torch's fake process group (collectives are
 no-ops), and checked against the oracle: the local shard equals the global tensor's flattened
@@ -13,9 +13,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from bayeskern.sharding import (
+import bayeskern as bk
+from bayeskern.distributed.fsdp import default_blocks
+from bayeskern.distributed.sharding import (
     common_mesh,
-    default_blocks,
     element_offset,
     global_sum,
     is_sharded,
@@ -192,3 +193,24 @@ def test_shard_copy_keeps_this_ranks_rows_in_its_own_storage(fake_group):
     assert copy.placements == like.placements and copy.shape == g.shape
     plain = shard_copy(g, torch.zeros(5, 3))
     assert torch.equal(plain, g) and plain.data_ptr() != g.data_ptr()
+
+
+def test_fully_shard_asks_an_object_that_shards_itself():
+    """``fully_shard`` dispatches on the ``ShardsItself`` protocol, not on a posterior class: any object
+    with ``shard`` gets the call with the mesh, blocks and FSDP2 options (no process group needed)."""
+    from bayeskern.distributed import ShardsItself, fully_shard
+
+    class Custom(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[dict] = []
+
+        def shard(self, *, mesh=None, blocks=None, **fsdp_options) -> None:
+            self.calls.append({"mesh": mesh, "blocks": blocks, **fsdp_options})
+
+    custom = Custom()
+    assert isinstance(custom, ShardsItself)
+    assert fully_shard(custom, mesh="m", reshard_after_forward=False) is custom
+    assert custom.calls == [{"mesh": "m", "blocks": None, "reshard_after_forward": False}]
+    assert isinstance(bk.VI(torch.nn.Linear(2, 2), num_data=4, seed=0), ShardsItself)
+    assert not isinstance(torch.nn.Linear(2, 2), ShardsItself)

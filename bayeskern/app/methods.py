@@ -49,9 +49,8 @@ from torch.utils.data import Dataset, Subset
 
 import bayeskern as bk
 from bayeskern.batches import Inputs, as_call, inputs_of, logits_of, move_to
-from bayeskern.distributed import is_distributed, world_size
+from bayeskern.distributed import is_distributed, is_sharded, world_size
 from bayeskern.likelihoods import negative_log_likelihood
-from bayeskern.sharding import is_sharded
 
 from .data import Splits
 from .errors import UsageError

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from ..batches import OutputFn, as_call, batch_length, logits_of, split_batch
-from ..sharding import from_local_like, is_sharded, local_tensor
+from ..distributed.sharding import from_local_like, is_sharded, local_tensor
 from .fallback import PerExample
 from .sums import Sums
 from .tracing import Plan, Probe, Tap

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..sharding import common_mesh, is_sharded, local_range
+from ..distributed.sharding import common_mesh, is_sharded, local_range
 from .rules import Slots
 
 

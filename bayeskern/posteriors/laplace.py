@@ -39,6 +39,7 @@ Negative log-likelihoods: ``bayeskern.likelihoods`` (regression: Gaussian with s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,11 +50,8 @@ from torch import Tensor, nn
 
 from ..batches import OutputFn, check_classification_logits, split_batch
 from ..curvature import squared_gradients
-from ..distributed import all_reduce_sum, is_distributed, is_rank_zero, rank_seed, seed_or_shared
-from ..likelihoods import LIKELIHOODS, gaussian_nll, negative_log_likelihood
-from ..ops import noise, philox
-from ..predictive import predict
-from ..sharding import (
+from ..distributed.ranks import all_reduce_sum, is_distributed, is_rank_zero, rank_seed
+from ..distributed.sharding import (
     common_mesh,
     element_offset,
     forward_with,
@@ -62,9 +60,13 @@ from ..sharding import (
     is_sharded,
     local_tensor,
 )
+from ..likelihoods import LIKELIHOODS, gaussian_nll, negative_log_likelihood
+from ..ops import noise
+from ..predictive import predict
 from ..validation import check_choice, check_count, check_nonnegative, check_positive
-from .prior import GaussianPrior, PriorMean
+from .prior import PriorMean
 from .selection import ParamSelection
+from .setup import PosteriorSetup
 
 FISHER_TYPES = ("empirical", "mc")
 METHODS = ("marglik", "val_nll")
@@ -113,24 +115,28 @@ class DiagLaplace:
         self.temperature = temperature
         self.noise_std = check_positive(noise_std, "noise_std")
         self.output_fn = output_fn
-        self.prior = GaussianPrior(
+        self.setup = PosteriorSetup.build(
             model,
             params=params,
             include_bias=include_bias,
             include_norm=include_norm,
             prior_mean=prior_mean,
             new_params=new_params,
+            seed=seed,
         )
-        self.names: list[str] = list(self.prior.names)
-        model_params = dict(model.named_parameters())
-        self.offsets = philox.named_offsets({n: model_params[n].shape for n in self.names})
-        seed = seed_or_shared(seed)
-        self.seed = seed
+        self.prior = self.setup.require_prior()
+        self.names: list[str] = self.setup.names
+        self.offsets = self.setup.offsets
         self._fisher: dict[str, Tensor] | None = None
         self._map: dict[str, Tensor] = {}
         self._mesh: Any = None  # the device mesh of a fit on a sharded model
         self.log_likelihood: float | None = None  # log p(D | theta*), set by fit
         self.num_data = 0
+
+    @property
+    def seed(self) -> int:
+        """The Philox seed of the samples (``setup.seed``; a loaded state dict brings its own)."""
+        return self.setup.seed
 
     # -- hyperparameters ------------------------------------------------------------------------
     @property
@@ -419,7 +425,7 @@ class DiagLaplace:
         self.fisher_type = state_dict["fisher_type"]
         self.temperature = state_dict["temperature"]
         self.noise_std = check_positive(state_dict["noise_std"], "noise_std")
-        self.seed = int(state_dict["seed"])
+        self.setup = dataclasses.replace(self.setup, seed=int(state_dict["seed"]))
         self.log_likelihood = state_dict["log_likelihood"]
         self.num_data = int(state_dict["num_data"])
         params = dict(self.model.named_parameters())

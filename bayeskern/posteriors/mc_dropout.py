@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.sharding import global_sum, local_tensor
 from ..ops.draw import weight_dropout_l2
 from ..ops.dropout import check_probability
-from ..sharding import global_sum, local_tensor
 from ..validation import check_choice
 from .prior import mangle
 from .weight_posterior import WeightPosterior

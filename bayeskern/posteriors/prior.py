@@ -29,6 +29,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..distributed.sharding import from_local_like, local_tensor, shard_copy
 from .selection import ParamSelection, select_parameters
 
 PriorMean = str | Mapping[str, Tensor] | Sequence[Tensor]
@@ -174,8 +175,6 @@ class GaussianPrior(nn.Module):
         like = self._layout.get(name)
         if like is None:
             return value.expand(self._zero[name])
-        from ..sharding import from_local_like, local_tensor
-
         return from_local_like(value.expand(local_tensor(like).shape), like)
 
     def std(self, name: str) -> float | Tensor:
@@ -190,11 +189,9 @@ class GaussianPrior(nn.Module):
     @torch.no_grad()
     def shard_like(self, params: Mapping[str, Tensor]) -> None:
         """Lay out every stored prior mean and tensor std like ``params[name]`` (the DTensor parameters of
-        a sharded model, ``bayeskern.sharding.shard_copy``): each rank keeps its shard.  Zero means stay
+        a sharded model, ``bayeskern.distributed.sharding.shard_copy``): each rank keeps its shard.  Zero means stay
         one 0-d zero, and so does a std tensor that broadcasts along the sharded first dimension; one that
         varies along it is expanded to the parameter's shape and sharded."""
-        from ..sharding import shard_copy
-
         for name in self.names:
             like = params[name]
             self._layout[name] = like
@@ -218,8 +215,6 @@ class GaussianPrior(nn.Module):
         """``sum ||theta - theta0||^2 / (2 sp^2)`` over the covered parameters (``-log p`` up to a
         constant); ``params`` maps names to tensors (e.g. ``dict(model.named_parameters())``).  With
         DTensors (a sharded prior and parameters) it is this rank's part: the sum over its shards."""
-        from ..sharding import local_tensor
-
         total: Tensor | None = None
         for name, theta0, sp in self.items():
             theta = local_tensor(params[name])  # a sharded prior: each rank sums its shard

@@ -33,6 +33,7 @@ back on any number of ranks (or in one process, into an unsharded bank).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, cast
@@ -41,10 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import OutputFn
-from ..distributed import is_rank_zero, seed_or_shared
-from ..likelihoods import LIKELIHOODS
-from ..ops import noise, philox
-from ..sharding import (
+from ..distributed.ranks import is_rank_zero
+from ..distributed.sharding import (
     common_mesh,
     element_offset,
     forward_with,
@@ -53,8 +52,11 @@ from ..sharding import (
     local_tensor,
     shard_like,
 )
+from ..likelihoods import LIKELIHOODS
+from ..ops import noise
 from ..validation import check_choice, check_count, check_positive
-from .selection import ParamSelection, select_parameters
+from .selection import ParamSelection
+from .setup import PosteriorSetup
 
 MODES = ("samples", "moments")
 
@@ -98,7 +100,6 @@ class SampleBank:
         self.burnin = check_count(burnin, "burnin", 0)
         self.thin = check_count(thin, "thin", 1)
         self.max_samples = check_count(max_samples, "max_samples", 1)
-        self.seed = seed_or_shared(seed)
         self.mode = check_choice(mode, "mode", MODES)
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.noise_std = check_positive(noise_std, "noise_std")
@@ -107,7 +108,10 @@ class SampleBank:
         self.model, self.output_fn = model, output_fn
         self.rank_zero_only = bool(rank_zero_only)
         self.device, self.dtype = torch.device(device), dtype
-        self.names = select_parameters(model, params, include_bias=include_bias, include_norm=include_norm)
+        self.setup = PosteriorSetup.build(
+            model, params=params, include_bias=include_bias, include_norm=include_norm, with_prior=False, seed=seed
+        )
+        self.names = self.setup.names
         params_by_name = dict(model.named_parameters())
         self._params = {n: params_by_name[n] for n in self.names}
         self.is_sharded = any(is_sharded(p) for p in self._params.values())  # predict asks
@@ -117,12 +121,16 @@ class SampleBank:
                 raise ValueError(
                     "rank_zero_only=True: a sharded model's ranks each keep their own shard of the samples"
                 )
-        self._offsets = philox.named_offsets({n: p.shape for n, p in self._params.items()})
         self.num_updates = 0
         self._samples: deque[dict[str, Tensor]] = deque()
         self._count = 0
         self._mean: dict[str, Tensor] = {}
         self._m2: dict[str, Tensor] = {}
+
+    @property
+    def seed(self) -> int:
+        """The Philox key of the moments-mode samples (``setup.seed``; a loaded state dict brings its own)."""
+        return self.setup.seed
 
     def _storage_dtype(self, param: Tensor) -> torch.dtype:
         dtype = self.dtype or param.dtype
@@ -239,7 +247,7 @@ class SampleBank:
             return self._to_model(self._samples[index % len(self._samples)])
         draws = {}
         for n, var in self._local_variance().items():
-            offset = self._offsets[n] + element_offset(self._params[n])
+            offset = self.setup.offsets[n] + element_offset(self._params[n])
             eps = noise.normal(var.shape, self.seed, offset, stream=index, device=var.device).to(var.dtype)
             draws[n] = self._mean[n] + var.sqrt() * eps
         return self._to_model(draws)
@@ -269,8 +277,9 @@ class SampleBank:
         """Restore ``state_dict()`` of a bank over the same parameters and mode."""
         if state_dict["mode"] != self.mode or list(state_dict["names"]) != self.names:
             raise ValueError("state_dict is from a SampleBank with another mode or other parameters")
-        for key in ("burnin", "thin", "max_samples", "seed", "likelihood", "noise_std", "num_updates"):
+        for key in ("burnin", "thin", "max_samples", "likelihood", "noise_std", "num_updates"):
             setattr(self, key, state_dict[key])
+        self.setup = dataclasses.replace(self.setup, seed=int(state_dict["seed"]))
         self._count = state_dict["count"]
         place = lambda d: {n: self._local_of(n, t) for n, t in d.items()}  # noqa: E731
         self._samples = deque(place(s) for s in state_dict["samples"])

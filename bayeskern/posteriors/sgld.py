@@ -45,10 +45,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..distributed import shared_seed
+from ..distributed.ranks import shared_seed
+from ..distributed.sharding import element_offset, is_sharded, local_tensor, shard_like
 from ..ops import philox
 from ..ops.sgld import check_hyperparameters, first_nonfinite, sgld
-from ..sharding import element_offset, is_sharded, local_tensor, shard_like
 from ..validation import check_count
 from .prior import PRIOR_MEANS, matches, new_param_patterns
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed.sharding import global_sum, local_tensor
 from ..ops.draw import gaussian_sample_kl
 from ..ops.kl import gaussian_kl
-from ..sharding import global_sum, local_tensor
 from ..validation import check_nonnegative, check_positive
 from .prior import mangle
 from .weight_posterior import WeightPosterior

@@ -46,7 +46,7 @@ reduce-scatters onto the model's parameters are chained to the variational ones 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -54,10 +54,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..batches import LABELS, Inputs, OutputFn, as_call, logits_of, move_to, split_batch
-from ..distributed import rank_stream, seed_or_shared
-from ..likelihoods import LIKELIHOODS, negative_log_likelihood
-from ..ops import philox
-from ..sharding import (
+from ..distributed.fsdp import shard_model
+from ..distributed.ranks import rank_stream
+from ..distributed.sharding import (
     common_mesh,
     element_offset,
     from_local_like,
@@ -65,11 +64,13 @@ from ..sharding import (
     is_sharded,
     local_tensor,
     shard_copy,
-    shard_model,
 )
+from ..likelihoods import LIKELIHOODS, negative_log_likelihood
+from ..ops import philox
 from ..validation import check_choice, check_count, check_positive
-from .prior import GaussianPrior, PriorMean, PriorStd, mangle
+from .prior import PriorMean, PriorStd, mangle
 from .selection import ParamSelection
+from .setup import PosteriorSetup
 
 Criterion = Callable[[Any, Tensor], Tensor]
 
@@ -182,7 +183,7 @@ class WeightPosterior(nn.Module):
         self.__dict__["model"] = model  # held, not registered: the wrapper trains its own copies
         self.__dict__["_sharded"] = None  # the model's FSDP2 parameters by name, once sharded
         self.__dict__["mesh"] = None
-        self.prior = GaussianPrior(
+        self.setup = PosteriorSetup.build(
             model,
             params=params,
             include_bias=include_bias,
@@ -190,10 +191,12 @@ class WeightPosterior(nn.Module):
             prior_mean=prior_mean,
             new_params=new_params,
             prior_std=prior_std,
+            seed=seed,
         )
-        self.names: list[str] = list(self.prior.names)
+        self.prior = self.setup.require_prior()  # registered: its snapshot is in state_dict
+        self.names: list[str] = self.setup.names
+        self.offsets = self.setup.offsets
         model_params = dict(model.named_parameters())
-        self.offsets = philox.named_offsets({n: model_params[n].shape for n in self.names})
         self._point_names = [name for name, p in model_params.items() if name not in self.offsets and p.requires_grad]
         self.point = _Store()
         for name in self._point_names:
@@ -203,8 +206,7 @@ class WeightPosterior(nn.Module):
         self.buffers_ = _Store()
         for name, buffer in model.named_buffers():
             self.buffers_.register_buffer(mangle(name), buffer.detach().clone())
-        seed = seed_or_shared(seed)
-        self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
+        self.register_buffer("rng_state", torch.tensor([self.setup.seed, 0], dtype=torch.int64))
         for store in self.variational:
             self.add_module(store, _Store())
         with torch.no_grad():
@@ -381,10 +383,10 @@ class WeightPosterior(nn.Module):
         """True once ``bayeskern.distributed.fully_shard`` sharded the posterior and its model."""
         return self._sharded is not None
 
-    def _shard(self, *, mesh: Any = None, blocks: Any = None, **fsdp_options: Any) -> None:
-        """Apply FSDP2 to the held model per block (``sharding.shard_model``) and lay out every
+    def shard(self, *, mesh: Any = None, blocks: Iterable[nn.Module] | None = None, **fsdp_options: Any) -> None:
+        """Apply FSDP2 to the held model per block (``distributed.shard_model``) and lay out every
         variational parameter, point estimate and prior tensor like the model parameter it stands
-        for; ``bayeskern.distributed.fully_shard`` is the documented entry point."""
+        for (``distributed.ShardsItself``); ``bayeskern.distributed.fully_shard(posterior)`` calls it."""
         if self._sharded is not None:
             raise ValueError("posterior: it is sharded already; call bayeskern.distributed.fully_shard once")
         if self.train_samples != 1:

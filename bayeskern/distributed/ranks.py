@@ -1,29 +1,18 @@
-"""Small helpers for data-parallel runs with ``torch.distributed`` (DDP); all are no-ops in one process.
+"""Process-group helpers for data-parallel runs (DDP): rank, seeds, Philox streams, sums; no-ops in one process.
 
 "Distributed" means the default process group is initialised (``torch.distributed.init_process_group``
 or ``torchrun``); the helpers then act on it.  Collectives run on the default group's device: the
 current CUDA device for NCCL, the CPU otherwise (gloo).
-
-How each posterior uses them (the README's "Data-parallel training" section has the recipes):
-
-* ``BayesSGLD``, ``DiagLaplace``: a seed left to default is drawn on rank 0 and broadcast
-  (``shared_seed``), so every rank keys its Philox noise identically.
-* ``DiagLaplace.fit``: per-rank sums over the shard, ``all_reduce_sum`` once at the end.
-* ``VI`` / ``MCDropout``: training draws use ``rank_stream(s)``, distinct per rank.
-* ``SampleBank(rank_zero_only=True)``: keeps samples on rank 0 only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from .ops import philox
-from .validation import check_count
+from ..ops import philox
+from ..validation import check_count
 
 RANK_STREAM_SHIFT = 32  # training draw s of rank r uses Philox stream s + (r << 32)
 
@@ -106,34 +95,9 @@ def all_reduce_sum(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return tensors
 
 
-def fully_shard(
-    module: nn.Module, *, mesh: Any = None, blocks: Iterable[nn.Module] | None = None, **fsdp_options: Any
-) -> Any:
-    """Shard ``module`` with FSDP2 (``torch.distributed.fsdp.fully_shard``) per block; returns ``module``.
-
-    A ``VI`` or ``MCDropout`` posterior: its model is sharded per block (``blocks``, default
-    ``sharding.default_blocks``: the entries of every ``nn.ModuleList``, else the children holding
-    parameters; then the root), and every variational parameter, point estimate and prior tensor is
-    laid out like the model parameter it stands for, so a rank holds ~1/world of them and of the
-    optimizer state.  Create the posterior on the unsharded model, shard it here, then build the
-    optimizer; ``docs/guide/distributed.md`` has the design.  Any other module (the model of
-    ``BayesSGLD`` or ``DiagLaplace``) is sharded the same way.  ``mesh`` defaults to a 1-D mesh over
-    the default group; ``fsdp_options`` go to every ``fully_shard`` call (``reshard_after_forward``,
-    ``mp_policy``, ...).  A collective: every rank must call it."""
-    from .posteriors.weight_posterior import WeightPosterior
-    from .sharding import shard_model
-
-    if isinstance(module, WeightPosterior):
-        module._shard(mesh=mesh, blocks=blocks, **fsdp_options)
-    else:
-        shard_model(module, mesh=mesh, blocks=blocks, **fsdp_options)
-    return module
-
-
 __all__ = [
     "all_reduce_sum",
     "collective_device",
-    "fully_shard",
     "is_distributed",
     "is_rank_zero",
     "rank",

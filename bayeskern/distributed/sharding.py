@@ -1,4 +1,5 @@
-"""Where a rank's shard of a tensor lives in the global tensor (FSDP2 / DTensor parameters).
+"""Where a rank's shard of a tensor lives in the global tensor (FSDP2 / DTensor parameters), and moving
+tensors between plain and sharded layouts.
 
 bayeskern's Philox noise is keyed by the *global* flattened index of an element
 (``ops.philox``): element ``j`` of a tensor whose counters start at ``offset`` reads counter
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from ..batches import as_call
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -126,53 +129,6 @@ def global_sum(local: Tensor, mesh: Any) -> Tensor:
     return out
 
 
-def default_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules ``shard_model`` wraps one by one when none are named: the entries of every
-    ``nn.ModuleList`` (a transformer's layers), or, where the model has none, its children that hold
-    parameters (the layers of an MLP).  The root is wrapped last and takes what is left."""
-    entries = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-    if entries:
-        return entries
-    return [child for child in model.children() if any(True for _ in child.parameters())]
-
-
-def default_mesh() -> Any:
-    """A 1-D device mesh over the default process group (CUDA under NCCL, else CPU)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("sharding needs an initialised default process group (torchrun or init_process_group)")
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (dist.get_world_size(),))
-
-
-def shard_model(
-    model: nn.Module, *, mesh: Any = None, blocks: Iterable[nn.Module] | None = None, **fsdp_options: Any
-) -> Any:
-    """Apply FSDP2 (``torch.distributed.fsdp.fully_shard``) to each of ``blocks`` (default
-    ``default_blocks(model)``), then to ``model``, all on ``mesh`` (default ``default_mesh()``), with
-    ``fsdp_options`` (``reshard_after_forward``, ``mp_policy``, ...); returns the mesh.
-
-    Raises ValueError when part of ``model`` is sharded already (shard once, through one call), when
-    a block is not a submodule of ``model``, or when the mesh is not 1-D."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    if any(isinstance(m, FSDPModule) for m in model.modules()) or any(is_sharded(p) for p in model.parameters()):
-        raise ValueError("model: part of it is sharded already; shard the unsharded model once, through one call")
-    mesh = default_mesh() if mesh is None else mesh
-    if mesh.ndim != 1:
-        raise ValueError(f"mesh must be 1-D (one FSDP2 shard group), got a {mesh.ndim}-D mesh")
-    blocks = default_blocks(model) if blocks is None else list(blocks)
-    inside = {id(m) for m in model.modules()}
-    for block in blocks:
-        if id(block) not in inside or block is model:
-            raise ValueError(f"blocks must be submodules of the model, got {type(block).__name__}")
-    for block in blocks:
-        fully_shard(block, mesh=mesh, **fsdp_options)
-    fully_shard(model, mesh=mesh, **fsdp_options)
-    return mesh
-
-
 def _flat_index(index: tuple[int, ...] | list[int], shape: tuple[int, ...]) -> int:
     """Row-major flat position of a multi-index (indices may equal the dimension's size)."""
     flat = 0
@@ -226,8 +182,6 @@ def forward_with(model: nn.Module, weights: dict[str, Tensor], inputs: Any) -> A
     other weights outlives the call."""
     from torch.distributed.fsdp import FSDPModule
 
-    from .batches import as_call
-
     def reshard() -> None:
         for module in model.modules():  # an eval forward without backward leaves the root gathered
             if isinstance(module, FSDPModule):
@@ -249,8 +203,6 @@ def forward_with(model: nn.Module, weights: dict[str, Tensor], inputs: Any) -> A
 
 __all__ = [
     "common_mesh",
-    "default_blocks",
-    "default_mesh",
     "element_offset",
     "forward_with",
     "from_local_like",
@@ -260,5 +212,4 @@ __all__ = [
     "local_tensor",
     "shard_copy",
     "shard_like",
-    "shard_model",
 ]

@@ -9,7 +9,9 @@ Inputs (what the model is called with):
 
 A loader's batch is ``(inputs, targets, ...)`` (``TensorDataset``, torchvision), a Mapping that
 holds the targets under ``"labels"`` (what ``transformers`` collators produce; the other keys are
-the inputs), or the inputs alone where no target is needed.
+the inputs), or the inputs alone where no target is needed.  Where one argument takes either one
+batch of inputs or several loader batches (``bayeskern.predict``'s ``inputs``), a tuple is one
+call's positional inputs and several batches come as a list or a loader.
 
 Outputs: a Tensor is the logits (or, for regression, the predicted mean); of a tuple or list, the
 first element; of an object or Mapping with ``logits`` (``transformers``' ``ModelOutput``), that

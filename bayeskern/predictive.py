@@ -1,11 +1,19 @@
 """The Monte-Carlo predictive engine: ``predict(posterior, inputs, num_samples=...)``.
 
-Works for any posterior obeying ``bayeskern.protocol.Posterior``: sample ``s`` is the network run
-through ``torch.func.functional_call`` with ``{**model params and buffers, **posterior.fixed_tensors(),
+Works for any posterior obeying ``bayeskern.protocol.Posterior``, which declares everything read here
+(``model``, ``sample``, ``fixed_tensors``, ``likelihood``, ``noise_std``, ``output_fn``,
+``is_sharded``, ``functional_forward``): sample ``s`` is the network run through
+``torch.func.functional_call`` with ``{**model params and buffers, **posterior.fixed_tensors(),
 **posterior.sample(s)}``, in eval mode, without gradients.  The tensors that differ between samples
 are exactly the keys of ``sample(s)`` (the Bayesian ones).  A posterior sharded with FSDP2
 (``is_sharded``, ``bayeskern.distributed.fully_shard``) runs its own ``functional_forward`` per
-sample instead, eagerly, on every rank (the sharded model gathers its blocks in its forward).
+sample instead, eagerly and one sample at a time, on every rank (the sharded model gathers its
+blocks in its forward); ``compile`` does not apply to it and ``vectorize=True`` warns.
+
+Inputs: a Tensor, a tuple (positional inputs) or a Mapping (keyword inputs) is one batch of model
+inputs, called as ``bayeskern.batches.as_call`` says; anything else iterable (a list, a
+``DataLoader``, a generator) yields loader batches (``bayeskern.batches``: inputs, ``(inputs,
+targets, ...)``, Mappings with ``labels``).  A tuple is never a sequence of batches.
 
 Classification (``p_s = softmax(f_s(x))``, S samples):
 
@@ -17,13 +25,16 @@ Regression: ``mean = (1/S) sum_s f_s(x)``, ``variance = (1/S) sum_s (f_s(x) - me
 (Welford's running update), ``noise_std`` the posterior's unless given.
 
 Speed: the compiled engine calls one function ``(module, [params of K samples], inputs) -> K
-outputs``, compiled with ``torch.compile`` once and called S / K times; parameters enter as tensors,
-so new samples never recompile (a last, smaller batch may compile once more with a dynamic batch
-size).  K is the largest divisor of S up to ``CHUNK_SAMPLES`` whose K samples' random tensors fit in
-``CHUNK_BYTES``: small networks, whose forwards cost less than the Python around them, run several
-samples per call, larger ones one (several large samples per call lose their activations' cache
-locality; benchmarks/README.md has the measurements).  If compilation fails the engine warns and
-runs eagerly, one sample at a time.
+outputs``, compiled with ``torch.compile`` once per model and called S / K times; parameters enter as
+tensors, so new samples never recompile (a last, smaller batch may compile once more with a dynamic
+batch size).  Each model gets its own compiled function (its own code object, so dynamo's cache and
+its recompile limit are the model's), held in a ``weakref.WeakKeyDictionary`` keyed by the model:
+it goes when the model goes.  K is the largest divisor of S up to ``CHUNK_SAMPLES`` whose K samples'
+random tensors fit in ``CHUNK_BYTES``: small networks, whose forwards cost less than the Python around
+them, run several samples per call, larger ones one (several large samples per call lose their
+activations' cache locality; benchmarks/README.md has the measurements).  If compilation or the
+compiled call fails, or dynamo reaches its recompile limit (which it is told to raise rather than
+run eagerly in silence), the engine warns and runs eagerly, one sample at a time.
 
 Vectorised path: when the random tensors are a small part of the network (LoRA adapters, a head
 that the last-layer path below cannot split off), K samples run in one call with the samples in a
@@ -41,30 +52,33 @@ weights against the loop's ``K W`` (f the random share, W the module's bytes) an
 flops, so with f <= 1/8 and K >= 8 it reads at most about a quarter as much; when f is large (all
 weights random) there is little to share, its K-fold activations only cost memory and the loop,
 which can be compiled, is used.  The vectorised call is not compiled (compiling a vmapped
-transformer takes minutes and did not make it faster on CPU); CPU attention runs through the math kernel of
-``scaled_dot_product_attention``, which has a batching rule.  ``vectorize=True`` forces it,
-``False`` forbids it.  If vmap cannot run the model (an op without a batching rule, control flow on
-a sample-dependent value, random ops in eval mode, an in-place update of a shared tensor with a
-sample-dependent one) the engine warns once and runs the loop for the rest of the call; an output
-of the wrong shape (``bayeskern.batches.logits_of``) raises its ValueError, as the loop would.
+transformer is slow and is not what makes the vectorised path pay; benchmarks/README.md); CPU
+attention runs through the math kernel of ``scaled_dot_product_attention``, which has a batching
+rule.  ``vectorize=True`` forces it, ``False`` forbids it.  If vmap cannot run the model (an op
+without a batching rule, control flow on a sample-dependent value, random ops in eval mode, an
+in-place update of a shared tensor with a sample-dependent one) the engine warns once and runs the
+loop for the rest of the call; an output of the wrong shape (``bayeskern.batches.logits_of``)
+raises its ValueError, as the loop would.
 
 K for the vectorised path: the largest K <= S with ``K * (random bytes + activation bytes of one
 sample) <= VECTOR_BYTES``, the S samples cut into equal chunks of at most K.  The activation bytes of
 one sample are measured on every vectorised call: ``LIVE_FACTOR`` times the largest sample-dependent
 module output (a no-grad forward holds about that many tensors of the largest size at once: the
 residual, an op's input, its output and a temporary), per element of the call's inputs, and scaled
-to the next batch's inputs.  The first vectorised call of a ``predict`` has no measurement yet and
-is bounded by the random bytes alone; an out-of-memory error (``torch.OutOfMemoryError``, on a
-GPU) halves K and retries.
+to the next batch's inputs.  The measuring forward hooks sit on the modules of the module run per
+sample only, for the duration of the call (no process-wide hook).  The first vectorised call of a
+``predict`` has no measurement yet and is bounded by the random bytes alone; an out-of-memory error
+(``torch.OutOfMemoryError``, on a GPU) halves K and retries.
 
 Last-layer posteriors: the random tensors often all lie in one submodule, the head.  When the model
 returns that submodule's output untouched, the rest of the network does not depend on the sample:
 it runs once per batch, the head's inputs are captured with a forward hook, and only the head runs
 S times.  Checked on every batch: the head must run exactly once, its output must be the model's
 output, unmodified, and its inputs must hold no NaN with the random tensors set to NaN for that
-forward (so the rest of the network did not read them); otherwise the whole network runs per
-sample, for this batch and the next ones.  A container that is never called itself (the
-``ModuleList`` holding every LoRA'd layer) is no head: the check is skipped.
+forward (so the rest of the network did not read them); otherwise the engine warns, naming the
+failed condition, and the whole network runs per sample, for this batch and the next ones.  A
+container that is never called itself (the ``ModuleList`` holding every LoRA'd layer) is no head:
+the check is skipped.
 
 Memory: inputs run in batches of ``batch_size`` (or as the loader yields them); the S samples are
 drawn once and reused for every batch when they fit in ``SAMPLE_CACHE_BYTES``; beyond it, the first
@@ -73,13 +87,21 @@ in its index), so memory stays within the budget plus at most three samples (com
 chunk, at most ``CHUNK_BYTES`` of random tensors or one sample; vectorised: plus one chunk's stacked
 random tensors and activations, within ``VECTOR_BYTES`` once measured).  A tensor predicted in one batch
 draws every sample once anyway, so nothing is cached: each sample is freed once used.
+
+Fallbacks: every fallback from a faster path to a slower one that gives the same results warns,
+with a ``RuntimeWarning`` naming its reason, once per ``predict`` call (the faster path is not tried
+again in that call): compilation (or a recompile limit) to eager, vmap to the loop, the last-layer
+path to the whole network, and ``vectorize=True`` on a sharded posterior.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -181,24 +203,43 @@ class _Runner:
     ) -> list[tuple[Tensor, ...]]:
         if self.compiled:
             try:
-                return _compiled()(module, params, args, kwargs, reading)
-            except Exception as err:  # any compiler error: predicting must still work
+                with _strict_dynamo():
+                    return _compiled(module)(module, params, args, kwargs, reading)
+            except Exception as err:  # any compiler error, the recompile limit: predicting must still work
                 message = f"torch.compile failed ({type(err).__name__}: {err}); predicting eagerly"
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                _warn(message)
                 self.compiled = False
         return [_forward(module, p, args, kwargs, reading) for p in params]
 
 
-_COMPILED: Callable[..., list[tuple[Tensor, ...]]] | None = None
+_ChunkFn = Callable[..., list[tuple[Tensor, ...]]]
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, _ChunkFn] = weakref.WeakKeyDictionary()
 
 
-def _compiled() -> Callable[..., list[tuple[Tensor, ...]]]:
-    global _COMPILED
-    if _COMPILED is None:
-        # Inductor's layout optimisation converts every conv weight to channels-last on each call; the
-        # weights here are inputs (a new sample each call), so on CPU it made resnet18 1.6x slower.
-        _COMPILED = torch.compile(_forward_chunk, options={"layout_optimization": False})
-    return _COMPILED
+def _compiled(module: nn.Module) -> _ChunkFn:
+    """``module``'s own compiled ``_forward_chunk``, made on first use and held while ``module`` lives.
+
+    Dynamo keeps its compiled graphs, and counts recompilations against ``recompile_limit``, per code
+    object; a copy of ``_forward_chunk``'s code per module keeps one model's graphs (and shapes) from
+    using up another's limit."""
+    compiled = _COMPILED.get(module)
+    if compiled is None:
+        code = _forward_chunk.__code__.replace()  # a new code object: a cache of its own
+        own = types.FunctionType(code, _forward_chunk.__globals__, _forward_chunk.__name__)
+        # Inductor's layout optimisation would convert every conv weight to channels-last on each call,
+        # and the weights here are inputs (a new sample each call): off.
+        compiled = torch.compile(own, options={"layout_optimization": False})
+        _COMPILED[module] = compiled
+    return compiled
+
+
+def _strict_dynamo() -> contextlib.AbstractContextManager[Any]:
+    """Dynamo told to raise at its recompile limit instead of running the frame eagerly in silence
+    (``_Runner`` then warns); a no-op on a torch without that setting."""
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        patch: contextlib.AbstractContextManager[Any] = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+        return patch
+    return contextlib.nullcontext()
 
 
 def _forward_vmapped(
@@ -243,8 +284,7 @@ def _bytes(tensors: Iterable[Tensor]) -> int:
 
 
 def _is_batched(t: Tensor) -> bool:
-    is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
-    return True if is_batched is None else bool(is_batched(t))
+    return bool(torch._C._functorch.is_batchedtensor(t))
 
 
 def _chunk_size(num_samples: int, sample_bytes: int) -> int:
@@ -254,12 +294,39 @@ def _chunk_size(num_samples: int, sample_bytes: int) -> int:
     return max(k for k in range(1, most + 1) if num_samples % k == 0)
 
 
-def _batches(inputs: Any, batch_size: int | None) -> Iterator[Any]:
-    """The model inputs of each batch: ``inputs`` itself when it is one batch (a tensor or a Mapping),
-    else those of every batch it yields; split further into ``batch_size`` examples."""
-    batches = (inputs,) if isinstance(inputs, (Tensor, Mapping)) else inputs
-    for batch in batches:
-        x = inputs_of(batch)
+def _is_one_batch(inputs: Any) -> bool:
+    """Whether ``predict``'s ``inputs`` is one batch of model inputs (a Tensor, a tuple of positional
+    inputs or a Mapping of keyword inputs) rather than an iterable of loader batches.
+
+    Raises ValueError naming ``inputs`` for what has no one meaning: an empty tuple, a tuple holding
+    no tensor (a tuple of batches: pass a list), something neither a batch nor iterable."""
+    if isinstance(inputs, tuple):
+        if not any(isinstance(t, Tensor) for t in inputs):
+            kinds = ", ".join(type(t).__name__ for t in inputs) or "nothing"
+            raise ValueError(
+                f"inputs: a tuple is one call's positional inputs, but this one holds no tensor ({kinds}); "
+                "pass several batches as a list or a DataLoader"
+            )
+        return True
+    if isinstance(inputs, (Tensor, Mapping)):
+        return True
+    if not isinstance(inputs, Iterable) or isinstance(inputs, (str, bytes)):
+        raise ValueError(
+            f"inputs: a {type(inputs).__name__} is neither one batch (a tensor, a tuple of positional inputs, "
+            "a Mapping of keyword inputs) nor an iterable of batches"
+        )
+    return False
+
+
+def _batches(inputs: Any, one_batch: bool, batch_size: int | None) -> Iterator[Any]:
+    """The model inputs of each batch: ``inputs`` itself when it is one batch (``_is_one_batch``; a
+    Mapping's ``labels`` dropped), else those of every loader batch it yields
+    (``bayeskern.batches.inputs_of``); split further into ``batch_size`` examples."""
+    if one_batch:
+        xs: Iterable[Any] = (inputs if isinstance(inputs, tuple) else inputs_of(inputs),)
+    else:
+        xs = (inputs_of(batch) for batch in inputs)
+    for x in xs:
         yield from (x,) if batch_size is None else split_inputs(x, batch_size)
 
 
@@ -349,7 +416,7 @@ class _Target:
             # the body runs with the random tensors all NaN: a head input with a NaN used them
             poisoned = {n: torch.full_like(t, math.nan) for n, t in first.items()}
             self.body_params = {**self.base, **poisoned}
-            self.prefix = path + "."
+            self.path, self.prefix = path, path + "."
             self.head_base = {n[len(self.prefix) :]: t for n, t in base.items() if n.startswith(self.prefix)}
             self.head_bytes = _bytes(self.head_base.values())
 
@@ -357,18 +424,22 @@ class _Target:
         args, kwargs = as_call(x)
         if self.head is not None:
             captured = _submodule_inputs(self.model, self.body_params, self.head, args, kwargs)
-            if captured is not None:
+            if not isinstance(captured, str):
                 return _PerSample(self.head, self.head_base, self.prefix, *captured, self.head_bytes)
+            _warn(
+                f"last-layer prediction: {self.path!r} holds every random tensor but {captured}; "
+                "running the whole network per sample"
+            )
             self.head = None  # the check failed: run the whole network from now on
         return _PerSample(self.model, self.base, "", args, kwargs, self.model_bytes)
 
 
 def _submodule_inputs(
     model: nn.Module, params: dict[str, Tensor], head: nn.Module, args: tuple, kwargs: dict[str, Any]
-) -> tuple[tuple, dict[str, Any]] | None:
+) -> tuple[tuple, dict[str, Any]] | str:
     """The args and kwargs ``head`` gets in one forward of ``model`` (with ``params``) on ``x``, if
     the model returns the output of that one call of ``head`` unmodified and its inputs hold no NaN;
-    else None."""
+    else the condition that failed, as a clause ("it ran 2 times in one forward")."""
     calls: list[tuple[tuple, dict[str, Any], Any, int]] = []
 
     def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -379,12 +450,42 @@ def _submodule_inputs(
         out = functional_call(model, params, args, kwargs)
     finally:
         handle.remove()
-    if len(calls) != 1 or calls[0][2] is not out or not isinstance(out, Tensor) or out._version != calls[0][3]:
-        return None
+    if len(calls) != 1:
+        return f"it ran {len(calls)} times in one forward"
+    if calls[0][2] is not out or not isinstance(out, Tensor):
+        return "the model does not return its output as it is"
+    if out._version != calls[0][3]:
+        return "the model modifies its output in place"
     args, kwargs = calls[0][0], calls[0][1]
     if any(t.is_floating_point() and t.isnan().any() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)):
-        return None
+        return "its inputs depend on the random tensors"
     return args, kwargs
+
+
+def _warn(message: str) -> None:
+    """A fallback's RuntimeWarning, attributed to the code that called ``predict`` (the first frame
+    outside this module and torch's ``no_grad`` wrapper)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename in (__file__, _NO_GRAD_FILE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+_NO_GRAD_FILE = torch.utils._contextlib.__file__
+_READS = ("model", "likelihood", "noise_std", "output_fn", "is_sharded", "sample", "fixed_tensors")
+
+
+def _check_posterior(posterior: Posterior) -> None:
+    """TypeError naming the members of ``Posterior`` that ``predict`` reads and ``posterior`` lacks
+    (``functional_forward`` is read only when ``is_sharded``)."""
+    missing = [name for name in _READS if not hasattr(posterior, name)]
+    if not missing and posterior.is_sharded and not hasattr(posterior, "functional_forward"):
+        missing.append("functional_forward")
+    if missing:
+        raise TypeError(
+            f"posterior: a {type(posterior).__name__} has no {', '.join(missing)}; "
+            "bayeskern.protocol.Posterior declares what predict reads"
+        )
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -408,43 +509,52 @@ def predict(
 ) -> Prediction:
     """Monte-Carlo prediction with ``num_samples`` posterior samples (see the module docstring).
 
-    ``inputs`` is one batch of model inputs (a tensor or a Mapping of keyword inputs) or an iterable
-    of loader batches (``bayeskern.batches``: inputs, ``(inputs, targets, ...)``, Mappings with
-    ``labels``, which are ignored); ``batch_size`` splits each of them further.  ``likelihood``,
-    ``noise_std`` (the regression likelihood's observation noise, added to the variance) and
-    ``output_fn`` default to the posterior's (``"classification"``, 0 and None if it has none).
+    ``inputs`` is one batch of model inputs (a tensor, a tuple of positional inputs or a Mapping of
+    keyword inputs) or any other iterable of loader batches (a list, a ``DataLoader``;
+    ``bayeskern.batches``: inputs, ``(inputs, targets, ...)``, Mappings with ``labels``, which are
+    ignored); ``batch_size`` splits each of them further.  A tuple is always one call's positional
+    inputs: several batches go in a list.  ``likelihood``, ``noise_std`` (the regression likelihood's
+    observation noise, added to the variance) and ``output_fn`` default to the posterior's.
     ``compile=False`` runs the per-sample loop eagerly; results agree with the compiled run to float
     rounding.  ``vectorize`` runs several samples per call under ``torch.func.vmap`` (True), never
     (False) or where the random tensors are a small part of the model (None, the default; module
-    docstring); results agree with the loop's to float rounding.
+    docstring); results agree with the loop's to float rounding.  A fallback to a slower path (the
+    module docstring, "Fallbacks") warns once per call.
+
+    Raises TypeError naming the members of ``bayeskern.protocol.Posterior`` that ``posterior`` lacks,
+    ValueError naming the argument that is out of range, or ``inputs`` when it has no one meaning
+    (a tuple holding no tensor) or holds no batch.
     """
+    _check_posterior(posterior)
     if vectorize is not None and not isinstance(vectorize, bool):
         raise ValueError(f"vectorize must be True, False or None, got {vectorize!r}")
-    likelihood = check_choice(
-        likelihood or getattr(posterior, "likelihood", "classification"), "likelihood", LIKELIHOODS
-    )
+    likelihood = check_choice(likelihood or posterior.likelihood, "likelihood", LIKELIHOODS)
     num_samples = check_count(num_samples, "num_samples", 1)
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
-    noise_std = check_nonnegative(getattr(posterior, "noise_std", 0.0) if noise_std is None else noise_std, "noise_std")
-    output_fn = output_fn if output_fn is not None else getattr(posterior, "output_fn", None)
+    noise_std = check_nonnegative(posterior.noise_std if noise_std is None else noise_std, "noise_std")
+    output_fn = output_fn if output_fn is not None else posterior.output_fn
+    one_batch = _is_one_batch(inputs)
     model = posterior.model
     classification = likelihood == "classification"
     was_training = model.training
     model.eval()
     try:
-        sharded = bool(getattr(posterior, "is_sharded", False))
+        sharded = posterior.is_sharded
+        if sharded and vectorize:
+            _warn(
+                "vectorize=True: a sharded posterior runs one sample at a time (functional_forward); "
+                "predicting without vmap"
+            )
         base = {} if sharded else {**_state(model), **posterior.fixed_tensors()}
         model_device = next((t.device for t in base.values()), torch.device("cpu"))
-        single_batch = isinstance(inputs, (Tensor, Mapping)) and (
-            batch_size is None or batch_length(inputs) <= batch_size
-        )
+        single_batch = one_batch and (batch_size is None or batch_length(inputs) <= batch_size)
         samples = _Samples(posterior, num_samples, model_device, cache=not single_batch)
         target = _Sharded(posterior) if sharded else _Target(model, base, samples, model_device)
         run = _Runner(compile, vectorize)
         parts = [
             _predict_batch(x, samples, run, target, _Reading(x, output_fn, classification), return_logits)
-            for x in (move_to(batch, samples.device) for batch in _batches(inputs, batch_size))
+            for x in (move_to(batch, samples.device) for batch in _batches(inputs, one_batch, batch_size))
         ]
     finally:
         model.train(was_training)
@@ -465,7 +575,7 @@ class _Sharded:
         self.posterior = posterior
 
     def run(self, sample: dict[str, Tensor], x: Any, reading: _Reading) -> tuple[Tensor, ...]:
-        return _read(cast(Any, self.posterior).functional_forward(sample, x), reading)
+        return _read(self.posterior.functional_forward(sample, x), reading)
 
 
 def _results(
@@ -557,7 +667,7 @@ def _vectorized_results(
                 if isinstance(t, Tensor) and _is_batched(t):  # logical (one sample's) size
                     largest = max(largest, t.numel() * t.element_size())
 
-        handle = nn.modules.module.register_module_forward_hook(measure)
+        handles = [module.register_forward_hook(measure) for module in call.module.modules()]
         try:
             # CPU flash attention has no batching rule (vmap would loop over the samples): the math kernel has
             with sdpa_kernel([SDPBackend.MATH]) if on_cpu else contextlib.nullcontext():
@@ -570,17 +680,14 @@ def _vectorized_results(
             most = k // 2
             continue
         except Exception as err:  # no batching rule, data-dependent control flow, ...: the loop still works
-            warnings.warn(
-                f"torch.func.vmap failed ({type(err).__name__}: {err}); predicting one sample at a time",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _warn(f"torch.func.vmap failed ({type(err).__name__}: {err}); predicting one sample at a time")
             run.vmap_failed = True
             for s in range(start, S):
                 yield from run(call.module, [call.params(samples[s])], call.args, call.kwargs, reading)
             return
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         del stacked
         measured = LIVE_FACTOR * largest / elements
         run.activation_per_element[key] = max(run.activation_per_element.get(key, 0.0), measured)

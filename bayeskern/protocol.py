@@ -10,10 +10,18 @@ A posterior describes uncertainty over some parameters of an unmodified ``nn.Mod
 * ``fixed_tensors()`` -- what else the posterior holds in place of the model's tensors (trained
   point estimates and buffers; empty when the model's own are used);
 * ``likelihood`` (``"classification"`` or ``"regression"``) and ``noise_std`` (the regression
-  likelihood's observation-noise std).
+  likelihood's observation-noise std);
+* ``output_fn`` -- ``(output, inputs) -> logits`` for model outputs ``bayeskern.batches`` cannot
+  read, or None;
+* ``is_sharded`` and ``functional_forward(weights, inputs)`` -- whether the posterior and its model
+  are sharded with FSDP2 (``bayeskern.distributed.fully_shard``), and the model's output on
+  ``inputs`` with ``weights`` (a sample) for the Bayesian parameters, which is how a sharded
+  posterior is predicted (on every rank).
 
 Predictions run the module through ``torch.func.functional_call(model, {**model tensors,
-**fixed_tensors(), **sample(index)}, ...)``, so the module is never edited.
+**fixed_tensors(), **sample(index)}, ...)``, so the module is never edited.  ``bayeskern.predict``
+reads ``model``, ``sample``, ``fixed_tensors``, ``likelihood``, ``noise_std``, ``output_fn``,
+``is_sharded`` and, when sharded, ``functional_forward``.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from .batches import Inputs, OutputFn
+
 
 @runtime_checkable
 class Posterior(Protocol):
@@ -29,6 +39,11 @@ class Posterior(Protocol):
     names: list[str]
     likelihood: str
     noise_std: float
+    output_fn: OutputFn | None
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the posterior and its model are sharded with FSDP2 (predicted by ``functional_forward``)."""
 
     def sample(self, index: int) -> dict[str, Tensor]:
         """The Bayesian tensors of the index-th posterior sample (deterministic in index)."""
@@ -38,6 +53,10 @@ class Posterior(Protocol):
 
     def fixed_tensors(self) -> dict[str, Tensor]:
         """Point estimates and buffers the posterior holds in place of the model's."""
+
+    def functional_forward(self, weights: dict[str, Tensor], inputs: Inputs) -> Any:
+        """The model's output on ``inputs`` with ``weights`` for the Bayesian parameters (the model's
+        tensors are left as they were)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -1,3 +1,4 @@
+import gc
 import warnings
 import weakref
 
@@ -8,9 +9,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayeskern import predictive as engine
-from bayeskern.posteriors.laplace import DiagLaplace
-from bayeskern.posteriors.mc_dropout import MCDropout
-from bayeskern.posteriors.vi import VI
+from bayeskern.posteriors import VI, DiagLaplace, MCDropout
 from bayeskern.predictive import predict
 from bayeskern.protocol import Posterior
 
@@ -18,10 +17,16 @@ from bayeskern.protocol import Posterior
 class TableOfSamples:
     """A minimal posterior: sample s replaces the weight of a bias-free linear model by W[s]."""
 
+    output_fn = None
+    is_sharded = False
+
     def __init__(self, weights: torch.Tensor, likelihood: str = "classification", noise_std: float = 1.0) -> None:
         self.model = nn.Linear(weights.shape[2], weights.shape[1], bias=False)
         self.names = ["weight"]
         self.weights, self.likelihood, self.noise_std = weights, likelihood, noise_std
+
+    def functional_forward(self, weights: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, weights, (inputs,))
 
     def sample(self, index: int) -> dict[str, torch.Tensor]:
         return {"weight": self.weights[index]}
@@ -182,7 +187,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(engine, "_compiled", lambda: broken)
+    monkeypatch.setattr(engine, "_compiled", lambda module: broken)
     post = table()
     x = torch.randn(6, 3)
     with pytest.warns(RuntimeWarning, match="predicting eagerly"):
@@ -236,7 +241,7 @@ def test_compiled_predict_runs_a_chunk_of_samples_per_call(monkeypatch, chunk_by
         calls.append(len(params))
         return engine._forward_chunk(module, params, *args)
 
-    monkeypatch.setattr(engine, "_compiled", lambda: counting)  # the chunking, without compiling
+    monkeypatch.setattr(engine, "_compiled", lambda module: counting)  # the chunking, without compiling
     monkeypatch.setattr(engine, "CHUNK_BYTES", chunk_bytes)
     post, x = table(num_samples=6), torch.randn(10, 3)
     chunked = predict(post, x, num_samples=6, compile=True, batch_size=5, return_logits=True)
@@ -296,17 +301,40 @@ def test_a_last_layer_posterior_runs_the_body_once_per_batch(compile):
     torch.testing.assert_close(pred.probs, expected.softmax(-1).mean(0), rtol=1e-5, atol=1e-6)
 
 
+FAILED_HEAD_CHECK = {
+    "scaled": "the model does not return its output as it is",
+    "in place": "the model modifies its output in place",
+    "head twice": "it ran 2 times in one forward",
+    "head weight in body": "its inputs depend on the random tensors",
+}
+
+
 @pytest.mark.parametrize("after", ["scaled", "in place", "head twice", "head weight in body"])
 def test_the_whole_network_runs_per_sample_when_the_head_output_is_not_the_models(after):
+    """... and the failed check warns once per call (not once per batch), naming the condition."""
     torch.manual_seed(0)
     model = Counted(after)
     post = VI(model, init_std=0.3, num_data=10, params=["head.weight", "head.bias"], seed=3)
     x = torch.randn(10, 4)
     expected = full_forwards(post, x, 4)
     model.body_calls = 0
-    pred = predict(post, x, num_samples=4, compile=False, return_logits=True, batch_size=5)
+    with pytest.warns(RuntimeWarning, match="last-layer prediction") as record:
+        pred = predict(post, x, num_samples=4, compile=False, return_logits=True, batch_size=5)
     assert model.body_calls == 1 + 4 + 4  # the failed check on the first batch, then one per sample
     torch.testing.assert_close(pred.logits, expected)
+    messages = [str(w.message) for w in record if "last-layer prediction" in str(w.message)]
+    assert messages == [
+        f"last-layer prediction: 'head' holds every random tensor but {FAILED_HEAD_CHECK[after]}; "
+        "running the whole network per sample"
+    ]
+    assert record[0].filename == __file__  # attributed to the caller of predict
+
+
+def test_a_passing_last_layer_check_does_not_warn():
+    post = VI(Counted(), init_std=0.3, num_data=10, params="last_layer", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        predict(post, torch.randn(6, 4), num_samples=3, compile=False, batch_size=3)
 
 
 def test_a_posterior_over_the_whole_network_runs_it_per_sample():
@@ -331,3 +359,139 @@ def test_a_last_layer_laplace_posterior_runs_the_body_once():
     pred = predict(la, x, num_samples=5, compile=False, return_logits=True)
     assert model.body_calls == 1
     torch.testing.assert_close(pred.logits, expected)
+
+
+# -- compiled functions, one per model --------------------------------------------------------------
+
+
+def test_each_model_gets_its_own_compiled_function_dropped_with_the_model():
+    torch._dynamo.reset()
+    posts = [table(seed=0), table(seed=1)]
+    x = torch.randn(6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for post in posts:
+            predict(post, x, num_samples=5, compile=True)
+    first, second = (engine._COMPILED[post.model] for post in posts)
+    assert first is not second
+    assert engine._compiled(posts[0].model) is first  # cached: the next predict reuses it
+    gc.collect()  # models of earlier tests leave the cache now, not during the count below
+    held = len(engine._COMPILED)
+    model = weakref.ref(posts[0].model)
+    del posts[0], first
+    gc.collect()
+    assert model() is None
+    assert len(engine._COMPILED) == held - 1
+
+
+def test_reaching_the_recompile_limit_warns_instead_of_running_eagerly_in_silence():
+    torch._dynamo.reset()
+    post, x = table(), torch.randn(6, 3)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            predict(post, x, num_samples=5, compile=True)  # the model's one compilation: a chunk of 5
+        with pytest.warns(RuntimeWarning, match="torch.compile failed .*predicting eagerly") as record:
+            pred = predict(post, x, num_samples=4, compile=True)  # a chunk of 4 would recompile
+    assert sum("predicting eagerly" in str(w.message) for w in record) == 1
+    torch.testing.assert_close(pred.probs, predict(post, x, num_samples=4, compile=False).probs)
+
+
+# -- what inputs means --------------------------------------------------------------------------------
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.scale = nn.Linear(3, 4), nn.Parameter(torch.ones(4))
+
+    def forward(self, x, shift):
+        return self.lin(x) * self.scale + shift
+
+
+def test_a_tuple_is_one_calls_positional_inputs_and_a_list_holds_batches():
+    torch.manual_seed(0)
+    post = VI(TwoInputs(), init_std=0.3, num_data=10, seed=2)
+    x, shift, y = torch.randn(8, 3), torch.randn(8, 4), torch.zeros(8)
+    pred = predict(post, (x, shift), num_samples=3, compile=False, return_logits=True)
+    post.model.eval()
+    expected = torch.stack(
+        [functional_call(post.model, {**post.fixed_tensors(), **post.sample(s)}, (x, shift)) for s in range(3)]
+    )
+    torch.testing.assert_close(pred.logits, expected)
+    split = predict(post, (x, shift), num_samples=3, compile=False, return_logits=True, batch_size=3)
+    loader = [((x[:5], shift[:5]), y[:5]), ((x[5:], shift[5:]), y[5:])]  # (inputs, targets) batches
+    from_loader = predict(post, loader, num_samples=3, compile=False, return_logits=True)
+    for other in (split, from_loader):
+        torch.testing.assert_close(other.logits, expected)
+
+
+@pytest.mark.parametrize(
+    "inputs, found",
+    [(((torch.randn(2, 3),), (torch.randn(2, 3),)), r"\(tuple, tuple\)"), ((), r"\(nothing\)")],
+)
+def test_a_tuple_holding_no_tensor_is_rejected_naming_inputs(inputs, found):
+    with pytest.raises(ValueError, match=rf"^inputs: a tuple is one call's positional inputs.*{found}.*a list"):
+        predict(table(), inputs, num_samples=2, compile=False)
+
+
+def test_inputs_neither_a_batch_nor_iterable_are_rejected_by_name():
+    with pytest.raises(ValueError, match=r"^inputs: a int is neither one batch"):
+        predict(table(), 3, num_samples=2, compile=False)
+
+
+# -- the protocol: what predict reads -----------------------------------------------------------------
+
+
+class ShardedTable(TableOfSamples):
+    """A stand-in for a sharded posterior: predicted through ``functional_forward`` alone."""
+
+    is_sharded = True
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__(weights)
+        self.forwards = 0
+
+    def functional_forward(self, weights, inputs):
+        self.forwards += 1
+        return super().functional_forward(weights, inputs)
+
+
+def test_a_sharded_posterior_is_predicted_through_functional_forward():
+    post = ShardedTable(table().weights)
+    assert isinstance(post, Posterior)
+    x = torch.randn(7, 3)
+    with pytest.warns(RuntimeWarning, match="vectorize=True: a sharded posterior") as record:
+        pred = predict(post, x, num_samples=5, vectorize=True, return_logits=True, batch_size=4)
+    assert len(record) == 1
+    assert post.forwards == 2 * 5
+    torch.testing.assert_close(pred.logits, torch.einsum("nf,scf->snc", x, post.weights))
+
+
+def test_the_posteriors_output_fn_and_noise_are_read_unless_given():
+    post = table(num_samples=4, classes=2, likelihood="regression")
+    post.output_fn = lambda out, inputs: 2 * out
+    post.noise_std = 0.5
+    x = torch.randn(5, 3)
+    pred = predict(post, x, num_samples=4, compile=False)
+    outs = 2 * torch.einsum("nf,scf->snc", x, post.weights)
+    torch.testing.assert_close(pred.mean, outs.mean(0))
+    torch.testing.assert_close(pred.variance, outs.var(0, unbiased=False) + 0.25)
+    given = predict(post, x, num_samples=4, compile=False, output_fn=lambda out, inputs: out, noise_std=0.0)
+    torch.testing.assert_close(given.mean, outs.mean(0) / 2)
+
+
+def test_a_posterior_missing_what_predict_reads_is_rejected_naming_the_members():
+    class Bare:
+        def __init__(self) -> None:
+            self.model, self.names = nn.Linear(3, 2), ["weight"]
+            self.likelihood, self.noise_std = "classification", 0.0
+
+        def sample(self, index):
+            return {"weight": torch.zeros(2, 3)}
+
+        def fixed_tensors(self):
+            return {}
+
+    with pytest.raises(TypeError, match=r"^posterior: a Bare has no output_fn, is_sharded; .*Posterior"):
+        predict(Bare(), torch.randn(2, 3), num_samples=2, compile=False)

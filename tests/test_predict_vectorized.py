@@ -9,10 +9,7 @@ from hf_models import answer_logits, llama_causal_lm, llama_classifier, text_bat
 from torch import nn
 
 from bayeskern import predictive as engine
-from bayeskern.posteriors.laplace import DiagLaplace
-from bayeskern.posteriors.mc_dropout import MCDropout
-from bayeskern.posteriors.sample_bank import SampleBank
-from bayeskern.posteriors.vi import VI
+from bayeskern.posteriors import VI, DiagLaplace, MCDropout, SampleBank
 from bayeskern.predictive import predict
 
 CLASSIFICATION = ("probs", "entropy", "expected_entropy", "mutual_info", "logits")
@@ -91,10 +88,10 @@ def test_output_fn_runs_under_vmap():
     class Dict(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = mlp()
+            self.net, self.scale = mlp(), nn.Parameter(torch.ones(3))  # random tensors outside ``net``: no head
 
         def forward(self, x):
-            return {"scores": self.net(x), "features": x}
+            return {"scores": self.net(x) * self.scale, "features": x}
 
     post = VI(Dict(), init_std=0.3, num_data=10, seed=5, output_fn=lambda out, x: out["scores"][:, :2])
     vectorized, loop = both(post, torch.randn(5, 4))
@@ -115,6 +112,30 @@ def test_chunks_within_the_byte_budget_give_the_same_result(monkeypatch):
     assert calls[0] == 4 and sum(calls) == 20
     assert calls[1:] == [max(1, engine.VECTOR_BYTES // (sample_bytes + activation))] * 16
     assert_same(vectorized, loop)
+
+
+def test_activation_hooks_sit_on_the_modules_being_run_only(monkeypatch):
+    """The vectorised path measures activations with forward hooks on the modules it runs, for the
+    duration of the call: a module outside the model, called during the forward, is not hooked,
+    and no process-wide hook is installed."""
+    bystander = nn.Linear(4, 4)
+    seen = []
+
+    class Watching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.scale = mlp(), nn.Parameter(torch.ones(3))  # random tensors outside ``net``: no head
+
+        def forward(self, x):
+            global_hooks = len(nn.modules.module._global_forward_hooks)
+            seen.append((global_hooks, len(bystander._forward_hooks), len(self.net[0]._forward_hooks)))
+            return self.net(x + 0 * bystander(x)) * self.scale
+
+    post = VI(Watching(), init_std=0.3, num_data=10, seed=3)
+    calls = count_vmapped_calls(monkeypatch)
+    predict(post, torch.randn(5, 4), num_samples=4, compile=False, vectorize=True, batch_size=3)
+    assert calls == [4, 4] and seen == [(0, 0, 1)] * 2  # one vectorised call per batch, hooked
+    assert all(not m._forward_hooks for m in post.model.modules())  # removed after the call
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from bench_utils import QUICK, record, synchronize
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from bayeskern.posteriors.laplace import DiagLaplace
+from bayeskern.posteriors import DiagLaplace
 
 
 def _mlp(*widths: int) -> nn.Module:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from bayeskern.ops import philox
-from bayeskern.posteriors.laplace import DiagLaplace
+from bayeskern.posteriors import DiagLaplace
 from bayeskern.predictive import predict
 from bayeskern.protocol import Posterior
 

@@ -2,7 +2,9 @@
 CLI treat them alike."""
 
 from ..protocol import Posterior
-from .laplace import DiagLaplace
+from .diag_laplace import DiagLaplace
+from .kron_laplace import KronLaplace
+from .laplace import Laplace
 from .mc_dropout import MCDropout
 from .prior import GaussianPrior
 from .sample_bank import SampleBank
@@ -15,6 +17,8 @@ __all__ = [
     "BayesSGLD",
     "DiagLaplace",
     "GaussianPrior",
+    "KronLaplace",
+    "Laplace",
     "MCDropout",
     "Posterior",
     "SampleBank",

@@ -1,38 +1,32 @@
-"""Diagonal Laplace approximation around a trained network.
+"""``Laplace``: what every Laplace approximation around a trained network shares.
 
 With theta* the network's weights when ``fit`` runs (the MAP), theta0 the prior mean, prior
 precision lambda (isotropic: ``prior_precision = 1 / prior_std**2`` of the other methods) and
 temperature T (the target is the tempered posterior ``p(theta | D)^(1/T)``, docs/vocabulary.md):
 
-* curvature ``F = sum_n g_n^2`` over the training set, ``g_n`` the gradient of example n's negative
-  log-likelihood, with the true label (``fisher_type="empirical"``) or a label drawn from the model's
-  own predictive (``fisher_type="mc"``: an unbiased estimate of the diagonal of the GGN);
-* posterior ``q(theta) = N(theta*, diag(T / H))``, ``H = F + lambda`` the diagonal curvature of the
-  negative log joint; ``posterior_precision = H / T``;
-* sample s: ``theta* + eps_s * sqrt(T / H)``, ``eps_s`` the Philox normals of (seed, element offset,
-  stream = s) -- drawn through ``ops.noise.gaussian`` with the std computed once for all samples;
+* curvature ``F``: a positive semi-definite approximation of the Hessian of the summed negative
+  log-likelihood at theta*, from per-example gradients ``g_n`` of example n's negative
+  log-likelihood, with the true label (``fisher_type="empirical"``) or a label drawn from the
+  model's own predictive (``fisher_type="mc"``: an unbiased estimate of the GGN).  A subclass says
+  which structure F has (``DiagLaplace``: its diagonal; ``KronLaplace``: Kronecker blocks) through
+  its eigendecomposition ``F = sum_i e_i u_i u_i^T``, block by block;
+* posterior ``q(theta) = N(theta*, T (F + lambda I)^-1)``; ``posterior precision = (F + lambda I) / T``;
+* sample s: ``theta* + sum_i u_i eps_{s,i} sqrt(T / (e_i + lambda))``, ``eps_s`` the Philox normals of
+  (seed, element offset, stream = s): deterministic in s;
 * log marginal likelihood of the model (the Laplace evidence; it does not depend on T)::
 
       log Z(lambda) = log p(D | theta*) - lambda/2 ||theta* - theta0||^2
-                      + (D/2) log lambda - 1/2 sum log(F + lambda)
+                      + (D/2) log lambda - 1/2 sum_i log(e_i + lambda)
 
   (D Bayesian weights); concave in ``log lambda``, maximised by bisection on its derivative
-  ``-lambda/2 ||theta* - theta0||^2 + D/2 - 1/2 sum lambda / (F + lambda)``.
+  ``-lambda/2 ||theta* - theta0||^2 + D/2 - 1/2 sum_i lambda / (e_i + lambda)``.
 
 Data parallel (``torch.distributed``): give each rank its shard (e.g. a ``DistributedSampler``) and
-call ``fit`` on every rank with the same (unwrapped) model; F, ``log p(D | theta*)`` and the example
-count are sums over examples, so each rank accumulates its shard and they are all-reduced (summed) once
-at the end: every rank then holds the posterior of the whole data set.  A default seed is rank 0's,
-broadcast; the ``fisher_type="mc"`` label draws use a per-rank generator (rank 0's is the single-process one).
-
-Sharded (FSDP2, a ``fully_shard``-ed model; the posterior may be created before or after sharding,
-and is fitted after): each rank feeds its own batches (as many as the other ranks), the curvature
-driver forms each block's squared per-example gradients while FSDP2 has the block gathered and
-reduce-scatters them (``curvature/sums.py``), so ``fisher``, ``mean``, ``std`` and the prior means are
-DTensors laid out like the parameters, each rank holding its shard of F over the union of the data.
-Sums over the parameters (the evidence, the marglik search) add the ranks' shards with one all-reduce
-each.  Sample s draws element j with the Philox counter of its global index (``sharding.element_offset``),
-so it equals the single-process sample; ``bayeskern.predict`` takes the DTensor samples.
+call ``fit`` on every rank with the same (unwrapped) model; the curvature sums, ``log p(D | theta*)``
+and the example count are sums over examples, so each rank accumulates its shard and they are
+all-reduced (summed) once at the end: every rank then holds the posterior of the whole data set.  A
+default seed is rank 0's, broadcast; the ``fisher_type="mc"`` label draws use a per-rank generator
+(rank 0's is the single-process one).
 
 Negative log-likelihoods: ``bayeskern.likelihoods`` (regression: Gaussian with std ``noise_std``).
 """
@@ -49,19 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import OutputFn, check_classification_logits, split_batch
-from ..curvature import squared_gradients
-from ..distributed.ranks import all_reduce_sum, is_distributed, is_rank_zero, rank_seed
-from ..distributed.sharding import (
-    common_mesh,
-    element_offset,
-    forward_with,
-    from_local_like,
-    global_sum,
-    is_sharded,
-    local_tensor,
-)
+from ..distributed.ranks import all_reduce_sum, is_distributed, rank_seed
+from ..distributed.sharding import common_mesh, forward_with, global_sum, is_sharded, local_tensor
 from ..likelihoods import LIKELIHOODS, gaussian_nll, negative_log_likelihood
-from ..ops import noise
 from ..predictive import predict
 from ..validation import check_choice, check_count, check_nonnegative, check_positive
 from .prior import PriorMean
@@ -73,8 +57,8 @@ METHODS = ("marglik", "val_nll")
 LOG_LAMBDA_RANGE = (-12 * math.log(10), 12 * math.log(10))  # marglik search interval for log lambda
 
 
-class DiagLaplace:
-    """Diagonal Laplace posterior over the selected parameters of ``model`` (see the module docstring).
+class Laplace:
+    """Base of the Laplace approximations (module docstring); a subclass supplies the curvature.
 
     Args (docs/vocabulary.md):
         model: any ``nn.Module``, trained (its current weights are theta*); never modified.
@@ -89,6 +73,10 @@ class DiagLaplace:
         output_fn: ``(output, inputs) -> logits`` for outputs ``bayeskern.batches`` cannot read.
         seed: Philox seed of the samples (None: drawn on rank 0 and broadcast, so every rank must
             construct the posterior).
+
+    Subclass hooks: ``_fit_curvature`` (one pass over the data), ``_curvature_sums`` (the tensors summed
+    over ranks), ``_eigenvalues``, ``std``, ``_draw``, ``_curvature_state`` / ``_load_curvature``, and
+    ``_forget`` (drop what depends on lambda or T).
     """
 
     def __init__(
@@ -111,8 +99,6 @@ class DiagLaplace:
         self.model = model
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.fisher_type = check_choice(fisher_type, "fisher_type", FISHER_TYPES)
-        self.prior_precision = prior_precision
-        self.temperature = temperature
         self.noise_std = check_positive(noise_std, "noise_std")
         self.output_fn = output_fn
         self.setup = PosteriorSetup.build(
@@ -127,7 +113,9 @@ class DiagLaplace:
         self.prior = self.setup.require_prior()
         self.names: list[str] = self.setup.names
         self.offsets = self.setup.offsets
-        self._fisher: dict[str, Tensor] | None = None
+        self.prior_precision = prior_precision
+        self.temperature = temperature
+        self._fitted = False
         self._map: dict[str, Tensor] = {}
         self._mesh: Any = None  # the device mesh of a fit on a sharded model
         self.log_likelihood: float | None = None  # log p(D | theta*), set by fit
@@ -146,7 +134,7 @@ class DiagLaplace:
     @prior_precision.setter
     def prior_precision(self, value: float) -> None:
         self._prior_precision = check_positive(value, "prior_precision")
-        self._std: dict[str, Tensor] | None = None  # std(), computed once for all samples
+        self._forget()
 
     @property
     def temperature(self) -> float:
@@ -155,7 +143,45 @@ class DiagLaplace:
     @temperature.setter
     def temperature(self, value: float) -> None:
         self._temperature = check_nonnegative(value, "temperature")
-        self._std = None
+        self._forget()
+
+    # -- subclass hooks --------------------------------------------------------------------------
+    def _fit_curvature(
+        self, loader: Iterable, sample_targets: Callable[[Tensor], Tensor] | None, progress: bool
+    ) -> tuple[float, int]:
+        """Accumulate this rank's curvature sums over ``loader``; return (summed NLL of the true
+        targets, example count)."""
+        raise NotImplementedError
+
+    def _curvature_sums(self) -> dict[str, Tensor]:
+        """The curvature tensors that are sums over examples (all-reduced under data parallelism)."""
+        raise NotImplementedError
+
+    def _eigenvalues(self) -> dict[str, Tensor]:
+        """Per Bayesian parameter, the eigenvalues ``e_i`` of its curvature block(s), flattened
+        (this rank's shard when sharded)."""
+        raise NotImplementedError
+
+    def std(self) -> dict[str, Tensor]:
+        """Marginal posterior standard deviations per parameter name."""
+        raise NotImplementedError
+
+    def _draw(self, name: str, index: int) -> Tensor:
+        """Parameter ``name`` of the index-th posterior sample."""
+        raise NotImplementedError
+
+    def _curvature_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_curvature(self, state: Mapping[str, Any], params: Mapping[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """Drop what was computed for the current lambda and T."""
+
+    def _check_fit(self, mesh: Any, reduce: bool | None) -> None:
+        """Raise ValueError when this structure cannot be fitted on the model as it is (``mesh``: the
+        device mesh of sharded parameters, else None) with ``fit``'s ``reduce``."""
 
     # -- fitting -------------------------------------------------------------------------------
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
@@ -177,62 +203,40 @@ class DiagLaplace:
 
         return sample
 
-    def fit(self, loader: Iterable, *, progress: bool = True, reduce: bool | None = None) -> DiagLaplace:
-        """Accumulate F over ``loader`` around the model's current weights (batches ``(inputs, targets)``
-        or Mappings holding ``labels``, ``bayeskern.batches``).
+    def fit(self, loader: Iterable, *, progress: bool = True, reduce: bool | None = None) -> Laplace:
+        """Accumulate the curvature over ``loader`` around the model's current weights (batches
+        ``(inputs, targets)`` or Mappings holding ``labels``, ``bayeskern.batches``); returns ``self``.
 
-        ``reduce``: sum F, the log-likelihood and the example count over the ranks of
+        ``reduce``: sum the curvature, the log-likelihood and the example count over the ranks of
         ``torch.distributed`` (a collective; None: whenever a process group is initialised; a sharded
         model always reduces).  The progress bar shows on rank 0 only.  Raises ValueError if ``loader``
         yields no batch.
         """
         params = dict(self.model.named_parameters())
         device = params[self.names[0]].device
-        mesh = common_mesh((params[n] for n in self.names), "parameters of the DiagLaplace")
-        if mesh is not None:
-            if reduce is False:
-                raise ValueError("fit: reduce=False is not possible on a fully_shard-ed model (its F is reduced)")
-            if not all(is_sharded(params[n]) for n in self.names):
-                raise ValueError("fit: the model mixes DTensor (fully_shard-ed) and plain parameters; shard it whole")
-            self._shard_prior(params)
+        mesh = common_mesh((params[n] for n in self.names), f"parameters of the {type(self).__name__}")
+        self._check_fit(mesh, reduce)
         sampler = self._label_sampler(device) if self.fisher_type == "mc" else None
         try:
-            result = squared_gradients(
-                self.model,
-                loader,
-                self.nll,
-                self.names,
-                sample_targets=sampler,
-                output_fn=self.output_fn,
-                progress=progress and is_rank_zero(),
-            )
+            loss, count = self._fit_curvature(loader, sampler, progress)
         except ValueError as error:
             raise ValueError(f"fit: {error}") from None
-        totals = torch.tensor([result.loss, result.num_examples], dtype=torch.float64, device=device)
+        totals = torch.tensor([loss, count], dtype=torch.float64, device=device)
         if mesh is not None:
-            all_reduce_sum({"": totals})  # F is reduced already, shard by shard
+            all_reduce_sum({"": totals})  # the curvature is reduced already, shard by shard
         elif is_distributed() if reduce is None else reduce:
-            all_reduce_sum({**result.fisher, "": totals})
+            all_reduce_sum({**self._curvature_sums(), "": totals})
         self._mesh = mesh
-        self._fisher = result.fisher
+        self._fitted = True
         self._map = {name: params[name].detach().clone() for name in self.names}
         self.log_likelihood = -float(totals[0])
         self.num_data = int(totals[1])
-        self._std = None
+        self._forget()
         return self
 
-    def _shard_prior(self, params: Mapping[str, Tensor]) -> None:
-        """Lay out the prior's tensors like the sharded ``params`` unless they are already (a posterior
-        created before the model was sharded, or a sharded state loaded into one created after)."""
-        tensors = [self.prior.mean(n) for n in self.names if not self.prior.is_zero_mean(n)]
-        tensors += [sp for n in self.names if isinstance(sp := self.prior.std(n), Tensor)]
-        if not all(is_sharded(t) for t in tensors):
-            self.prior.shard_like(params)
-
-    def _require_fit(self) -> dict[str, Tensor]:
-        if self._fisher is None:
-            raise RuntimeError("DiagLaplace: call fit(loader) (or load_state_dict) first")
-        return self._fisher
+    def _require_fit(self) -> None:
+        if not self._fitted:
+            raise RuntimeError(f"{type(self).__name__}: call fit(loader) (or load_state_dict) first")
 
     def _check_layout(self) -> None:
         """The fit's tensors must be laid out as the model's parameters are now."""
@@ -241,8 +245,8 @@ class DiagLaplace:
             if is_sharded(params[name]) != is_sharded(self._map[name]):
                 now = "sharded" if is_sharded(params[name]) else "unsharded"
                 raise RuntimeError(
-                    f"DiagLaplace: the model's parameter {name!r} is {now} but was not when fit ran (fully_shard "
-                    "between fit and sampling?); fit again on the model as it is"
+                    f"{type(self).__name__}: the model's parameter {name!r} is {now} but was not when fit ran "
+                    "(fully_shard between fit and sampling?); fit again on the model as it is"
                 )
 
     def _sum(self, value: Tensor) -> float:
@@ -250,16 +254,6 @@ class DiagLaplace:
         return float(global_sum(value.detach().to(self._mesh.device_type), self._mesh) if self._mesh else value)
 
     # -- the posterior -------------------------------------------------------------------------
-    @property
-    def fisher(self) -> dict[str, Tensor]:
-        """F per parameter name: the summed squared per-example gradients."""
-        return dict(self._require_fit())
-
-    @property
-    def posterior_precision(self) -> dict[str, Tensor]:
-        """``(F + lambda) / T`` per parameter name (infinite at T = 0)."""
-        return {name: (f + self.prior_precision) / self.temperature for name, f in self._require_fit().items()}
-
     def mean(self) -> dict[str, Tensor]:
         """theta* (the weights at ``fit``)."""
         self._require_fit()
@@ -273,7 +267,7 @@ class DiagLaplace:
 
     def functional_forward(self, weights: dict[str, Tensor], inputs: Any) -> Any:
         """The sharded model's output on ``inputs`` with ``weights`` (a sample) for the Bayesian
-        parameters (``sharding.forward_with``; the model's weights are restored)."""
+        parameters (``distributed.sharding.forward_with``; the model's weights are restored)."""
         self._check_layout()
         return forward_with(self.model, weights, inputs)
 
@@ -281,30 +275,18 @@ class DiagLaplace:
         """Nothing: every tensor but the Bayesian ones is the model's own."""
         return {}
 
-    def std(self) -> dict[str, Tensor]:
-        """Posterior standard deviations ``sqrt(T / (F + lambda))``."""
-        scale = math.sqrt(self.temperature)
-        return {name: (f + self.prior_precision).rsqrt() * scale for name, f in self._require_fit().items()}
-
     def sample(self, index: int) -> dict[str, Tensor]:
-        """The index-th posterior sample ``theta* + eps * std`` (deterministic in ``index``)."""
+        """The index-th posterior sample (deterministic in ``index``; module docstring)."""
         index = check_count(index, "index", 0)
-        if self._std is None:
-            self._require_fit()
-            self._check_layout()
-            self._std = {n: local_tensor(s.to(self._map[n].dtype)) for n, s in self.std().items()}
-        draws = {}
-        for name in self.names:
-            mean = self._map[name]
-            offset = self.offsets[name] + element_offset(mean)
-            local = noise.gaussian(local_tensor(mean), self._std[name], self.seed, offset, stream=index)
-            draws[name] = from_local_like(local, mean)
-        return draws
+        self._require_fit()
+        self._check_layout()
+        return {name: self._draw(name, index) for name in self.names}
 
     # -- evidence and prior precision ----------------------------------------------------------
     def _log_det_terms(self) -> tuple[float, Tensor, int]:
-        """``||theta* - theta0||^2``, the stacked ``F`` (float64; this rank's shards when sharded) and D."""
-        fisher = self._require_fit()
+        """``||theta* - theta0||^2``, the stacked eigenvalues (float64; this rank's shards when sharded)
+        and D."""
+        self._require_fit()
         local = {n: local_tensor(self._map[n]).double() for n in self.names}
         distance = self._sum(
             sum(
@@ -313,11 +295,12 @@ class DiagLaplace:
             )
         )
         count = sum(self._map[n].numel() for n in self.names)
-        return distance, torch.cat([local_tensor(fisher[n]).double().flatten() for n in self.names]), count
+        eigenvalues = self._eigenvalues()
+        return distance, torch.cat([eigenvalues[n].double().flatten() for n in self.names]), count
 
     def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
-        """The Laplace evidence ``log Z(lambda)`` of the model (module docstring), at ``prior_precision`` or the
-        current lambda."""
+        """The Laplace evidence ``log Z(lambda)`` of the model (module docstring), at ``prior_precision``
+        or the current lambda."""
         lam = self.prior_precision if prior_precision is None else check_positive(prior_precision, "prior_precision")
         distance, curvature, count = self._log_det_terms()
         log_det = self._sum(torch.log(curvature + lam).sum())
@@ -334,9 +317,9 @@ class DiagLaplace:
         low, high = LOG_LAMBDA_RANGE
         if slope(high) >= 0:
             warnings.warn(
-                f"DiagLaplace: the marginal likelihood still grows at prior_precision={math.exp(high):.0e} "
-                "(theta* equals the prior mean, e.g. prior_mean='pretrained' fitted at the pretrained weights); "
-                "the search stops there",
+                f"{type(self).__name__}: the marginal likelihood still grows at prior_precision="
+                f"{math.exp(high):.0e} (theta* equals the prior mean, e.g. prior_mean='pretrained' fitted at "
+                "the pretrained weights); the search stops there",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -401,7 +384,7 @@ class DiagLaplace:
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything ``load_state_dict`` needs to rebuild the fitted posterior on the same model."""
-        fisher = self._require_fit()
+        self._require_fit()
         return {
             "names": list(self.names),
             "likelihood": self.likelihood,
@@ -413,14 +396,14 @@ class DiagLaplace:
             "log_likelihood": self.log_likelihood,
             "num_data": self.num_data,
             "mean": {n: t.clone() for n, t in self._map.items()},
-            "fisher": {n: t.clone() for n, t in fisher.items()},
             "prior": self.prior.state_dict(),
+            **self._curvature_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict``; its parameter names must be this posterior's."""
         if list(state_dict["names"]) != self.names:
-            raise ValueError("state_dict covers other parameters than this DiagLaplace")
+            raise ValueError(f"state_dict covers other parameters than this {type(self).__name__}")
         self.likelihood = state_dict["likelihood"]
         self.fisher_type = state_dict["fisher_type"]
         self.temperature = state_dict["temperature"]
@@ -429,10 +412,8 @@ class DiagLaplace:
         self.log_likelihood = state_dict["log_likelihood"]
         self.num_data = int(state_dict["num_data"])
         params = dict(self.model.named_parameters())
-        if any(is_sharded(t) for t in state_dict["fisher"].values()):
-            self._shard_prior(params)
+        self._load_curvature(state_dict, params)
         self.prior.load_state_dict(state_dict["prior"])
         self._map = {n: t.detach().to(params[n].device, params[n].dtype).clone() for n, t in state_dict["mean"].items()}
-        self._fisher = {n: t.detach().to(params[n].device).clone() for n, t in state_dict["fisher"].items()}
-        self._mesh = common_mesh(self._fisher.values(), "tensors of the state_dict")  # DTensors: a sharded fit
+        self._fitted = True
         self.prior_precision = state_dict["prior_precision"]

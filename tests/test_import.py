@@ -75,7 +75,7 @@ def test_star_import_and_unknown_attribute():
 def test_cli_module_imports_no_app_dependency():
     out = _ok(f"""
         import sys
-        import bayeskern.app.finetune
+        import bayeskern.app.cli
         print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     """)
     assert out.strip().splitlines()[-1] == "[]"
@@ -115,7 +115,7 @@ def test_cli_without_an_app_dependency_exits_2_with_one_line(tmp_path, module, p
     result = _python(f"""
         import sys
         sys.modules[{module!r}] = None
-        from bayeskern.app.finetune import main
+        from bayeskern.app.cli import main
         sys.exit(main(["--model", "convnet", "--epochs", "1", "--quiet", "--out", {str(tmp_path)!r}]))
     """)
     err = result.stderr.strip().splitlines()
@@ -127,22 +127,22 @@ def test_cli_without_an_app_dependency_exits_2_with_one_line(tmp_path, module, p
 
 def test_cli_reports_an_app_dependency_that_fails_during_the_run(tmp_path, monkeypatch, capsys):
     """A dependency found by the start-up check but failing to import later is reported the same way."""
-    import bayeskern.app.finetune as finetune
+    import bayeskern.app.cli as cli
 
-    def broken_run(args):
+    def broken_run(config, parallel):
         raise ImportError("this bayeskern.metrics function needs scipy", name="scipy.optimize")
 
-    monkeypatch.setattr(finetune, "run", broken_run)
-    assert finetune.main(["--quiet", "--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(cli, "run", broken_run)
+    assert cli.main(["--quiet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "scipy" in err[0] and "bayeskern[app]" in err[0]
 
-    def unrelated(args):
+    def unrelated(config, parallel):
         raise ImportError("something else", name="not_an_app_dependency")
 
-    monkeypatch.setattr(finetune, "run", unrelated)
+    monkeypatch.setattr(cli, "run", unrelated)
     with pytest.raises(ImportError, match="something else"):
-        finetune.main(["--quiet", "--out", str(tmp_path)])
+        cli.main(["--quiet", "--out", str(tmp_path)])
 
 
 def test_cli_text_model_without_transformers_exits_2_naming_the_hf_extra(tmp_path):
@@ -151,7 +151,7 @@ def test_cli_text_model_without_transformers_exits_2_naming_the_hf_extra(tmp_pat
     result = _python(f"""
         import sys
         sys.modules["transformers"] = None
-        from bayeskern.app.finetune import main
+        from bayeskern.app.cli import main
         args = ["--model", "hf:{tmp_path}", "--dataset", "csv:{data}", "--quiet"]
         sys.exit(main([*args, "--out", {str(tmp_path / "out")!r}]))
     """)

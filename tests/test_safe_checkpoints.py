@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_finetune import TINY  # its run options; the MC-dropout and Laplace ones do not touch vi / sgld
 
+from bayeskern.app.cli import main
 from bayeskern.app.errors import UsageError
-from bayeskern.app.finetune import main
 from bayeskern.app.report import load_method_result
 from bayeskern.app.training import load_safely
 

@@ -1,17 +1,29 @@
-"""What a run reports: per-method calibration before and after temperature scaling, the markdown
-comparison table, ``metrics.json`` and the reliability diagrams."""
+"""What a run reports of each trained method: calibration before and after temperature scaling, the
+shifted test sets and OOD detection (``evaluate_method``; regression: ``evaluate_regression``), the
+markdown comparison tables, ``metrics.json``, the figures, and the per-method results a resumed run
+reads back."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.data import ConcatDataset, Dataset
 
 from bayeskern import metrics
 
+from .errors import UsageError
+from .measure import Usage
+from .ood import ood_metrics
+from .ood import scores as ood_scores
+from .regression import regression_report
+from .shared import Splits
 from .training import load_safely
 
 COLUMNS = ("error", "ece", "mce", "nll", "brier")
@@ -68,6 +80,69 @@ def shift_report(probs_by_set: dict[tuple[str, int], Tensor], targets: Tensor) -
     rows = [row for by_severity in shift.values() for row in by_severity.values()]
     mean = {k: sum(row[k] for row in rows) / len(rows) for k in SHIFT_METRICS} if rows else {}
     return shift, mean
+
+
+class Evaluated(Protocol):
+    """What ``evaluate_method`` needs of a trained method (``bayeskern.app.methods.Method``)."""
+
+    name: str
+
+    def predictive(self, dataset: Dataset) -> tuple[Tensor, Tensor]: ...
+
+
+def evaluate_method(
+    method: Evaluated,
+    splits: Splits,
+    shifted: Mapping[Any, Dataset],
+    usage: Usage,
+    val_targets: Tensor,
+    test_targets: Tensor,
+) -> tuple[MethodResult, Tensor, tuple[Tensor, Tensor] | None]:
+    """Validation/test calibration, the shifted test sets and OOD detection of one trained method;
+    also the test probabilities and the (in, out) predictive entropies for the histograms (None
+    without an OOD set).  Every set goes through one predictive call, so a posterior's weight
+    samples are drawn once for all.  Non-finite probabilities (a diverged run) raise UsageError."""
+    if splits.likelihood == "regression":
+        return evaluate_regression(method, splits, usage, val_targets, test_targets)
+    sets = {"val": splits.val, "test": splits.test, **shifted}
+    if splits.ood is not None:
+        sets["ood"] = splits.ood
+    probs, mutual_information = method.predictive(ConcatDataset(list(sets.values())))
+    bounds = [0, *itertools.accumulate(len(d) for d in sets.values())]  # type: ignore[arg-type]
+    parts = {key: (probs[a:b], mutual_information[a:b]) for key, a, b in zip(sets, bounds, bounds[1:])}
+    (val, _), (test, test_mi) = parts["val"], parts["test"]
+    if not torch.isfinite(probs).all():
+        raise UsageError(
+            f"{method.name}: the predictive probabilities are not finite (the run diverged); lower its learning rate"
+        )
+    result = evaluate(val, val_targets, test, test_targets, usage.seconds, usage.peak_bytes)
+    if shifted:
+        result.shift, result.shift_mean = shift_report({key: parts[key][0] for key in shifted}, test_targets)
+    scores = None
+    if splits.ood is not None:
+        result.ood = ood_metrics(parts["test"], parts["ood"])
+        scores = (ood_scores(test, test_mi)["entropy"], ood_scores(*parts["ood"])["entropy"])
+    return result, test, scores
+
+
+def evaluate_regression(
+    method: Evaluated, splits: Splits, usage: Usage, val_targets: Tensor, test_targets: Tensor
+) -> tuple[MethodResult, Tensor, None]:
+    """RMSE, Gaussian NLL and 90% coverage on validation and test (``bayeskern.app.regression``); the
+    test predictive mean.  A non-finite predictive raises UsageError."""
+    mean, variance = method.predictive(ConcatDataset([splits.val, splits.test]))
+    if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
+        raise UsageError(f"{method.name}: the predictive is not finite (the run diverged); lower its learning rate")
+    n, scale = len(splits.val), splits.target_scale  # type: ignore[arg-type]
+    result = MethodResult(
+        test=regression_report(mean[n:], variance[n:], test_targets, scale),
+        test_ts={},
+        temperature=1.0,
+        train_seconds=usage.seconds,
+        peak_bytes=usage.peak_bytes,
+        val=regression_report(mean[:n], variance[:n], val_targets, scale),
+    )
+    return result, mean[n:], None
 
 
 def _mib(n: int | None) -> str:

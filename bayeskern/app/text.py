@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..posteriors.selection import is_lora_adapter
 from .errors import UsageError
 from .shared import Backbone, Splits, classifier_prefix, seeded_split, under
 
@@ -343,8 +344,6 @@ def hf_backbone(name: str, num_classes: int, options: TextOptions | None) -> Bac
 
 def _with_lora(model: torch.nn.Module, classifier: list[str], new: list[str], options: TextOptions) -> Backbone:
     from peft import LoraConfig, get_peft_model
-
-    from bayeskern.posteriors.selection import is_lora_adapter
 
     config = LoraConfig(
         r=options.lora_r,

@@ -11,54 +11,59 @@ PATH``: the initial point and the prior mean, with the head re-initialised (``ne
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import re
 from pathlib import Path
 
 import torch
 
 from ..distributed import is_rank_zero
-from .data import Splits
+from .config import RunConfig
 from .errors import UsageError
+from .methods import Vanilla
 from .models import create_backbone
+from .parallel import Parallel
+from .shared import Splits
 from .training import EpochLoop
 
 
-def cache_path(args: argparse.Namespace, splits: Splits) -> Path:
+def cache_path(config: RunConfig, splits: Splits) -> Path:
+    """Where the weights of ``config``'s pretraining on ``splits.source`` are kept."""
     key = (
-        f"{splits.source_name}-{args.model}-{args.image_size}px-{args.pretrain_epochs}ep-lr{args.lr:g}-seed{args.seed}"
+        f"{splits.source_name}-{config.model}-{config.image_size}px-{config.pretrain_epochs}ep-lr{config.lr:g}"
+        f"-seed{config.seed}"
     )
-    return args.out / "pretrained" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", key) + ".pt")
+    return config.out / "pretrained" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", key) + ".pt")
 
 
-def pretrain(args: argparse.Namespace, splits: Splits, device: torch.device) -> Path:
-    """The path of the source-pretrained weights, trained now unless the cache holds them."""
+def pretrain(config: RunConfig, splits: Splits, parallel: Parallel) -> Path:
+    """The path of the source-pretrained weights, trained now (the plain fit, on every rank through
+    ``parallel``; rank 0 writes the file) unless the cache holds them."""
     if splits.source is None:
-        raise UsageError(f"--pretrained source: dataset {args.dataset!r} has no source classes to pretrain on")
-    path = cache_path(args, splits)
+        raise UsageError(f"--pretrained source: dataset {config.dataset!r} has no source classes to pretrain on")
+    path = cache_path(config, splits)
     if path.exists():
         if is_rank_zero():
             print(f"pretrained: reusing {path}", flush=True)
         return path
-    from .methods import Vanilla  # the plain fit is the pretraining step
-
     if is_rank_zero():
         print(
-            f"pretrained: training {args.model} on {splits.source_name} for {args.pretrain_epochs} epochs", flush=True
+            f"pretrained: training {config.model} on {splits.source_name} for {config.pretrain_epochs} epochs",
+            flush=True,
         )
     source_classes = int(torch.unique(splits.source.tensors[1]).numel())  # type: ignore[attr-defined]
     source = Splits(splits.source, splits.val, splits.test, source_classes)
 
     def make_backbone():
-        torch.manual_seed(args.seed)
-        return create_backbone(args.model, source_classes, None)
+        torch.manual_seed(config.seed)
+        return create_backbone(config.model, source_classes, None)
 
     def make_loop(name: str, epochs: int | None = None) -> EpochLoop:
-        return EpochLoop(path.with_suffix(""), args.pretrain_epochs, args.batch_size, args.seed, device, quiet=True)
+        return EpochLoop(
+            path.with_suffix(""), config.pretrain_epochs, config.batch_size, config.seed, config.device, quiet=True
+        )
 
-    plain = Vanilla(
-        argparse.Namespace(**{**vars(args), "pretrained": None}), source, make_backbone, make_loop, device, {}
-    )
+    plain = Vanilla(dataclasses.replace(config, pretrained=None), source, make_backbone, make_loop, {}, parallel)
     plain.train()
     if not is_rank_zero():
         return path

@@ -16,7 +16,9 @@ A posterior describes uncertainty over some parameters of an unmodified ``nn.Mod
 * ``is_sharded`` and ``functional_forward(weights, inputs)`` -- whether the posterior and its model
   are sharded with FSDP2 (``bayeskern.distributed.fully_shard``), and the model's output on
   ``inputs`` with ``weights`` (a sample) for the Bayesian parameters, which is how a sharded
-  posterior is predicted (on every rank).
+  posterior is predicted (on every rank);
+* ``pred_type`` -- the predictive ``bayeskern.predict`` uses unless told (``"nn"`` or ``"glm"``);
+  a ``GaussianPosterior`` also gives ``functional_variance`` for the linearised one.
 
 Predictions run the module through ``torch.func.functional_call(model, {**model tensors,
 **fixed_tensors(), **sample(index)}, ...)``, so the module is never edited.  ``bayeskern.predict``
@@ -45,6 +47,10 @@ class Posterior(Protocol):
     def is_sharded(self) -> bool:
         """Whether the posterior and its model are sharded with FSDP2 (predicted by ``functional_forward``)."""
 
+    @property
+    def pred_type(self) -> str:
+        """The predictive ``bayeskern.predict`` uses when asked for none: ``"nn"`` or ``"glm"``."""
+
     def sample(self, index: int) -> dict[str, Tensor]:
         """The Bayesian tensors of the index-th posterior sample (deterministic in index)."""
 
@@ -61,3 +67,14 @@ class Posterior(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+@runtime_checkable
+class GaussianPosterior(Posterior, Protocol):
+    """A posterior ``N(mean(), Sigma)`` over the Bayesian tensors, which the linearised (``"glm"``)
+    predictive needs: it reads ``Sigma`` only through ``functional_variance``."""
+
+    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+        """``j^T Sigma j`` for every vector ``j`` in ``jacobians``: per Bayesian name a tensor of shape
+        ``(*lead, *parameter shape)``; returns ``(*lead,)`` (float64)."""
+        ...

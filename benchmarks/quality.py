@@ -53,8 +53,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 BASELINES = ("plain", "plain_ts", "ensemble")
-POSTERIORS = ("vi", "mc_dropout", "sgld", "laplace")  # names in bayeskern-finetune's method registry
-REFINES_PLAIN = ("mc_dropout", "sgld", "laplace")  # posteriors started from the plain fit (their cost includes it)
+POSTERIORS = ("vi", "mc_dropout", "sgld", "laplace", "kron_laplace")  # names in bayeskern-finetune's METHODS
+REFINES_PLAIN = ("mc_dropout", "sgld", "laplace", "kron_laplace")  # started from the plain fit (their cost includes it)
 ROWS = BASELINES + POSTERIORS
 NEEDS_PLAIN = ("plain", "plain_ts", "ensemble", *REFINES_PLAIN)
 SETS = ("val", "test", "shift", "ood")

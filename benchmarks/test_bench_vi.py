@@ -71,7 +71,7 @@ class DrawnSamples:
             post.likelihood,
             post.noise_std,
         )
-        self.output_fn, self.is_sharded = post.output_fn, False
+        self.output_fn, self.is_sharded, self.pred_type = post.output_fn, False, "nn"
         self.fixed = post.fixed_tensors()
         self.samples = [post.sample(i) for i in range(num_samples)]
 

@@ -60,7 +60,7 @@ def test_sharded_evidence_prior_precision_and_samples_equal_single_process(job, 
 def test_predict_with_the_sharded_laplace_and_its_state_dict_equals_single_process(job, single, order: str) -> None:
     x, _ = W.data()
     single.optimize_prior_precision()
-    expected = predict(single, x[:6], num_samples=4).probs
+    expected = predict(single, x[:6], pred_type="nn", num_samples=4).probs
     for rank in range(W.WORLD):
         torch.testing.assert_close(job[rank][f"{order}/predict"], expected, rtol=1e-5, atol=1e-6)
         assert job[rank][f"{order}/weights_restored"]

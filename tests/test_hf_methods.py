@@ -9,6 +9,7 @@ targets under ``labels``.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -367,7 +368,7 @@ def test_predict_on_mapping_loader_matches_eager_loop(name, kind):
     model, post = build_posterior(kind, spec)
     before = snapshot(model)
     loader = spec.loader(seed=20)
-    prediction = bk.predict(post, loader, num_samples=3, compile=False)
+    prediction = bk.predict(post, loader, pred_type="nn", num_samples=3, compile=False)
     assert prediction.probs.shape == (8, 4 if spec.output_fn is answer_logits else NUM_LABELS)
     torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(8), rtol=0, atol=1e-5)
     torch.testing.assert_close(prediction.probs, eager_probs(post, model, loader, 3, spec), rtol=1e-5, atol=1e-6)
@@ -376,13 +377,68 @@ def test_predict_on_mapping_loader_matches_eager_loop(name, kind):
     assert not torch.equal(prediction.probs, eager_probs(post, model, loader, 1, spec))
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_glm_probit_on_lora_models_equals_the_per_example_jacobian_formula(name):
+    """The linearised predictive of a LoRA Laplace (the default for a Laplace) on each tiny HF model:
+    softmax(f* / sqrt(1 + pi/8 diag(J Sigma J^T))) with J from one jacrev per example."""
+    spec = SPECS[name]
+    model, post = build_posterior("laplace", spec)
+    batch = next(iter(spec.loader(seed=20)))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    prediction = bk.predict(post, [batch])
+    mean, std = post.mean(), post.std()
+    frozen = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    model.eval()
+    rows = []
+    for i in range(len(batch["labels"])):
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+
+        def logits(theta, one=one):
+            output = torch.func.functional_call(model, {**frozen, **theta}, (), one)
+            return bk.batches.logits_of(output, one, spec.output_fn)[0]
+
+        f_star = logits(mean)
+        jac = torch.func.jacrev(logits)(mean)
+        variance = sum((jac[n].double().square() * std[n].double().square()).flatten(1).sum(-1) for n in post.names)
+        rows.append(torch.softmax(f_star / torch.sqrt(1 + math.pi / 8 * variance.float()), -1))
+    torch.testing.assert_close(prediction.probs, torch.stack(rows), rtol=1e-4, atol=1e-5)
+    assert prediction.mutual_info is None
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_glm_mc_link_on_lora_models_is_the_jacobian_times_the_sample(name):
+    """The MC link's logits at sample s are f* + J (theta_s - theta*), J by reverse mode per example
+    (the forward-mode products run attention through its math kernel)."""
+    spec = SPECS[name]
+    model, post = build_posterior("laplace", spec)
+    batch = next(iter(spec.loader(seed=20)))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    prediction = bk.predict(post, [batch], link_approx="mc", num_samples=3, return_logits=True)
+    mean = post.mean()
+    frozen = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    model.eval()
+    for i in range(len(batch["labels"])):
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+
+        def logits(theta, one=one):
+            output = torch.func.functional_call(model, {**frozen, **theta}, (), one)
+            return bk.batches.logits_of(output, one, spec.output_fn)[0]
+
+        jac = torch.func.jacrev(logits)(mean)
+        for s in range(3):
+            delta = {n: post.sample(s)[n] - mean[n] for n in post.names}
+            expected = logits(mean) + sum((jac[n] * delta[n]).flatten(1).sum(-1) for n in post.names)
+            torch.testing.assert_close(prediction.logits[s, i], expected, rtol=1e-4, atol=1e-5)
+    assert prediction.mutual_info is not None and (prediction.mutual_info >= 0).all()
+
+
 @pytest.mark.parametrize("kind", ["vi", "laplace"])
 def test_predict_without_adapters(kind):
     """Full-weight VI and last-layer Laplace on the plain (unwrapped) LLaMA classifier."""
     spec = SPECS["llama"]
     model, post = build_posterior(kind, spec, lora=False, params=None if kind == "vi" else "last_layer")
     loader = spec.loader(seed=20)
-    prediction = bk.predict(post, loader, num_samples=2, compile=False)
+    prediction = bk.predict(post, loader, pred_type="nn", num_samples=2, compile=False)
     torch.testing.assert_close(prediction.probs, eager_probs(post, model, loader, 2, spec), rtol=1e-5, atol=1e-6)
 
 
@@ -391,7 +447,7 @@ def test_predict_loop_and_vectorised_match_eager_loop(vectorize):
     spec = SPECS["llama_lm"]
     model, post = build_posterior("vi", spec)
     loader = spec.loader(seed=20)
-    prediction = bk.predict(post, loader, num_samples=3, compile=False, vectorize=vectorize)
+    prediction = bk.predict(post, loader, num_samples=3, compile=False, vectorize=vectorize, pred_type="nn")
     torch.testing.assert_close(prediction.probs, eager_probs(post, model, loader, 3, spec), rtol=1e-5, atol=1e-6)
 
 
@@ -402,8 +458,8 @@ def test_predict_compiled_matches_eager():
     batch = spec.batch(seed=20)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure falls back with a RuntimeWarning
-        compiled = bk.predict(post, batch, num_samples=2, compile=True, vectorize=False)
-    eager = bk.predict(post, batch, num_samples=2, compile=False, vectorize=False)
+        compiled = bk.predict(post, batch, num_samples=2, compile=True, vectorize=False, pred_type="nn")
+    eager = bk.predict(post, batch, num_samples=2, compile=False, vectorize=False, pred_type="nn")
     torch.testing.assert_close(compiled.probs, eager.probs, rtol=1e-4, atol=1e-5)
 
 

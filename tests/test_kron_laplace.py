@@ -143,11 +143,11 @@ def test_state_dict_round_trips_exactly(tmp_path):
     assert restored.log_marginal_likelihood() == la.log_marginal_likelihood()
 
 
-def test_predict_runs_the_kronecker_samples():
+def test_the_sampled_predictive_runs_the_kronecker_samples():
     net, loader = _case("mlp")
     la = bk.KronLaplace(net, seed=0).fit(loader, progress=False)
     x = loader.dataset.tensors[0][:5]
-    probs = bk.predict(la, x, num_samples=4).probs
+    probs = bk.predict(la, x, pred_type="nn", num_samples=4).probs
     expected = torch.stack([torch.func.functional_call(net, la.sample(i), (x,)).softmax(-1) for i in range(4)]).mean(0)
     torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
 

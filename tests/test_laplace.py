@@ -240,7 +240,7 @@ def test_val_nll_picks_the_grid_value_with_the_lowest_predictive_nll():
     la = DiagLaplace(model, seed=2).fit(batches(x[:10], y[:10], 5), progress=False)
     grid = [0.01, 1.0, 100.0]
     chosen = la.optimize_prior_precision(
-        method="val_nll", val_loader=batches(x[10:], y[10:], 5), grid=grid, num_samples=8
+        method="val_nll", val_loader=batches(x[10:], y[10:], 5), grid=grid, pred_type="nn", num_samples=8
     )
 
     def nll(lam):  # independent Monte-Carlo predictive NLL

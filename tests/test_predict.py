@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayeskern import predictive as engine
+from bayeskern.predictive import sampling as engine
 from bayeskern.posteriors import VI, DiagLaplace, MCDropout
 from bayeskern.predictive import predict
 from bayeskern.protocol import Posterior
@@ -19,6 +19,7 @@ class TableOfSamples:
 
     output_fn = None
     is_sharded = False
+    pred_type = "nn"
 
     def __init__(self, weights: torch.Tensor, likelihood: str = "classification", noise_std: float = 1.0) -> None:
         self.model = nn.Linear(weights.shape[2], weights.shape[1], bias=False)
@@ -53,7 +54,7 @@ def test_classification_summaries_match_hand_computation():
     post = table()
     assert isinstance(post, Posterior)
     x = torch.randn(7, 3)
-    pred = predict(post, x, num_samples=5, compile=False, return_logits=True)
+    pred = predict(post, x, pred_type="nn", num_samples=5, compile=False, return_logits=True)
     logits = torch.einsum("nf,scf->snc", x, post.weights)
     p = logits.softmax(-1)
     probs = p.mean(0)
@@ -70,7 +71,7 @@ def test_classification_summaries_match_hand_computation():
 def test_regression_mean_and_variance_match_hand_computation():
     post = table(num_samples=6, classes=2, likelihood="regression")
     x = torch.randn(9, 3)
-    pred = predict(post, x, num_samples=6, compile=False, noise_std=0.5)
+    pred = predict(post, x, pred_type="nn", num_samples=6, compile=False, noise_std=0.5)
     outs = torch.einsum("nf,scf->snc", x, post.weights)
     torch.testing.assert_close(pred.mean, outs.mean(0))
     torch.testing.assert_close(pred.variance, outs.var(0, unbiased=False) + 0.25)
@@ -80,11 +81,11 @@ def test_regression_mean_and_variance_match_hand_computation():
 def test_batches_and_dataloaders_give_the_same_result():
     post = table()
     x = torch.randn(10, 3)
-    whole = predict(post, x, num_samples=5, compile=False)
-    split = predict(post, x, num_samples=5, compile=False, batch_size=3)
+    whole = predict(post, x, pred_type="nn", num_samples=5, compile=False)
+    split = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=3)
     loader = DataLoader(TensorDataset(x, torch.zeros(10)), batch_size=4)
-    from_loader = predict(post, loader, num_samples=5, compile=False)
-    bare_loader = predict(post, [x[:6], x[6:]], num_samples=5, compile=False)
+    from_loader = predict(post, loader, pred_type="nn", num_samples=5, compile=False)
+    bare_loader = predict(post, [x[:6], x[6:]], pred_type="nn", num_samples=5, compile=False)
     for other in (split, from_loader, bare_loader):
         torch.testing.assert_close(other.probs, whole.probs)
         torch.testing.assert_close(other.mutual_info, whole.mutual_info)
@@ -93,12 +94,12 @@ def test_batches_and_dataloaders_give_the_same_result():
 def test_samples_are_redrawn_identically_when_they_do_not_fit_the_cache(monkeypatch):
     post = table()
     x = torch.randn(10, 3)
-    cached = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    cached = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=4)
     monkeypatch.setattr(engine, "SAMPLE_CACHE_BYTES", 0)
     calls = []
     original = post.sample
     post.sample = lambda i: calls.append(i) or original(i)
-    redrawn = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    redrawn = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=4)
     assert calls == list(range(5)) * 3
     torch.testing.assert_close(redrawn.probs, cached.probs)
 
@@ -106,13 +107,13 @@ def test_samples_are_redrawn_identically_when_they_do_not_fit_the_cache(monkeypa
 def test_the_samples_that_fit_the_cache_are_kept_and_only_the_rest_redrawn(monkeypatch):
     post = table()
     x = torch.randn(10, 3)
-    everything = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    everything = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=4)
     sample_bytes = sum(t.numel() * t.element_size() for t in post.sample(0).values())
     monkeypatch.setattr(engine, "SAMPLE_CACHE_BYTES", 2 * sample_bytes + sample_bytes // 2)
     calls = []
     original = post.sample
     post.sample = lambda i: calls.append(i) or original(i)
-    partly = predict(post, x, num_samples=5, compile=False, batch_size=4)
+    partly = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=4)
     assert calls == [0, 1, 2, 3, 4] + [2, 3, 4] * 2  # samples 0 and 1 cached, three batches
     torch.testing.assert_close(partly.probs, everything.probs)
 
@@ -134,11 +135,11 @@ def test_one_batch_keeps_no_sample_and_several_batches_cache_them(batches, cache
         return out
 
     post.sample = sample
-    got = predict(post, x, num_samples=5, compile=False, batch_size=8 // batches)
+    got = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=8 // batches)
     assert len(drawn) == 5  # each sample drawn once either way
     assert (max(alive_at_draw) == 4) if cached else (max(alive_at_draw) <= 3)
     post.sample = original
-    torch.testing.assert_close(got.probs, predict(post, x, num_samples=5, compile=False).probs)
+    torch.testing.assert_close(got.probs, predict(post, x, pred_type="nn", num_samples=5, compile=False).probs)
 
 
 def test_vi_and_batchnorm_model_predict_in_eval_mode_with_the_posteriors_buffers():
@@ -147,7 +148,7 @@ def test_vi_and_batchnorm_model_predict_in_eval_mode_with_the_posteriors_buffers
     post = VI(model, init_std=0.1, num_data=20, seed=4).train()
     post.loss(torch.randn(16, 3) * 2 + 1, torch.randint(0, 2, (16,))).backward()  # moves the running stats
     x = torch.randn(5, 3)
-    pred = predict(post, x, num_samples=4, compile=False)
+    pred = predict(post, x, pred_type="nn", num_samples=4, compile=False)
     assert post.training and model.training  # modes restored
     model.eval()
     expected = torch.stack(
@@ -161,7 +162,7 @@ def test_mc_dropout_posterior_is_predicted_through_the_protocol():
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
     post = MCDropout(model, p=0.5, num_data=10, seed=1)
     x = torch.randn(4, 3)
-    pred = predict(post, x, num_samples=3, compile=False, return_logits=True)
+    pred = predict(post, x, pred_type="nn", num_samples=3, compile=False, return_logits=True)
     for s in range(3):
         torch.testing.assert_close(
             pred.logits[s], functional_call(model, {**post.fixed_tensors(), **post.sample(s)}, (x,))
@@ -180,7 +181,7 @@ def test_bad_arguments_are_rejected_by_name(kwargs, name):
 
 def test_empty_inputs_are_an_error():
     with pytest.raises(ValueError, match="no batch"):
-        predict(table(), [], num_samples=2, compile=False)
+        predict(table(), [], pred_type="nn", num_samples=2, compile=False)
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
@@ -191,8 +192,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     post = table()
     x = torch.randn(6, 3)
     with pytest.warns(RuntimeWarning, match="predicting eagerly"):
-        pred = predict(post, x, num_samples=5, compile=True)
-    torch.testing.assert_close(pred.probs, predict(post, x, num_samples=5, compile=False).probs)
+        pred = predict(post, x, pred_type="nn", num_samples=5, compile=True)
+    torch.testing.assert_close(pred.probs, predict(post, x, pred_type="nn", num_samples=5, compile=False).probs)
 
 
 def test_compiled_and_eager_predictions_agree_and_compile_once():
@@ -201,14 +202,14 @@ def test_compiled_and_eager_predictions_agree_and_compile_once():
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     post = VI(model, init_std=0.2, num_data=10, seed=2)
     x = torch.randn(12, 4)
-    eager = predict(post, x, num_samples=6, compile=False, return_logits=True)
+    eager = predict(post, x, pred_type="nn", num_samples=6, compile=False, return_logits=True)
     from torch._dynamo.utils import counters
 
     counters.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to eager
-        compiled = predict(post, x, num_samples=6, compile=True, return_logits=True)
-        again = predict(post, x, num_samples=6, compile=True)
+        compiled = predict(post, x, pred_type="nn", num_samples=6, compile=True, return_logits=True)
+        again = predict(post, x, pred_type="nn", num_samples=6, compile=True)
     assert counters["stats"]["unique_graphs"] == 1  # one graph for all samples and both calls
     for key in ("logits", "probs", "entropy", "expected_entropy", "mutual_info"):
         torch.testing.assert_close(getattr(compiled, key), getattr(eager, key), rtol=1e-5, atol=1e-6)
@@ -244,9 +245,9 @@ def test_compiled_predict_runs_a_chunk_of_samples_per_call(monkeypatch, chunk_by
     monkeypatch.setattr(engine, "_compiled", lambda module: counting)  # the chunking, without compiling
     monkeypatch.setattr(engine, "CHUNK_BYTES", chunk_bytes)
     post, x = table(num_samples=6), torch.randn(10, 3)
-    chunked = predict(post, x, num_samples=6, compile=True, batch_size=5, return_logits=True)
+    chunked = predict(post, x, pred_type="nn", num_samples=6, compile=True, batch_size=5, return_logits=True)
     assert calls == [samples_per_call] * (2 * 6 // samples_per_call)
-    eager = predict(post, x, num_samples=6, compile=False, batch_size=5, return_logits=True)
+    eager = predict(post, x, pred_type="nn", num_samples=6, compile=False, batch_size=5, return_logits=True)
     for key in ("logits", "probs", "entropy", "expected_entropy", "mutual_info"):
         torch.testing.assert_close(getattr(chunked, key), getattr(eager, key))
 
@@ -295,7 +296,7 @@ def test_a_last_layer_posterior_runs_the_body_once_per_batch(compile):
     x = torch.randn(10, 4)
     expected = full_forwards(post, x, 6)
     model.body_calls = 0
-    pred = predict(post, x, num_samples=6, compile=compile, batch_size=5, return_logits=True)
+    pred = predict(post, x, pred_type="nn", num_samples=6, compile=compile, batch_size=5, return_logits=True)
     assert model.body_calls == 2  # once per batch, not once per sample
     torch.testing.assert_close(pred.logits, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pred.probs, expected.softmax(-1).mean(0), rtol=1e-5, atol=1e-6)
@@ -319,7 +320,7 @@ def test_the_whole_network_runs_per_sample_when_the_head_output_is_not_the_model
     expected = full_forwards(post, x, 4)
     model.body_calls = 0
     with pytest.warns(RuntimeWarning, match="last-layer prediction") as record:
-        pred = predict(post, x, num_samples=4, compile=False, return_logits=True, batch_size=5)
+        pred = predict(post, x, pred_type="nn", num_samples=4, compile=False, return_logits=True, batch_size=5)
     assert model.body_calls == 1 + 4 + 4  # the failed check on the first batch, then one per sample
     torch.testing.assert_close(pred.logits, expected)
     messages = [str(w.message) for w in record if "last-layer prediction" in str(w.message)]
@@ -334,7 +335,7 @@ def test_a_passing_last_layer_check_does_not_warn():
     post = VI(Counted(), init_std=0.3, num_data=10, params="last_layer", seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        predict(post, torch.randn(6, 4), num_samples=3, compile=False, batch_size=3)
+        predict(post, torch.randn(6, 4), pred_type="nn", num_samples=3, compile=False, batch_size=3)
 
 
 def test_a_posterior_over_the_whole_network_runs_it_per_sample():
@@ -343,7 +344,7 @@ def test_a_posterior_over_the_whole_network_runs_it_per_sample():
     post = VI(model, init_std=0.3, num_data=10, seed=3)
     x = torch.randn(5, 4)
     model.body_calls = 0
-    pred = predict(post, x, num_samples=4, compile=False, return_logits=True)
+    pred = predict(post, x, pred_type="nn", num_samples=4, compile=False, return_logits=True)
     assert model.body_calls == 4
     torch.testing.assert_close(pred.logits, full_forwards(post, x, 4))
 
@@ -356,7 +357,7 @@ def test_a_last_layer_laplace_posterior_runs_the_body_once():
     assert set(la.sample(0)) == {"head.weight", "head.bias"}
     expected = full_forwards(la, x, 5)
     model.body_calls = 0
-    pred = predict(la, x, num_samples=5, compile=False, return_logits=True)
+    pred = predict(la, x, pred_type="nn", num_samples=5, compile=False, return_logits=True)
     assert model.body_calls == 1
     torch.testing.assert_close(pred.logits, expected)
 
@@ -371,7 +372,7 @@ def test_each_model_gets_its_own_compiled_function_dropped_with_the_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for post in posts:
-            predict(post, x, num_samples=5, compile=True)
+            predict(post, x, pred_type="nn", num_samples=5, compile=True)
     first, second = (engine._COMPILED[post.model] for post in posts)
     assert first is not second
     assert engine._compiled(posts[0].model) is first  # cached: the next predict reuses it
@@ -390,11 +391,11 @@ def test_reaching_the_recompile_limit_warns_instead_of_running_eagerly_in_silenc
     with torch._dynamo.config.patch(recompile_limit=1):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            predict(post, x, num_samples=5, compile=True)  # the model's one compilation: a chunk of 5
+            predict(post, x, pred_type="nn", num_samples=5, compile=True)  # the model's one compilation: a chunk of 5
         with pytest.warns(RuntimeWarning, match="torch.compile failed .*predicting eagerly") as record:
-            pred = predict(post, x, num_samples=4, compile=True)  # a chunk of 4 would recompile
+            pred = predict(post, x, pred_type="nn", num_samples=4, compile=True)  # a chunk of 4 would recompile
     assert sum("predicting eagerly" in str(w.message) for w in record) == 1
-    torch.testing.assert_close(pred.probs, predict(post, x, num_samples=4, compile=False).probs)
+    torch.testing.assert_close(pred.probs, predict(post, x, pred_type="nn", num_samples=4, compile=False).probs)
 
 
 # -- what inputs means --------------------------------------------------------------------------------
@@ -413,15 +414,15 @@ def test_a_tuple_is_one_calls_positional_inputs_and_a_list_holds_batches():
     torch.manual_seed(0)
     post = VI(TwoInputs(), init_std=0.3, num_data=10, seed=2)
     x, shift, y = torch.randn(8, 3), torch.randn(8, 4), torch.zeros(8)
-    pred = predict(post, (x, shift), num_samples=3, compile=False, return_logits=True)
+    pred = predict(post, (x, shift), pred_type="nn", num_samples=3, compile=False, return_logits=True)
     post.model.eval()
     expected = torch.stack(
         [functional_call(post.model, {**post.fixed_tensors(), **post.sample(s)}, (x, shift)) for s in range(3)]
     )
     torch.testing.assert_close(pred.logits, expected)
-    split = predict(post, (x, shift), num_samples=3, compile=False, return_logits=True, batch_size=3)
+    split = predict(post, (x, shift), pred_type="nn", num_samples=3, compile=False, return_logits=True, batch_size=3)
     loader = [((x[:5], shift[:5]), y[:5]), ((x[5:], shift[5:]), y[5:])]  # (inputs, targets) batches
-    from_loader = predict(post, loader, num_samples=3, compile=False, return_logits=True)
+    from_loader = predict(post, loader, pred_type="nn", num_samples=3, compile=False, return_logits=True)
     for other in (split, from_loader):
         torch.testing.assert_close(other.logits, expected)
 
@@ -432,12 +433,12 @@ def test_a_tuple_is_one_calls_positional_inputs_and_a_list_holds_batches():
 )
 def test_a_tuple_holding_no_tensor_is_rejected_naming_inputs(inputs, found):
     with pytest.raises(ValueError, match=rf"^inputs: a tuple is one call's positional inputs.*{found}.*a list"):
-        predict(table(), inputs, num_samples=2, compile=False)
+        predict(table(), inputs, pred_type="nn", num_samples=2, compile=False)
 
 
 def test_inputs_neither_a_batch_nor_iterable_are_rejected_by_name():
     with pytest.raises(ValueError, match=r"^inputs: a int is neither one batch"):
-        predict(table(), 3, num_samples=2, compile=False)
+        predict(table(), 3, pred_type="nn", num_samples=2, compile=False)
 
 
 # -- the protocol: what predict reads -----------------------------------------------------------------
@@ -462,7 +463,7 @@ def test_a_sharded_posterior_is_predicted_through_functional_forward():
     assert isinstance(post, Posterior)
     x = torch.randn(7, 3)
     with pytest.warns(RuntimeWarning, match="vectorize=True: a sharded posterior") as record:
-        pred = predict(post, x, num_samples=5, vectorize=True, return_logits=True, batch_size=4)
+        pred = predict(post, x, pred_type="nn", num_samples=5, vectorize=True, return_logits=True, batch_size=4)
     assert len(record) == 1
     assert post.forwards == 2 * 5
     torch.testing.assert_close(pred.logits, torch.einsum("nf,scf->snc", x, post.weights))
@@ -473,11 +474,13 @@ def test_the_posteriors_output_fn_and_noise_are_read_unless_given():
     post.output_fn = lambda out, inputs: 2 * out
     post.noise_std = 0.5
     x = torch.randn(5, 3)
-    pred = predict(post, x, num_samples=4, compile=False)
+    pred = predict(post, x, pred_type="nn", num_samples=4, compile=False)
     outs = 2 * torch.einsum("nf,scf->snc", x, post.weights)
     torch.testing.assert_close(pred.mean, outs.mean(0))
     torch.testing.assert_close(pred.variance, outs.var(0, unbiased=False) + 0.25)
-    given = predict(post, x, num_samples=4, compile=False, output_fn=lambda out, inputs: out, noise_std=0.0)
+    given = predict(
+        post, x, pred_type="nn", num_samples=4, compile=False, output_fn=lambda out, inputs: out, noise_std=0.0
+    )
     torch.testing.assert_close(given.mean, outs.mean(0) / 2)
 
 
@@ -493,5 +496,5 @@ def test_a_posterior_missing_what_predict_reads_is_rejected_naming_the_members()
         def fixed_tensors(self):
             return {}
 
-    with pytest.raises(TypeError, match=r"^posterior: a Bare has no output_fn, is_sharded; .*Posterior"):
-        predict(Bare(), torch.randn(2, 3), num_samples=2, compile=False)
+    with pytest.raises(TypeError, match=r"^posterior: a Bare has no output_fn, is_sharded, pred_type; .*Posterior"):
+        predict(Bare(), torch.randn(2, 3), pred_type="nn", num_samples=2, compile=False)

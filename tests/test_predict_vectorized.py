@@ -8,7 +8,7 @@ import torch
 from hf_models import answer_logits, llama_causal_lm, llama_classifier, text_batch, with_lora
 from torch import nn
 
-from bayeskern import predictive as engine
+from bayeskern.predictive import sampling as engine
 from bayeskern.posteriors import VI, DiagLaplace, MCDropout, SampleBank
 from bayeskern.predictive import predict
 
@@ -23,7 +23,7 @@ def assert_same(got, expected, keys=CLASSIFICATION):
 
 def both(post, inputs, **kwargs):
     """The vectorised and the loop's prediction (eager loop: its results are the reference)."""
-    options = {"num_samples": 6, "compile": False, "return_logits": True, **kwargs}
+    options = {"num_samples": 6, "compile": False, "return_logits": True, "pred_type": "nn", **kwargs}
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the loop
         vectorized = predict(post, inputs, vectorize=True, **options)
@@ -133,7 +133,7 @@ def test_activation_hooks_sit_on_the_modules_being_run_only(monkeypatch):
 
     post = VI(Watching(), init_std=0.3, num_data=10, seed=3)
     calls = count_vmapped_calls(monkeypatch)
-    predict(post, torch.randn(5, 4), num_samples=4, compile=False, vectorize=True, batch_size=3)
+    predict(post, torch.randn(5, 4), pred_type="nn", num_samples=4, compile=False, vectorize=True, batch_size=3)
     assert calls == [4, 4] and seen == [(0, 0, 1)] * 2  # one vectorised call per batch, hooked
     assert all(not m._forward_hooks for m in post.model.modules())  # removed after the call
 
@@ -168,7 +168,7 @@ def test_the_automatic_choice_vectorizes_a_small_random_share_only():
 def test_predict_chooses_the_loop_for_a_full_weight_posterior(monkeypatch):
     calls = count_vmapped_calls(monkeypatch)
     post = VI(mlp(), init_std=0.3, num_data=10, seed=3)
-    predict(post, torch.randn(5, 4), num_samples=4, compile=False)
+    predict(post, torch.randn(5, 4), pred_type="nn", num_samples=4, compile=False)
     assert calls == []
 
 
@@ -197,9 +197,16 @@ def test_a_model_vmap_cannot_run_falls_back_to_the_loop_with_one_warning():
     post = VI(Branching(), init_std=0.3, num_data=10, seed=3)
     x = torch.randn(6, 4)
     with pytest.warns(RuntimeWarning, match="vmap failed") as record:
-        got = predict(post, x, num_samples=5, compile=False, vectorize=True, batch_size=3, return_logits=True)
+        got = predict(
+            post, x, pred_type="nn", num_samples=5, compile=False, vectorize=True, batch_size=3, return_logits=True
+        )
     assert sum("vmap failed" in str(w.message) for w in record) == 1
-    assert_same(got, predict(post, x, num_samples=5, compile=False, vectorize=False, batch_size=3, return_logits=True))
+    assert_same(
+        got,
+        predict(
+            post, x, pred_type="nn", num_samples=5, compile=False, vectorize=False, batch_size=3, return_logits=True
+        ),
+    )
 
 
 def test_an_output_of_the_wrong_shape_is_raised_not_taken_for_a_vmap_failure():
@@ -207,7 +214,7 @@ def test_an_output_of_the_wrong_shape_is_raised_not_taken_for_a_vmap_failure():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         with pytest.raises(ValueError, match=r"output_fn gave logits of shape \(1, 3\)"):
-            predict(post, torch.randn(4, 4), num_samples=3, compile=False, vectorize=True)
+            predict(post, torch.randn(4, 4), pred_type="nn", num_samples=3, compile=False, vectorize=True)
 
 
 # -- Hugging Face models with LoRA ------------------------------------------------------------------
@@ -227,7 +234,7 @@ def test_vi_over_lora_vectorizes_automatically_and_equals_the_loop(monkeypatch):
     model_bytes = sum(t.numel() * t.element_size() for t in [*post.model.parameters(), *post.model.buffers()])
     assert engine._vectorizes(6, random_bytes, model_bytes)
     calls = count_vmapped_calls(monkeypatch)
-    automatic = predict(post, loader(), num_samples=6, compile=False, return_logits=True)
+    automatic = predict(post, loader(), pred_type="nn", num_samples=6, compile=False, return_logits=True)
     assert calls == [6, 6]  # one vectorised call per batch
     vectorized, loop = both(post, loader())
     assert_same(vectorized, loop)

@@ -30,6 +30,7 @@ from ..curvature import squared_gradients
 from ..distributed.ranks import is_rank_zero
 from ..distributed.sharding import common_mesh, element_offset, from_local_like, is_sharded, local_tensor
 from ..ops import noise
+from .gaussian import diagonal_functional_variance
 from .laplace import Laplace
 
 
@@ -102,6 +103,12 @@ class DiagLaplace(Laplace):
         """Posterior standard deviations ``sqrt(T / (F + lambda))``."""
         scale = math.sqrt(self.temperature)
         return {name: (f + self.prior_precision).rsqrt() * scale for name, f in self._require_fisher().items()}
+
+    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+        """``sum_p j_p^2 T / (F_p + lambda)``."""
+        self._require_fisher()
+        variances = {name: std.square() for name, std in self.std().items()}
+        return diagonal_functional_variance(jacobians, variances)
 
     def _draw(self, name: str, index: int) -> Tensor:
         if self._std is None:

@@ -36,6 +36,7 @@ from ..curvature import squared_gradients
 from ..curvature.kron import kronecker_factors, kronecker_layers
 from ..distributed.ranks import is_rank_zero
 from ..ops import noise
+from .gaussian import diagonal_functional_variance
 from .laplace import Laplace
 
 
@@ -173,6 +174,23 @@ class KronLaplace(Laplace):
         for name, f in self._diagonal_fisher().items():
             stds[name] = (f + lam).rsqrt() * math.sqrt(temperature)
         return {name: stds[name] for name in self.names}
+
+    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+        """Per Kronecker block, ``sum_ij (Q_G^T J Q_A)_ij^2 T / (l_G,i l_A,j + lambda)`` with J the row
+        shaped (outputs, inputs); the diagonal blocks as ``DiagLaplace``."""
+        lam, temperature = self.prior_precision, self.temperature
+        diagonal = {n: temperature / (f.double() + lam) for n, f in self._diagonal_fisher().items()}
+        total = diagonal_functional_variance(jacobians, diagonal) if diagonal else None
+        for name, e in self._decomposed().items():
+            shape = self._map[name].shape
+            rows = jacobians[name].double()
+            lead = rows.shape[: rows.dim() - len(shape)]
+            rows = rows.reshape(*lead, e.l_g.numel(), -1)
+            rotated = e.q_g.T @ rows @ e.q_a
+            term = (rotated.square() * (temperature / (e.values + lam))).sum((-2, -1))
+            total = term if total is None else total + term
+        assert total is not None, "a Laplace has at least one Bayesian parameter"
+        return total
 
     def _draw(self, name: str, index: int) -> Tensor:
         mean = self._map[name]

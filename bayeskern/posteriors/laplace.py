@@ -176,6 +176,11 @@ class Laplace:
     def _load_curvature(self, state: Mapping[str, Any], params: Mapping[str, Tensor]) -> None:
         raise NotImplementedError
 
+    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+        """``j^T Sigma j`` per Jacobian row, Sigma = T (F + lambda I)^-1 (``protocol.GaussianPosterior``:
+        the linearised predictive)."""
+        raise NotImplementedError
+
     def _forget(self) -> None:
         """Drop what was computed for the current lambda and T."""
 
@@ -265,6 +270,13 @@ class Laplace:
         ``functional_forward``, on every rank)."""
         return self._mesh is not None
 
+    @property
+    def pred_type(self) -> str:
+        """``"glm"``: ``bayeskern.predict`` linearises the network around theta* (the model this Gaussian
+        is exact for), with the probit link by default; ``"nn"`` (sampled networks) for a sharded fit,
+        which has no linearised predictive."""
+        return "nn" if self.is_sharded else "glm"
+
     def functional_forward(self, weights: dict[str, Tensor], inputs: Any) -> Any:
         """The sharded model's output on ``inputs`` with ``weights`` (a sample) for the Bayesian
         parameters (``distributed.sharding.forward_with``; the model's weights are restored)."""
@@ -331,12 +343,23 @@ class Laplace:
             low, high = (middle, high) if slope(middle) > 0 else (low, middle)
         return math.exp(0.5 * (low + high))
 
-    def validation_nll(self, val_loader: Iterable, *, num_samples: int = 16, compile: bool = False) -> float:
-        """Mean negative log predictive density of ``val_loader`` (batches as ``fit`` takes them) under the
-        Monte-Carlo predictive with ``num_samples`` samples (regression: with ``noise_std``)."""
+    def validation_nll(
+        self,
+        val_loader: Iterable,
+        *,
+        pred_type: str | None = None,
+        link_approx: str = "probit",
+        num_samples: int = 16,
+        compile: bool = False,
+    ) -> float:
+        """Mean negative log predictive density of ``val_loader`` (batches as ``fit`` takes them) under
+        ``bayeskern.predict``'s predictive (``pred_type`` None: ``self.pred_type``; ``link_approx``,
+        ``num_samples``; regression: with ``noise_std``)."""
         # split_batch raises where a batch holds no targets
         targets = torch.cat([cast(Tensor, split_batch(batch)[1]) for batch in val_loader])
-        prediction = predict(self, val_loader, num_samples=num_samples, compile=compile)
+        prediction = predict(
+            self, val_loader, pred_type=pred_type, link_approx=link_approx, num_samples=num_samples, compile=compile
+        )
         if self.likelihood == "classification":
             mean_probs = cast(Tensor, prediction.probs)  # set for classification
             probs = mean_probs.gather(-1, targets.to(mean_probs.device).long().view(-1, 1))
@@ -351,6 +374,8 @@ class Laplace:
         method: str = "marglik",
         val_loader: Iterable | None = None,
         grid: Sequence[float] | None = None,
+        pred_type: str | None = None,
+        link_approx: str = "probit",
         num_samples: int = 16,
         compile: bool = False,
     ) -> float:
@@ -358,7 +383,8 @@ class Laplace:
 
         ``"marglik"``: the maximiser of ``log_marginal_likelihood`` (bisection in log lambda).
         ``"val_nll"``: the value of ``grid`` (default ``logspace(-4, 4, 21)``) with the lowest
-        ``validation_nll(val_loader, num_samples)`` (the samples share their noise across the grid);
+        ``validation_nll(val_loader, pred_type=..., link_approx=..., num_samples=...)`` (the predictive
+        the posterior will be used with; sampled predictives share their noise across the grid);
         values whose predictive overflows (NaN or infinite NLL) are never chosen.
         """
         self._require_fit()
@@ -374,7 +400,9 @@ class Laplace:
         scores = []
         for value in grid:
             self.prior_precision = value
-            score = self.validation_nll(val_loader, num_samples=num_samples, compile=compile)
+            score = self.validation_nll(
+                val_loader, pred_type=pred_type, link_approx=link_approx, num_samples=num_samples, compile=compile
+            )
             scores.append(score if math.isfinite(score) else math.inf)  # a too-wide posterior overflows
         if all(score == math.inf for score in scores):
             raise ValueError("the validation NLL is not finite for any prior precision of the grid")

@@ -78,6 +78,8 @@ class SampleBank:
         rank_zero_only: under ``torch.distributed``, keep samples on rank 0 only (module docstring).
     """
 
+    pred_type = "nn"  # bayeskern.predict runs the kept samples (protocol.Posterior.pred_type)
+
     def __init__(
         self,
         model: nn.Module,

@@ -27,6 +27,7 @@ from ..distributed.sharding import global_sum, local_tensor
 from ..ops.draw import gaussian_sample_kl
 from ..ops.kl import gaussian_kl
 from ..validation import check_nonnegative, check_positive
+from .gaussian import diagonal_functional_variance
 from .prior import mangle
 from .weight_posterior import WeightPosterior
 
@@ -106,3 +107,7 @@ class VI(WeightPosterior):
     def std(self) -> dict[str, Tensor]:
         """Posterior stds ``softplus(rho)`` of the Bayesian parameters."""
         return {name: F.softplus(rho.detach()) for name, _, rho in self._pairs()}
+
+    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+        """``sum_p j_p^2 softplus(rho_p)^2`` (``protocol.GaussianPosterior``; the linearised predictive)."""
+        return diagonal_functional_variance(jacobians, {name: std.square() for name, std in self.std().items()})

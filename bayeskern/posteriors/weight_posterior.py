@@ -214,6 +214,7 @@ class WeightPosterior(nn.Module):
                 for store, value in self._init_bayesian(model_params[name]).items():
                     self.get_submodule(store).register_parameter(mangle(name), nn.Parameter(value))
 
+    pred_type = "nn"  # bayeskern.predict samples the network (protocol.Posterior.pred_type)
     model: nn.Module  # set through __dict__ in __init__: held, not registered
     rng_state: Tensor  # a registered buffer
     _sharded: dict[str, Tensor] | None  # set through __dict__: the model's FSDP2 parameters once sharded

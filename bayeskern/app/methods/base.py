@@ -140,10 +140,15 @@ class Method:
             return probs, torch.full_like(probs, self.noise_std**2)
         return probs, torch.zeros(len(probs))
 
-    def mc_predictive(self, posterior, dataset: Dataset) -> tuple[Tensor, Tensor]:
-        """``predictive`` of a posterior's Monte-Carlo predictive: MI = H[probs] - mean_s H[p_s]."""
+    def mc_predictive(self, posterior, dataset: Dataset, **options) -> tuple[Tensor, Tensor]:
+        """``predictive`` of a posterior's sampled predictive (``bk.predict`` with ``options``, e.g. the
+        linearised one's MC link): MI = H[probs] - mean_s H[p_s]."""
         prediction = bk.predict(
-            posterior, self.predict_loader(dataset), num_samples=self.config.num_samples, compile=self.config.compile
+            posterior,
+            self.predict_loader(dataset),
+            num_samples=self.config.num_samples,
+            compile=self.config.compile,
+            **options,
         )
         if self.likelihood == "regression":
             return cast(Tensor, prediction.mean).float().cpu(), cast(Tensor, prediction.variance).float().cpu()

@@ -38,6 +38,7 @@ class Laplace(Method):
                 method=a.laplace_optimize,
                 val_loader=self.predict_loader(self.splits.val),
                 grid=self.precision_grid(),
+                **self.predictive_options(),
                 num_samples=a.num_samples,
             )
 
@@ -73,6 +74,13 @@ class Laplace(Method):
     def predict(self, dataset: Dataset) -> Tensor:
         return self.predictive(dataset)[0]
 
+    def predictive_options(self) -> dict[str, str]:
+        """The linearised (GLM) predictive with its MC link: every field, the mutual information (the
+        OOD score) included, at the cost of ``--num-samples`` forward-mode products per batch, whatever
+        the number of Bayesian weights; a sharded fit's posterior, gathered before it predicts, takes
+        it too."""
+        return {"pred_type": "glm", "link_approx": "mc"}
+
     def predictive(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
         self.laplace.model.eval()
-        return self.mc_predictive(self.laplace, dataset)
+        return self.mc_predictive(self.laplace, dataset, **self.predictive_options())

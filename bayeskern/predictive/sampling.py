@@ -1,4 +1,4 @@
-"""The Monte-Carlo predictive engine: ``predict(posterior, inputs, num_samples=...)``.
+"""The sampled ("nn") predictive: ``predict(posterior, inputs, pred_type="nn", num_samples=...)``.
 
 Works for any posterior obeying ``bayeskern.protocol.Posterior``, which declares everything read here
 (``model``, ``sample``, ``fixed_tensors``, ``likelihood``, ``noise_std``, ``output_fn``,
@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import types
 import warnings
@@ -112,10 +113,8 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
-from .batches import OutputFn, as_call, batch_length, inputs_of, logits_of, move_to, split_inputs
-from .likelihoods import LIKELIHOODS
-from .protocol import Posterior
-from .validation import check_choice, check_count, check_nonnegative
+from ..batches import OutputFn, as_call, batch_length, inputs_of, logits_of, move_to, split_inputs
+from ..protocol import Posterior
 
 SAMPLE_CACHE_BYTES = 1 << 30
 CHUNK_SAMPLES = 32  # at most this many samples per compiled call (the graph grows with it)
@@ -127,7 +126,7 @@ LIVE_FACTOR = 4  # activation bytes of a sample: this many times its largest sam
 
 @dataclass
 class Prediction:
-    """Monte-Carlo predictive summaries; fields that do not apply to the likelihood are None."""
+    """Predictive summaries; fields that do not apply to the likelihood or the predictive are None."""
 
     probs: Tensor | None = None  # (N, C) mean of the per-sample softmax
     entropy: Tensor | None = None  # (N,) H[probs]
@@ -466,16 +465,19 @@ def _warn(message: str) -> None:
     """A fallback's RuntimeWarning, attributed to the code that called ``predict`` (the first frame
     outside this module and torch's ``no_grad`` wrapper)."""
     frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename in (__file__, _NO_GRAD_FILE):
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename == _NO_GRAD_FILE
+    ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 _NO_GRAD_FILE = torch.utils._contextlib.__file__
-_READS = ("model", "likelihood", "noise_std", "output_fn", "is_sharded", "sample", "fixed_tensors")
+_READS = ("model", "likelihood", "noise_std", "output_fn", "is_sharded", "pred_type", "sample", "fixed_tensors")
 
 
-def _check_posterior(posterior: Posterior) -> None:
+def check_posterior(posterior: Posterior) -> None:
     """TypeError naming the members of ``Posterior`` that ``predict`` reads and ``posterior`` lacks
     (``functional_forward`` is read only when ``is_sharded``)."""
     missing = [name for name in _READS if not hasattr(posterior, name)]
@@ -494,46 +496,27 @@ def _entropy(p: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict(
+def predict_sampled(
     posterior: Posterior,
     inputs: Any,
     *,
-    num_samples: int = 32,
-    compile: bool = True,
-    vectorize: bool | None = None,
-    batch_size: int | None = None,
-    return_logits: bool = False,
-    likelihood: str | None = None,
-    noise_std: float | None = None,
-    output_fn: OutputFn | None = None,
+    num_samples: int,
+    compile: bool,
+    vectorize: bool | None,
+    batch_size: int | None,
+    return_logits: bool,
+    likelihood: str,
+    noise_std: float,
+    output_fn: OutputFn | None,
 ) -> Prediction:
-    """Monte-Carlo prediction with ``num_samples`` posterior samples (see the module docstring).
-
-    ``inputs`` is one batch of model inputs (a tensor, a tuple of positional inputs or a Mapping of
-    keyword inputs) or any other iterable of loader batches (a list, a ``DataLoader``;
-    ``bayeskern.batches``: inputs, ``(inputs, targets, ...)``, Mappings with ``labels``, which are
-    ignored); ``batch_size`` splits each of them further.  A tuple is always one call's positional
-    inputs: several batches go in a list.  ``likelihood``, ``noise_std`` (the regression likelihood's
-    observation noise, added to the variance) and ``output_fn`` default to the posterior's.
-    ``compile=False`` runs the per-sample loop eagerly; results agree with the compiled run to float
-    rounding.  ``vectorize`` runs several samples per call under ``torch.func.vmap`` (True), never
-    (False) or where the random tensors are a small part of the model (None, the default; module
-    docstring); results agree with the loop's to float rounding.  A fallback to a slower path (the
-    module docstring, "Fallbacks") warns once per call.
-
-    Raises TypeError naming the members of ``bayeskern.protocol.Posterior`` that ``posterior`` lacks,
-    ValueError naming the argument that is out of range, or ``inputs`` when it has no one meaning
-    (a tuple holding no tensor) or holds no batch.
-    """
-    _check_posterior(posterior)
+    """The sampled predictive with ``num_samples`` posterior samples (module docstring), arguments as
+    ``bayeskern.predict`` checked and resolved them.  ``compile=False`` runs the per-sample loop
+    eagerly; results agree with the compiled run to float rounding.  ``vectorize`` runs several samples
+    per call under ``torch.func.vmap`` (True), never (False) or where the random tensors are a small
+    part of the model (None; module docstring); results agree with the loop's to float rounding.  A
+    fallback to a slower path (module docstring, "Fallbacks") warns once per call."""
     if vectorize is not None and not isinstance(vectorize, bool):
         raise ValueError(f"vectorize must be True, False or None, got {vectorize!r}")
-    likelihood = check_choice(likelihood or posterior.likelihood, "likelihood", LIKELIHOODS)
-    num_samples = check_count(num_samples, "num_samples", 1)
-    if batch_size is not None:
-        batch_size = check_count(batch_size, "batch_size", 1)
-    noise_std = check_nonnegative(posterior.noise_std if noise_std is None else noise_std, "noise_std")
-    output_fn = output_fn if output_fn is not None else posterior.output_fn
     one_batch = _is_one_batch(inputs)
     model = posterior.model
     classification = likelihood == "classification"

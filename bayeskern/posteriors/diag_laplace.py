@@ -94,7 +94,7 @@ class DiagLaplace(Laplace):
     @property
     def posterior_precision(self) -> dict[str, Tensor]:
         """``(F + lambda) / T`` per parameter name (infinite at T = 0)."""
-        return {name: (f + self.prior_precision) / self.temperature for name, f in self._require_fisher().items()}
+        return {name: (f + self.precision_of(name)) / self.temperature for name, f in self._require_fisher().items()}
 
     def _eigenvalues(self) -> dict[str, Tensor]:
         return {n: local_tensor(f) for n, f in self._require_fisher().items()}
@@ -102,7 +102,7 @@ class DiagLaplace(Laplace):
     def std(self) -> dict[str, Tensor]:
         """Posterior standard deviations ``sqrt(T / (F + lambda))``."""
         scale = math.sqrt(self.temperature)
-        return {name: (f + self.prior_precision).rsqrt() * scale for name, f in self._require_fisher().items()}
+        return {name: (f + self.precision_of(name)).rsqrt() * scale for name, f in self._require_fisher().items()}
 
     def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
         """``sum_p j_p^2 T / (F_p + lambda)``."""

@@ -166,20 +166,21 @@ class KronLaplace(Laplace):
 
     def std(self) -> dict[str, Tensor]:
         """Marginal posterior standard deviations (module docstring)."""
-        lam, temperature = self.prior_precision, self.temperature
+        temperature = self.temperature
         stds = {}
         for name, e in self._decomposed().items():
+            lam = self.precision_of(name)
             variance = temperature * (e.q_g.square() @ (e.values + lam).reciprocal() @ e.q_a.square().T)
             stds[name] = variance.sqrt().reshape(self._map[name].shape).to(self._map[name].dtype)
         for name, f in self._diagonal_fisher().items():
-            stds[name] = (f + lam).rsqrt() * math.sqrt(temperature)
+            stds[name] = (f + self.precision_of(name)).rsqrt() * math.sqrt(temperature)
         return {name: stds[name] for name in self.names}
 
     def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
         """Per Kronecker block, ``sum_ij (Q_G^T J Q_A)_ij^2 T / (l_G,i l_A,j + lambda)`` with J the row
         shaped (outputs, inputs); the diagonal blocks as ``DiagLaplace``."""
-        lam, temperature = self.prior_precision, self.temperature
-        diagonal = {n: temperature / (f.double() + lam) for n, f in self._diagonal_fisher().items()}
+        temperature = self.temperature
+        diagonal = {n: temperature / (f.double() + self.precision_of(n)) for n, f in self._diagonal_fisher().items()}
         total = diagonal_functional_variance(jacobians, diagonal) if diagonal else None
         for name, e in self._decomposed().items():
             shape = self._map[name].shape
@@ -187,7 +188,7 @@ class KronLaplace(Laplace):
             lead = rows.shape[: rows.dim() - len(shape)]
             rows = rows.reshape(*lead, e.l_g.numel(), -1)
             rotated = e.q_g.T @ rows @ e.q_a
-            term = (rotated.square() * (temperature / (e.values + lam))).sum((-2, -1))
+            term = (rotated.square() * (temperature / (e.values + self.precision_of(name)))).sum((-2, -1))
             total = term if total is None else total + term
         assert total is not None, "a Laplace has at least one Bayesian parameter"
         return total
@@ -196,7 +197,7 @@ class KronLaplace(Laplace):
         mean = self._map[name]
         eigen = self._decomposed().get(name)
         if eigen is None:
-            std = ((self._diagonal_fisher()[name] + self.prior_precision).rsqrt() * math.sqrt(self.temperature)).to(
+            std = ((self._diagonal_fisher()[name] + self.precision_of(name)).rsqrt() * math.sqrt(self.temperature)).to(
                 mean.dtype
             )
             return noise.gaussian(mean, std, self.seed, self.offsets[name], stream=index)
@@ -204,7 +205,7 @@ class KronLaplace(Laplace):
         eps = noise.normal(
             (rows, mean.numel() // rows), self.seed, self.offsets[name], stream=index, device=mean.device
         )
-        scale = (self.temperature / (eigen.values + self.prior_precision)).sqrt()
+        scale = (self.temperature / (eigen.values + self.precision_of(name))).sqrt()
         delta = eigen.q_g @ (eps.double() * scale) @ eigen.q_a.T
         return mean + delta.reshape(mean.shape).to(mean.dtype)
 

@@ -128,13 +128,32 @@ class Laplace:
 
     # -- hyperparameters ------------------------------------------------------------------------
     @property
-    def prior_precision(self) -> float:
-        return self._prior_precision
+    def prior_precision(self) -> float | dict[str, float]:
+        """lambda: one float for every Bayesian parameter, or one per parameter name (a dict, as
+        ``optimize_prior_precision(per_layer=True)`` sets it)."""
+        return dict(self._prior_precision) if isinstance(self._prior_precision, dict) else self._prior_precision
 
     @prior_precision.setter
-    def prior_precision(self, value: float) -> None:
-        self._prior_precision = check_positive(value, "prior_precision")
+    def prior_precision(self, value: float | Mapping[str, float]) -> None:
+        self._prior_precision = self._checked_precision(value)
         self._forget()
+
+    def _checked_precision(self, value: float | Mapping[str, float]) -> float | dict[str, float]:
+        if not isinstance(value, Mapping):
+            return check_positive(value, "prior_precision")
+        unknown = sorted(set(value) - set(self.names))
+        missing = [n for n in self.names if n not in value]
+        if unknown or missing:
+            raise ValueError(
+                "prior_precision: a dict needs one value per Bayesian parameter "
+                f"(unknown: {unknown}, missing: {missing})"
+            )
+        return {n: check_positive(value[n], f"prior_precision[{n!r}]") for n in self.names}
+
+    def precision_of(self, name: str) -> float:
+        """lambda of Bayesian parameter ``name``."""
+        lam = self._prior_precision
+        return lam[name] if isinstance(lam, dict) else lam
 
     @property
     def temperature(self) -> float:
@@ -254,10 +273,6 @@ class Laplace:
                     "(fully_shard between fit and sampling?); fit again on the model as it is"
                 )
 
-    def _sum(self, value: Tensor) -> float:
-        """A sum over this rank's shards, added over the mesh of a sharded fit (a collective)."""
-        return float(global_sum(value.detach().to(self._mesh.device_type), self._mesh) if self._mesh else value)
-
     # -- the posterior -------------------------------------------------------------------------
     def mean(self) -> dict[str, Tensor]:
         """theta* (the weights at ``fit``)."""
@@ -295,53 +310,83 @@ class Laplace:
         return {name: self._draw(name, index) for name in self.names}
 
     # -- evidence and prior precision ----------------------------------------------------------
-    def _log_det_terms(self) -> tuple[float, Tensor, int]:
-        """``||theta* - theta0||^2``, the stacked eigenvalues (float64; this rank's shards when sharded)
-        and D."""
+    def _evidence_terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per Bayesian parameter b (float64): ``||theta*_b - theta0_b||^2`` and D_b, and the stacked
+        eigenvalues with the index b of each (this rank's shards when sharded; the distances are summed
+        over the mesh)."""
         self._require_fit()
         local = {n: local_tensor(self._map[n]).double() for n in self.names}
-        distance = self._sum(
-            sum(
-                ((local[n] - local_tensor(self.prior.mean(n)).double()).square().sum() for n in self.names),
-                torch.zeros((), dtype=torch.float64),
-            )
+        distances = torch.stack(
+            [(local[n] - local_tensor(self.prior.mean(n)).double()).square().sum() for n in self.names]
         )
-        count = sum(self._map[n].numel() for n in self.names)
+        distances = self._sums(distances)
+        counts = torch.tensor([self._map[n].numel() for n in self.names], dtype=torch.float64)
         eigenvalues = self._eigenvalues()
-        return distance, torch.cat([eigenvalues[n].double().flatten() for n in self.names]), count
+        flat = [eigenvalues[n].double().flatten() for n in self.names]
+        index = torch.cat([torch.full((len(e),), b, dtype=torch.long) for b, e in enumerate(flat)])
+        return distances, counts, torch.cat(flat), index
 
-    def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
-        """The Laplace evidence ``log Z(lambda)`` of the model (module docstring), at ``prior_precision``
-        or the current lambda."""
-        lam = self.prior_precision if prior_precision is None else check_positive(prior_precision, "prior_precision")
-        distance, curvature, count = self._log_det_terms()
-        log_det = self._sum(torch.log(curvature + lam).sum())
-        log_likelihood = cast(float, self.log_likelihood)  # set by fit, which _log_det_terms requires
-        return log_likelihood - 0.5 * lam * distance + 0.5 * count * math.log(lam) - 0.5 * log_det
+    def _sums(self, values: Tensor) -> Tensor:
+        """Per-parameter sums over this rank's shards, added over the mesh of a sharded fit (one
+        collective for the vector)."""
+        if self._mesh is None:
+            return values
+        return global_sum(values.detach().to(self._mesh.device_type), self._mesh).cpu()
 
-    def _marglik_argmax(self) -> float:
-        distance, curvature, count = self._log_det_terms()
+    def _lambda_vector(self, prior_precision: float | Mapping[str, float] | None) -> Tensor:
+        lam = self._prior_precision if prior_precision is None else self._checked_precision(prior_precision)
+        values = [lam[n] if isinstance(lam, dict) else lam for n in self.names]
+        return torch.tensor(values, dtype=torch.float64)
 
-        def slope(log_lam: float) -> float:  # d log Z / d log lambda, decreasing
-            lam = math.exp(log_lam)
-            return -0.5 * lam * distance + 0.5 * count - 0.5 * self._sum((lam / (curvature + lam)).sum())
+    def log_marginal_likelihood(self, prior_precision: float | Mapping[str, float] | None = None) -> float:
+        """The Laplace evidence ``log Z(lambda)`` of the model (module docstring; with one lambda_b per
+        parameter b, the prior terms are summed per parameter), at ``prior_precision`` (a float or a
+        dict by name) or the current one."""
+        lam = self._lambda_vector(prior_precision)
+        distances, counts, eigenvalues, index = self._evidence_terms()
+        log_det = self._sums(
+            torch.zeros(len(self.names), dtype=torch.float64).index_add_(0, index, torch.log(eigenvalues + lam[index]))
+        )
+        log_likelihood = cast(float, self.log_likelihood)  # set by fit, which _evidence_terms requires
+        return log_likelihood + float((-0.5 * lam * distances + 0.5 * counts * lam.log() - 0.5 * log_det).sum())
 
-        low, high = LOG_LAMBDA_RANGE
-        if slope(high) >= 0:
+    def _marglik_argmax(self, per_layer: bool) -> float | dict[str, float]:
+        """The maximiser of the evidence in lambda (one for all parameters, or one per parameter: the
+        evidence is a sum of per-parameter terms, each concave in its log lambda_b), by bisection on
+        the slopes ``-lambda/2 ||theta* - theta0||^2 + D/2 - 1/2 sum_i lambda / (e_i + lambda)``, all
+        groups at once."""
+        distances, counts, eigenvalues, index = self._evidence_terms()
+        groups = len(self.names) if per_layer else 1
+        group = index if per_layer else torch.zeros_like(index)
+        distances = distances if per_layer else distances.sum(0, keepdim=True)
+        counts = counts if per_layer else counts.sum(0, keepdim=True)
+
+        def slope(log_lam: Tensor) -> Tensor:  # d log Z / d log lambda per group, decreasing
+            lam = log_lam.exp()
+            ratios = torch.zeros(groups, dtype=torch.float64).index_add_(
+                0, group, lam[group] / (eigenvalues + lam[group])
+            )
+            return -0.5 * lam * distances + 0.5 * counts - 0.5 * self._sums(ratios)
+
+        low = torch.full((groups,), LOG_LAMBDA_RANGE[0], dtype=torch.float64)
+        high = torch.full((groups,), LOG_LAMBDA_RANGE[1], dtype=torch.float64)
+        grows, falls = slope(high) >= 0, slope(low) <= 0
+        if bool(grows.any()):
             warnings.warn(
                 f"{type(self).__name__}: the marginal likelihood still grows at prior_precision="
-                f"{math.exp(high):.0e} (theta* equals the prior mean, e.g. prior_mean='pretrained' fitted at "
-                "the pretrained weights); the search stops there",
+                f"{math.exp(LOG_LAMBDA_RANGE[1]):.0e} (theta* equals the prior mean, e.g. prior_mean='pretrained' "
+                "fitted at the pretrained weights); the search stops there",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return math.exp(high)
-        if slope(low) <= 0:
-            return math.exp(low)
         for _ in range(100):
             middle = 0.5 * (low + high)
-            low, high = (middle, high) if slope(middle) > 0 else (low, middle)
-        return math.exp(0.5 * (low + high))
+            up = slope(middle) > 0
+            low, high = torch.where(up, middle, low), torch.where(up, high, middle)
+        best = torch.where(grows, high, torch.where(falls, low, 0.5 * (low + high))).exp()
+        if not per_layer:
+            return float(best[0])
+        return {n: float(v) for n, v in zip(self.names, best)}
 
     def validation_nll(
         self,
@@ -372,16 +417,19 @@ class Laplace:
         self,
         *,
         method: str = "marglik",
+        per_layer: bool = False,
         val_loader: Iterable | None = None,
         grid: Sequence[float] | None = None,
         pred_type: str | None = None,
         link_approx: str = "probit",
         num_samples: int = 16,
         compile: bool = False,
-    ) -> float:
+    ) -> float | dict[str, float]:
         """Set lambda and return it.
 
-        ``"marglik"``: the maximiser of ``log_marginal_likelihood`` (bisection in log lambda).
+        ``"marglik"``: the maximiser of ``log_marginal_likelihood`` (bisection in log lambda); with
+        ``per_layer``, one lambda_b per Bayesian parameter (a dict by name), each the exact maximiser of
+        its own terms of the evidence, which separates by parameter.
         ``"val_nll"``: the value of ``grid`` (default ``logspace(-4, 4, 21)``) with the lowest
         ``validation_nll(val_loader, pred_type=..., link_approx=..., num_samples=...)`` (the predictive
         the posterior will be used with; sampled predictives share their noise across the grid);
@@ -390,8 +438,10 @@ class Laplace:
         self._require_fit()
         check_choice(method, "method", METHODS)
         if method == "marglik":
-            self.prior_precision = self._marglik_argmax()
+            self.prior_precision = self._marglik_argmax(per_layer)
             return self.prior_precision
+        if per_layer:
+            raise ValueError("per_layer=True needs method='marglik' (the validation search tunes one lambda)")
         if val_loader is None:
             raise ValueError("method='val_nll' needs a val_loader")
         grid = [float(v) for v in (torch.logspace(-4, 4, 21) if grid is None else grid)]

@@ -130,3 +130,51 @@ def test_bad_pred_type_link_or_posterior_names_the_argument():
         bk.predict(la, x, link_approx="bridge")
     with pytest.raises(TypeError, match="pred_type='glm'"):
         bk.predict(bk.MCDropout(net, num_data=40, seed=0), x, pred_type="glm")
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_last_layer_probit_is_closed_form_and_equals_laplace_torch(structure, monkeypatch):
+    """params="last_layer": the head's Jacobian is its input features, so no autodiff runs (the generic
+    Jacobian path is switched off here); the probabilities equal laplace-torch's last-layer Laplace
+    (its diagonal with the BackPACK backend: laplace-torch 0.3's curvlinops one returns a zero
+    curvature for a last layer)."""
+    from bayeskern.predictive import glm
+
+    net, loader = _mlp(), _data()
+    oracle = laplace.Laplace(
+        net,
+        "classification",
+        subset_of_weights="last_layer",
+        hessian_structure=structure,
+        backend=curvature.BackPackEF if structure == "diag" else curvature.CurvlinopsEF,
+        prior_precision=0.7,
+    )
+    oracle.fit(loader)
+    mine_class = bk.DiagLaplace if structure == "diag" else bk.KronLaplace
+    mine = mine_class(net, params="last_layer", prior_mean="zero", prior_precision=0.7, seed=0)
+    mine.fit(loader, progress=False)
+    monkeypatch.setattr(glm._Linearized, "_jacobians", lambda self, x: pytest.fail("the generic path ran"))
+    x = torch.randn(9, 5)
+    got = bk.predict(mine, x)
+    torch.testing.assert_close(got.probs, oracle(x, pred_type="glm", link_approx="probit"), rtol=1e-4, atol=1e-5)
+
+
+def test_a_head_whose_output_is_changed_takes_the_generic_jacobian():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * self.head(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    net = Scaled()
+    la = bk.DiagLaplace(net, params="last_layer", seed=0).fit(_data(), progress=False)
+    x = torch.randn(6, 5)
+    got = bk.predict(la, x)
+    mean, std = la.mean(), la.std()
+    rows = torch.func.jacrev(lambda w: functional_call(net, w, (x,)))(mean)  # (N, C, *shape): rows per example
+    variance = sum((rows[n].square() * std[n].square()).flatten(2).sum(-1) for n in la.names)
+    expected = torch.softmax(functional_call(net, mean, (x,)) / torch.sqrt(1 + math.pi / 8 * variance), -1)
+    torch.testing.assert_close(got.probs, expected, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,9 @@ model runs in eval mode, so example n's outputs depend on example n alone).
   with many outputs.  Classification: the averages of the ``nn`` predictive over the linearised
   logits (every field set); regression: their mean and variance.
 * Regression (probit link): mean ``f(x, theta*)``, variance ``var + noise_std^2``.
+* Last layer: when the Bayesian tensors are exactly one ``nn.Linear``'s weight (and bias) and the
+  model returns that layer's output as it is, ``d f_c / d W[c', h] = [c = c'] phi_h`` with phi the
+  layer's input: the Jacobians come from one forward pass, with no autodiff.
 
 Cost: the probit path forms the per-example Jacobians (``vmap`` over the examples of ``jacrev``: one
 backward pass per output), holding at most ``JACOBIAN_BYTES`` of them at once; one example's
@@ -36,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
@@ -141,7 +144,7 @@ class _Linearized:
         return outputs
 
     def probit(self, x: Any, noise_std: float) -> dict[str, Tensor]:
-        f_star = self.function(x)(self.mean)
+        f_star, features = self._outputs_and_head_features(x)
         per_example = f_star.shape[1] * _nbytes(self.mean)  # one example's Jacobian
         if per_example > JACOBIAN_BYTES:
             raise ValueError(
@@ -150,16 +153,59 @@ class _Linearized:
                 "use link_approx='mc' (one forward-mode product per sample, no Jacobian)"
             )
         examples = max(1, JACOBIAN_BYTES // per_example)
-        variances = []
-        for part in split_inputs(x, examples) if batch_length(as_call(x)) > examples else [x]:
-            variances.append(self.posterior.functional_variance(self._jacobians(part)).to(f_star.dtype))
-        variance = torch.cat(variances)
-        variance = torch.cat(variances)
+        if features is not None:  # the last-layer path: the Jacobian is the features
+            parts = [self._head_jacobians(chunk, f_star.shape[1]) for chunk in features.split(examples)]
+        else:
+            chunks = split_inputs(x, examples) if batch_length(as_call(x)) > examples else [x]
+            parts = [self._jacobians(part) for part in chunks]
+        variance = torch.cat([self.posterior.functional_variance(j).to(f_star.dtype) for j in parts])
         if not self.classification:
             shape = (-1, *self.shape)
             return {"mean": f_star.reshape(shape), "variance": (variance + noise_std**2).reshape(shape)}
         probs = torch.softmax(f_star / torch.sqrt(1 + math.pi / 8 * variance), dim=-1)
         return {"probs": probs, "entropy": _entropy(probs)}
+
+    def _head(self) -> tuple[str, nn.Linear] | None:
+        """The name prefix and the ``nn.Linear`` whose weight (and bias, if it has one) are exactly the
+        Bayesian tensors, or None."""
+        for prefix, module in self.posterior.model.named_modules():
+            if isinstance(module, nn.Linear):
+                attrs = [a for a in ("weight", "bias") if getattr(module, a) is not None]
+                if {f"{prefix}.{a}" if prefix else a for a in attrs} == set(self.mean):
+                    return prefix, module
+        return None
+
+    def _outputs_and_head_features(self, x: Any) -> tuple[Tensor, Tensor | None]:
+        """The outputs at theta* on ``x``, and the head's inputs (N, features) when the Bayesian tensors
+        are one ``nn.Linear``'s that ran once on (N, features) and whose output is the model's, as it is
+        (else None: the Jacobian then comes from ``_jacobians``)."""
+        head = self._head()
+        if head is None:
+            return self.function(x)(self.mean), None
+        calls: list[tuple[Tensor, Tensor]] = []
+        handle = head[1].register_forward_hook(lambda module, args, output: calls.append((args[0], output)))
+        try:
+            f_star = self.function(x)(self.mean)
+        finally:
+            handle.remove()
+        if len(calls) != 1:
+            return f_star, None
+        features, output = calls[0]
+        if features.dim() != 2 or output.shape != f_star.shape or not torch.equal(output, f_star):
+            return f_star, None
+        return f_star, features.detach()
+
+    def _head_jacobians(self, features: Tensor, outputs: int) -> dict[str, Tensor]:
+        """The per-example Jacobians of a last layer ``f = W phi + b``: ``d f_c / d W[c', h] = [c = c'] phi_h``
+        and ``d f_c / d b[c'] = [c = c']``, ``(N, outputs, *shape)`` per name."""
+        head = self._head()
+        assert head is not None, "the last-layer path found one"
+        prefix = f"{head[0]}." if head[0] else ""
+        eye = torch.eye(outputs, dtype=features.dtype, device=features.device)
+        jacobians = {f"{prefix}weight": eye[None, :, :, None] * features[:, None, None, :]}
+        if head[1].bias is not None:
+            jacobians[f"{prefix}bias"] = eye.expand(features.shape[0], outputs, outputs)
+        return jacobians
 
     def _jacobians(self, x: Any) -> dict[str, Tensor]:
         """Per Bayesian name, the per-example Jacobians of the outputs on ``x``: ``(N, outputs, *shape)``.

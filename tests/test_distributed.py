@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bayeskern.posteriors.weight_posterior as weight_posterior
 from bayeskern import distributed
 from bayeskern.app.methods import METHODS
-from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, MCDropout, SampleBank
+from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, KronLaplace, MCDropout, SampleBank
 
 pytestmark = pytest.mark.slow  # spawns process groups
 
@@ -140,6 +140,35 @@ def test_laplace_fisher_all_reduced_equals_single_process(tmp_path: Path) -> Non
             torch.testing.assert_close(result["sample"][name], oracle.sample(3)[name], rtol=1e-5, atol=1e-6)
     for name, value in results[0]["mc"].items():  # every rank holds the same reduced MC Fisher
         assert torch.equal(value, results[1]["mc"][name])
+
+
+def _kron_job(rank: int) -> dict:
+    x, y = _data(22)
+    la = KronLaplace(_model(), seed=7).fit(_loader(x[rank::WORLD], y[rank::WORLD]), progress=False)
+    return {
+        "factors": la.factors,
+        "fisher": la.fisher,
+        "evidence": la.log_marginal_likelihood(),
+        "sample": la.sample(3),
+    }
+
+
+def test_kron_laplace_factors_all_reduced_equal_single_process(tmp_path: Path) -> None:
+    """G and N A (and the diagonal blocks) are sums over examples: two ranks fitting complementary shards
+    hold the single-process K-FAC posterior, whatever their batch counts."""
+    results = _spawn(_kron_job, tmp_path)
+    x, y = _data(22)
+    oracle = KronLaplace(_model(), seed=7).fit(_loader(x, y), progress=False)
+    assert oracle.kron_names  # the model has Kronecker blocks
+    for result in results:
+        for name, (g, a) in oracle.factors.items():
+            torch.testing.assert_close(result["factors"][name][0], g, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(result["factors"][name][1], a, rtol=1e-5, atol=1e-7)
+        for name, f in oracle.fisher.items():
+            torch.testing.assert_close(result["fisher"][name], f, rtol=1e-5, atol=1e-7)
+        assert result["evidence"] == pytest.approx(oracle.log_marginal_likelihood(), rel=1e-6)
+        for name, value in oracle.sample(3).items():  # eigenvectors of factors summed in another order
+            torch.testing.assert_close(result["sample"][name], value, rtol=1e-4, atol=2e-5)
 
 
 # -- VI and MC-dropout -------------------------------------------------------------------------

@@ -8,9 +8,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayeskern.predictive import sampling as engine
 from bayeskern.posteriors import VI, DiagLaplace, MCDropout
-from bayeskern.predictive import predict
+from bayeskern.predictive import base, loop, predict
 from bayeskern.protocol import Posterior
 
 
@@ -95,7 +94,7 @@ def test_samples_are_redrawn_identically_when_they_do_not_fit_the_cache(monkeypa
     post = table()
     x = torch.randn(10, 3)
     cached = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=4)
-    monkeypatch.setattr(engine, "SAMPLE_CACHE_BYTES", 0)
+    monkeypatch.setattr(base, "SAMPLE_CACHE_BYTES", 0)
     calls = []
     original = post.sample
     post.sample = lambda i: calls.append(i) or original(i)
@@ -109,7 +108,7 @@ def test_the_samples_that_fit_the_cache_are_kept_and_only_the_rest_redrawn(monke
     x = torch.randn(10, 3)
     everything = predict(post, x, pred_type="nn", num_samples=5, compile=False, batch_size=4)
     sample_bytes = sum(t.numel() * t.element_size() for t in post.sample(0).values())
-    monkeypatch.setattr(engine, "SAMPLE_CACHE_BYTES", 2 * sample_bytes + sample_bytes // 2)
+    monkeypatch.setattr(base, "SAMPLE_CACHE_BYTES", 2 * sample_bytes + sample_bytes // 2)
     calls = []
     original = post.sample
     post.sample = lambda i: calls.append(i) or original(i)
@@ -188,7 +187,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(engine, "_compiled", lambda module: broken)
+    monkeypatch.setattr(loop, "_compiled", lambda module: broken)
     post = table()
     x = torch.randn(6, 3)
     with pytest.warns(RuntimeWarning, match="predicting eagerly"):
@@ -229,7 +228,7 @@ def test_compiled_and_eager_predictions_agree_and_compile_once():
     ],
 )
 def test_chunk_size_divides_the_samples_within_the_limits(num_samples, sample_bytes, expected):
-    assert engine._chunk_size(num_samples, sample_bytes) == expected
+    assert loop._chunk_size(num_samples, sample_bytes) == expected
 
 
 @pytest.mark.parametrize("chunk_bytes, samples_per_call", [(1 << 20, 6), (100, 2), (40, 1)])
@@ -240,10 +239,10 @@ def test_compiled_predict_runs_a_chunk_of_samples_per_call(monkeypatch, chunk_by
 
     def counting(module, params, *args):
         calls.append(len(params))
-        return engine._forward_chunk(module, params, *args)
+        return loop._forward_chunk(module, params, *args)
 
-    monkeypatch.setattr(engine, "_compiled", lambda module: counting)  # the chunking, without compiling
-    monkeypatch.setattr(engine, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(loop, "_compiled", lambda module: counting)  # the chunking, without compiling
+    monkeypatch.setattr(loop, "CHUNK_BYTES", chunk_bytes)
     post, x = table(num_samples=6), torch.randn(10, 3)
     chunked = predict(post, x, pred_type="nn", num_samples=6, compile=True, batch_size=5, return_logits=True)
     assert calls == [samples_per_call] * (2 * 6 // samples_per_call)
@@ -373,16 +372,16 @@ def test_each_model_gets_its_own_compiled_function_dropped_with_the_model():
         warnings.simplefilter("error", RuntimeWarning)
         for post in posts:
             predict(post, x, pred_type="nn", num_samples=5, compile=True)
-    first, second = (engine._COMPILED[post.model] for post in posts)
+    first, second = (loop._COMPILED[post.model] for post in posts)
     assert first is not second
-    assert engine._compiled(posts[0].model) is first  # cached: the next predict reuses it
+    assert loop._compiled(posts[0].model) is first  # cached: the next predict reuses it
     gc.collect()  # models of earlier tests leave the cache now, not during the count below
-    held = len(engine._COMPILED)
+    held = len(loop._COMPILED)
     model = weakref.ref(posts[0].model)
     del posts[0], first
     gc.collect()
     assert model() is None
-    assert len(engine._COMPILED) == held - 1
+    assert len(loop._COMPILED) == held - 1
 
 
 def test_reaching_the_recompile_limit_warns_instead_of_running_eagerly_in_silence():

@@ -8,9 +8,9 @@ import torch
 from hf_models import answer_logits, llama_causal_lm, llama_classifier, text_batch, with_lora
 from torch import nn
 
-from bayeskern.predictive import sampling as engine
 from bayeskern.posteriors import VI, DiagLaplace, MCDropout, SampleBank
 from bayeskern.predictive import predict
+from bayeskern.predictive import vectorized as vectorized_path
 
 CLASSIFICATION = ("probs", "entropy", "expected_entropy", "mutual_info", "logits")
 CLOSE = dict(rtol=1e-5, atol=1e-6)
@@ -32,13 +32,13 @@ def both(post, inputs, **kwargs):
 
 def count_vmapped_calls(monkeypatch):
     calls = []
-    original = engine._forward_vmapped
+    original = vectorized_path._forward_vmapped
 
     def counting(module, base, stacked, *args):
         calls.append(next(iter(stacked.values())).shape[0])
         return original(module, base, stacked, *args)
 
-    monkeypatch.setattr(engine, "_forward_vmapped", counting)
+    monkeypatch.setattr(vectorized_path, "_forward_vmapped", counting)
     return calls
 
 
@@ -102,15 +102,15 @@ def test_output_fn_runs_under_vmap():
 def test_chunks_within_the_byte_budget_give_the_same_result(monkeypatch):
     post = VI(mlp(), init_std=0.3, num_data=10, seed=3)
     sample_bytes = sum(t.numel() * t.element_size() for t in post.sample(0).values())
-    monkeypatch.setattr(engine, "VECTOR_BYTES", 4 * sample_bytes)
+    monkeypatch.setattr(vectorized_path, "VECTOR_BYTES", 4 * sample_bytes)
     calls = count_vmapped_calls(monkeypatch)
     x = torch.randn(8, 4)
     vectorized, loop = both(post, x, num_samples=10, batch_size=4)
     # the first call: four samples' random tensors fit; then the measured activations (the largest
     # sample-dependent output, 16 floats an example, times LIVE_FACTOR) leave room for one sample each
-    activation = engine.LIVE_FACTOR * 4 * 16 * 4
+    activation = vectorized_path.LIVE_FACTOR * 4 * 16 * 4
     assert calls[0] == 4 and sum(calls) == 20
-    assert calls[1:] == [max(1, engine.VECTOR_BYTES // (sample_bytes + activation))] * 16
+    assert calls[1:] == [max(1, vectorized_path.VECTOR_BYTES // (sample_bytes + activation))] * 16
     assert_same(vectorized, loop)
 
 
@@ -149,7 +149,7 @@ def test_activation_hooks_sit_on_the_modules_being_run_only(monkeypatch):
     ],
 )
 def test_vector_chunk_fits_the_budget(num_samples, random_bytes, activation, expected):
-    assert engine._vector_chunk(num_samples, random_bytes, activation) == expected
+    assert vectorized_path._vector_chunk(num_samples, random_bytes, activation) == expected
 
 
 # -- the automatic choice ---------------------------------------------------------------------------
@@ -157,12 +157,14 @@ def test_vector_chunk_fits_the_budget(num_samples, random_bytes, activation, exp
 
 def test_the_automatic_choice_vectorizes_a_small_random_share_only():
     model_bytes = 100 << 20
-    assert engine._vectorizes(10, model_bytes // 200, model_bytes)  # LoRA: half a percent
-    assert engine._vectorizes(10, model_bytes // 8, model_bytes)
-    assert not engine._vectorizes(10, model_bytes // 4, model_bytes)
-    assert not engine._vectorizes(10, model_bytes, model_bytes)  # every weight random
-    assert not engine._vectorizes(1, model_bytes // 200, model_bytes)  # one sample: nothing to share
-    assert not engine._vectorizes(10, model_bytes // 200, model_bytes, activation_bytes=engine.VECTOR_BYTES)
+    assert vectorized_path._vectorizes(10, model_bytes // 200, model_bytes)  # LoRA: half a percent
+    assert vectorized_path._vectorizes(10, model_bytes // 8, model_bytes)
+    assert not vectorized_path._vectorizes(10, model_bytes // 4, model_bytes)
+    assert not vectorized_path._vectorizes(10, model_bytes, model_bytes)  # every weight random
+    assert not vectorized_path._vectorizes(1, model_bytes // 200, model_bytes)  # one sample: nothing to share
+    assert not vectorized_path._vectorizes(
+        10, model_bytes // 200, model_bytes, activation_bytes=vectorized_path.VECTOR_BYTES
+    )
 
 
 def test_predict_chooses_the_loop_for_a_full_weight_posterior(monkeypatch):
@@ -232,7 +234,7 @@ def test_vi_over_lora_vectorizes_automatically_and_equals_the_loop(monkeypatch):
     post = VI(lora_llama(), params="lora", init_std=0.05, num_data=10, seed=1)
     random_bytes = sum(t.numel() * t.element_size() for t in post.sample(0).values())
     model_bytes = sum(t.numel() * t.element_size() for t in [*post.model.parameters(), *post.model.buffers()])
-    assert engine._vectorizes(6, random_bytes, model_bytes)
+    assert vectorized_path._vectorizes(6, random_bytes, model_bytes)
     calls = count_vmapped_calls(monkeypatch)
     automatic = predict(post, loader(), pred_type="nn", num_samples=6, compile=False, return_logits=True)
     assert calls == [6, 6]  # one vectorised call per batch

@@ -20,8 +20,9 @@ from ..batches import OutputFn
 from ..likelihoods import LIKELIHOODS
 from ..protocol import Posterior
 from ..validation import check_choice, check_count, check_nonnegative
+from .base import Prediction, check_posterior
 from .glm import LINK_APPROXES, predict_linearized
-from .sampling import Prediction, check_posterior, predict_sampled
+from .sampling import predict_sampled
 
 PRED_TYPES = ("nn", "glm")
 

@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_map
 
 from ..batches import OutputFn, as_call, batch_length, logits_of, move_to, split_inputs
 from ..protocol import GaussianPosterior, Posterior
-from .sampling import Prediction, _batches, _entropy, _is_one_batch, _state, _warn
+from .base import Prediction, _batches, _entropy, _is_one_batch, _state, _warn
 
 LINK_APPROXES = ("probit", "mc")
 JACOBIAN_BYTES = 256 << 20  # the probit path's per-example Jacobians of one chunk of examples at most this

@@ -210,3 +210,57 @@ def test_per_layer_precision_sets_each_parameters_posterior():
         kron.prior_precision = {**lams, "0.bias": -1.0}
     with pytest.raises(ValueError, match="per_layer"):
         kron.optimize_prior_precision(method="val_nll", per_layer=True, val_loader=loader)
+
+
+def test_factors_equal_an_explicit_per_example_computation_on_a_cnn():
+    """G = sum_n sum_t g g^T and A = (1/N) sum_n (1/T) sum_t a a^T, computed here example by example
+    from autograd's output gradients and F.unfold's patches."""
+    net, loader = _case("conv")
+    conv = net[2]  # Conv2d(3, 2, 2, stride=2): 4 output positions, patches of 3*2*2
+    nll = lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    found = kronecker_factors(net, loader, nll, ["2.weight", "2.bias"])
+    x, y = loader.dataset.tensors
+    g_sum, a_sum = torch.zeros(2, 2), torch.zeros(12, 12)
+    inputs: dict[str, torch.Tensor] = {}
+    handle = conv.register_forward_hook(lambda m, args, out: inputs.update(a=args[0], out=out))
+    for n in range(len(x)):
+        logits = net(x[n : n + 1])
+        (grad,) = torch.autograd.grad(nll(logits, y[n : n + 1]), inputs["out"])
+        g = grad[0].flatten(1).T  # (positions, channels)
+        a = nn.functional.unfold(inputs["a"], 2, stride=2)[0].T.detach()  # (positions, 12)
+        g_sum += g.T @ g
+        a_sum += a.T @ a / a.shape[0]
+    handle.remove()
+    torch.testing.assert_close(found.g["2.weight"], g_sum, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(found.a("2.weight"), a_sum / len(x), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(found.g["2.bias"], g_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_glm_variances_equal_explicit_jacobians_on_a_cnn():
+    net, loader = _case("conv")
+    la = bk.KronLaplace(net, prior_precision=0.5, seed=0).fit(loader, progress=False)
+    x = loader.dataset.tensors[0][:5]
+    mean = la.mean()
+    jac = torch.func.jacrev(lambda w: torch.func.functional_call(net, w, (x,)))(mean)  # (N, C, *shape)
+    rows = torch.cat([jac[n].reshape(5, 3, -1) for n in la.names], dim=-1).double()  # (N, C, P)
+    variance = la.functional_variance({n: jac[n] for n in la.names})
+    # against a dense Sigma built from the decomposition: Sigma = T (F + lambda)^-1 blockwise
+    dense = _dense_covariance(la)
+    expected = torch.einsum("ncp,pq,ncq->nc", rows, dense, rows)
+    torch.testing.assert_close(variance, expected, rtol=1e-6, atol=1e-9)
+    std = torch.cat([t.double().flatten() for t in la.std().values()])
+    torch.testing.assert_close(std.square(), dense.diagonal(), rtol=1e-5, atol=1e-12)
+
+
+def _dense_covariance(la) -> torch.Tensor:
+    """T (F + lambda I)^-1 with F's Kronecker blocks formed explicitly (G kron A) and its diagonal ones."""
+    blocks = []
+    for name in la.names:
+        if name in la.factors:
+            g, a = (t.double() for t in la.factors[name])
+            block = torch.kron(g, a)
+        else:
+            block = torch.diag(la.fisher[name].double().flatten())
+        eye = torch.eye(block.shape[0], dtype=torch.float64)
+        blocks.append(la.temperature * torch.linalg.inv(block + la.precision_of(name) * eye))
+    return torch.block_diag(*blocks)

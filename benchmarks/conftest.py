@@ -12,7 +12,8 @@ run).  Suites: test_bench_ops.py / test_bench_draw.py / test_bench_sgld.py (kern
 composition), test_bench_methods.py (each posterior against the deterministic network: training step, Fisher
 epoch, predict, peak memory; models and sizes in cases.py), test_bench_peers.py (bayesian-torch,
 IVON, laplace-torch in the same groups, where installed), test_bench_vi.py (predict compiled vs
-eager), test_bench_laplace.py (Fisher against the per-example prior art), test_bench_lora.py (every
+eager), test_bench_laplace.py (Fisher against the per-example prior art), test_bench_kron_glm.py
+(K-FAC fit and the GLM predictive against plain passes and laplace-torch), test_bench_lora.py (every
 method over the LoRA adapters of a LLaMA-style transformers classifier against plain LoRA fine-tuning).
 
 Sizes: ``BAYESKERN_BENCH_SIZES`` (comma-separated element counts, default 1M and 16M);

@@ -74,6 +74,13 @@ BAYESKERN_BENCH_DEVICE=$DEVICE timeout "${BAYESKERN_BENCH_LAPLACE_TIMEOUT:-90}" 
   && $PY benchmarks/report.py "$JSON" | tee "$RESULTS/laplace-$DEVICE-$STAMP.md" \
   || { tail -30 "$RESULTS/laplace-bench-$DEVICE-$STAMP.log"; [ "$DEVICE" = cuda ] || exit 1; }
 
+JSON="$RESULTS/kron-glm-$DEVICE-$STAMP.json"
+echo "== K-FAC fit and GLM predictive benchmarks on $DEVICE (against plain passes and laplace-torch)"
+BAYESKERN_BENCH_DEVICE=$DEVICE timeout "${BAYESKERN_BENCH_KRON_TIMEOUT:-120}" $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_kron_glm.py \
+  --benchmark-only --benchmark-json="$JSON" >"$RESULTS/kron-glm-bench-$DEVICE-$STAMP.log" 2>&1 \
+  && $PY benchmarks/report.py "$JSON" | tee "$RESULTS/kron-glm-$DEVICE-$STAMP.md" \
+  || { tail -30 "$RESULTS/kron-glm-bench-$DEVICE-$STAMP.log"; [ "$DEVICE" = cuda ] || exit 1; }
+
 PEERS=()
 for module in bayesian_torch ivon laplace; do
   $PY -c "import $module" 2>/dev/null && PEERS=(benchmarks/test_bench_peers.py) && break

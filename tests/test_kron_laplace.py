@@ -264,3 +264,24 @@ def _dense_covariance(la) -> torch.Tensor:
         eye = torch.eye(block.shape[0], dtype=torch.float64)
         blocks.append(la.temperature * torch.linalg.inv(block + la.precision_of(name) * eye))
     return torch.block_diag(*blocks)
+
+
+def test_mc_fisher_factors_are_unbiased_for_a_gaussian_likelihood():
+    """fisher_type="mc": targets drawn from the model, y ~ N(f, sigma^2), so the output gradient
+    g = (f - y) / sigma^2 has E[g g^T] = 1 / sigma^2: G of the last Linear estimates N / sigma^2 (here
+    within 4 standard errors), while A, the inputs' second moment, is exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(3000, 3)
+    y = torch.randn(3000, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=500)
+    sigma = 0.5
+    mc = bk.KronLaplace(net, likelihood="regression", noise_std=sigma, fisher_type="mc", seed=3)
+    mc.fit(loader, progress=False)
+    g, a = mc.factors["2.weight"]
+    expected = len(x) / sigma**2
+    assert abs(float(g) - expected) < 4 * expected * math.sqrt(2 / len(x))
+    hidden = torch.tanh(net[0](x)).detach()
+    torch.testing.assert_close(a, hidden.T @ hidden / len(x), rtol=1e-5, atol=1e-6)
+    empirical = bk.KronLaplace(net, likelihood="regression", noise_std=sigma, seed=3).fit(loader, progress=False)
+    assert not torch.equal(empirical.factors["2.weight"][0], g)  # the true targets give another G

@@ -285,3 +285,19 @@ def test_mc_fisher_factors_are_unbiased_for_a_gaussian_likelihood():
     torch.testing.assert_close(a, hidden.T @ hidden / len(x), rtol=1e-5, atol=1e-6)
     empirical = bk.KronLaplace(net, likelihood="regression", noise_std=sigma, seed=3).fit(loader, progress=False)
     assert not torch.equal(empirical.factors["2.weight"][0], g)  # the true targets give another G
+
+
+def test_a_factor_the_symmetric_solver_cannot_decompose_takes_the_svd(monkeypatch):
+    """When LAPACK's eigh fails to converge (ill-conditioned factors of real convolutions), the SVD of the
+    positive semi-definite factor gives the same posterior."""
+    net, loader = _case("conv")
+    la = bk.KronLaplace(net, seed=0).fit(loader, progress=False)
+    expected_std, expected_evidence = _flat(la.std()), la.log_marginal_likelihood()
+
+    def failing(matrix):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    fresh = bk.KronLaplace(net, seed=0).fit(loader, progress=False)
+    torch.testing.assert_close(_flat(fresh.std()), expected_std, rtol=1e-5, atol=1e-7)
+    assert fresh.log_marginal_likelihood() == pytest.approx(expected_evidence, rel=1e-7)

@@ -56,8 +56,17 @@ class _Eigen:
 
 
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at 0: the factors are positive semi-definite) and eigenvectors, float64."""
-    values, vectors = torch.linalg.eigh(matrix.double())
+    """Eigenvalues (clamped at 0: the factors are positive semi-definite) and eigenvectors, float64.
+
+    LAPACK's symmetric solver can fail to converge on a factor with many repeated eigenvalues (a
+    convolution's patches at zero padding, a ReLU's zeros); the SVD of a symmetric positive
+    semi-definite matrix is its eigendecomposition (U S U^T), and it converges there."""
+    symmetric = matrix.double()
+    symmetric = (symmetric + symmetric.T) / 2
+    try:
+        values, vectors = torch.linalg.eigh(symmetric)
+    except torch.linalg.LinAlgError:
+        vectors, values, _ = torch.linalg.svd(symmetric)
     return values.clamp_min(0), vectors
 
 

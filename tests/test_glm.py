@@ -178,3 +178,17 @@ def test_a_head_whose_output_is_changed_takes_the_generic_jacobian():
     variance = sum((rows[n].square() * std[n].square()).flatten(2).sum(-1) for n in la.names)
     expected = torch.softmax(functional_call(net, mean, (x,)) / torch.sqrt(1 + math.pi / 8 * variance), -1)
     torch.testing.assert_close(got.probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_mc_link_draws_each_sample_once_across_batches(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    la = bk.DiagLaplace(net, seed=2).fit(_data(), progress=False)
+    x = torch.randn(8, 5)
+    drawn = []
+    original = bk.DiagLaplace.sample
+    monkeypatch.setattr(bk.DiagLaplace, "sample", lambda self, i: drawn.append(i) or original(self, i))
+    batched = bk.predict(la, [x[:4], x[4:]], pred_type="glm", link_approx="mc", num_samples=10)
+    assert sorted(drawn) == list(range(10))  # kept for the second batch, not drawn again
+    whole = bk.predict(la, x, pred_type="glm", link_approx="mc", num_samples=10)
+    torch.testing.assert_close(batched.probs, whole.probs, rtol=1e-6, atol=1e-7)

@@ -214,8 +214,9 @@ class KronLaplace(Laplace):
         eps = noise.normal(
             (rows, mean.numel() // rows), self.seed, self.offsets[name], stream=index, device=mean.device
         )
-        scale = (self.temperature / (eigen.values + self.precision_of(name))).sqrt()
-        delta = eigen.q_g @ (eps.double() * scale) @ eigen.q_a.T
+        scale = (self.temperature / (eigen.values + self.precision_of(name))).sqrt().to(eps.dtype)
+        q_g, q_a = eigen.q_g.to(eps.dtype), eigen.q_a.to(eps.dtype)  # the rotation in the noise's float32
+        delta = q_g @ (eps * scale) @ q_a.T
         return mean + delta.reshape(mean.shape).to(mean.dtype)
 
     def _curvature_state(self) -> dict[str, Any]:

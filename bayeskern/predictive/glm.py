@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_map
 
 from ..batches import OutputFn, as_call, batch_length, logits_of, move_to, split_inputs
 from ..protocol import GaussianPosterior, Posterior
-from .base import Prediction, _batches, _entropy, _is_one_batch, _state, _warn
+from .base import SAMPLE_CACHE_BYTES, Prediction, _batches, _entropy, _is_one_batch, _state, _warn
 
 LINK_APPROXES = ("probit", "mc")
 JACOBIAN_BYTES = 256 << 20  # the probit path's per-example Jacobians of one chunk of examples at most this
@@ -130,6 +130,8 @@ class _Linearized:
         self.output_fn, self.classification = output_fn, classification
         self.vectorize = True  # K samples per jvp call until vmap fails once
         self.shape: tuple[int, ...] = ()  # the outputs' shape per example, as the model gives them
+        self.tangents: dict[int, dict[str, Tensor]] = {}  # stacked theta_s - theta* by first sample, kept
+        self.tangent_bytes = 0
 
     def function(self, x: Any) -> Callable[[dict[str, Tensor]], Tensor]:
         """theta -> the outputs (logits or regression mean) on ``x``, shaped ``(N, outputs)``."""
@@ -229,8 +231,17 @@ class _Linearized:
         return {name: torch.cat([r[name] for r in rows]) for name in self.mean}
 
     def _tangents(self, start: int, stop: int) -> dict[str, Tensor]:
+        """``theta_s - theta*`` of samples ``start..stop-1``, stacked; kept for the next batches while the
+        kept ones take at most ``SAMPLE_CACHE_BYTES`` (``sample`` is deterministic, so the rest are redrawn)."""
+        if start in self.tangents:
+            return self.tangents[start]
         draws = [self.posterior.sample(s) for s in range(start, stop)]
-        return {name: torch.stack([d[name] for d in draws]) - mean for name, mean in self.mean.items()}
+        stacked = {name: torch.stack([d[name] for d in draws]) - mean for name, mean in self.mean.items()}
+        size = _nbytes(stacked)
+        if self.tangent_bytes + size <= SAMPLE_CACHE_BYTES:
+            self.tangents[start] = stacked
+            self.tangent_bytes += size
+        return stacked
 
     def _linear_terms(self, f: Callable[[dict[str, Tensor]], Tensor], tangents: dict[str, Tensor]) -> Tensor:
         """``J (theta_s - theta*)`` for each of the stacked tangents: ``(K, N, outputs)``."""

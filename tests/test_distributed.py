@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bayeskern.posteriors.weight_posterior as weight_posterior
 from bayeskern import distributed
-from bayeskern.app.methods import METHODS
+from bayeskern.app.config import ALL_METHODS
 from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, KronLaplace, MCDropout, SampleBank
 
 pytestmark = pytest.mark.slow  # spawns process groups
@@ -297,8 +297,8 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     methods = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
-    assert set(methods) == set(METHODS)
+    assert set(methods) == set(ALL_METHODS)
     logged = [json.loads(line)["method"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    trained = [m for m in METHODS if m not in ("laplace", "kron_laplace")]  # a Laplace trains no epochs
+    trained = [m for m in ALL_METHODS if m != "laplace"]  # Laplace trains no epochs
     assert sorted(logged) == sorted(trained * 2)  # 2 epochs each, logged once (not once per rank)
     assert done.stdout.count("| vanilla |") == 1

@@ -19,6 +19,7 @@ pytest.importorskip("peft")
 from hf_models import llama_classifier, roberta_classifier
 
 from bayeskern.app.cli import main
+from bayeskern.app.config import ALL_METHODS
 from bayeskern.app.errors import UsageError
 from bayeskern.app.methods import METHODS
 from bayeskern.app.text import PadCollate, TextOptions, load_text_dataset
@@ -181,13 +182,13 @@ def test_every_method_runs_on_a_csv_and_records_the_class_names(tmp_path, model_
     data = write_csv(tmp_path / "d.csv", rows(48))
     assert _run(tmp_path, model_dir, f"csv:{data}") == 0
     table = capsys.readouterr().out
-    assert all(f"| {m} |" in table for m in METHODS)
+    assert all(f"| {m} |" in table for m in ALL_METHODS)
     payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(payload["methods"]) == set(METHODS)
+    assert set(payload["methods"]) == set(ALL_METHODS)
     assert payload["config"]["class_names"] == ["neg", "pos"] and payload["config"]["pretrained"] == "hf"
     for result in payload["methods"].values():
         assert set(result["test"]) >= {"error", "ece", "mce", "nll", "brier"} and result["temperature"] > 0
-    assert all((tmp_path / "run" / f"reliability_{m}.png").stat().st_size > 0 for m in METHODS)
+    assert all((tmp_path / "run" / f"reliability_{m}.png").stat().st_size > 0 for m in ALL_METHODS)
 
 
 def _base_name(name: str) -> str:

@@ -171,7 +171,7 @@ def test_cli_fsdp_trains_every_method_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    from bayeskern.app.methods import METHODS
+    from bayeskern.app.config import ALL_METHODS
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
@@ -184,7 +184,7 @@ def test_cli_fsdp_trains_every_method_under_torchrun(tmp_path):
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     methods = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
-    assert set(methods) == set(METHODS)
+    assert set(methods) == set(ALL_METHODS)
     for name, result in methods.items():
         for split in ("val", "test"):
             assert all(math.isfinite(v) for v in result[split].values()), (name, split, result[split])

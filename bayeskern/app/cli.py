@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL, METHOD_NAMES, RunConfig
+from .config import ALL_METHODS, DEFAULT_MODEL, METHOD_NAMES, RunConfig
 from .data import DATASETS
 from .errors import UsageError
 from .finetune import run
@@ -46,7 +46,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bayeskern-finetune", description=__doc__.splitlines()[0])
     add = p.add_argument
-    add("--method", default="all", help=f"all, or a comma-separated list of: {', '.join(METHOD_NAMES)}")
+    add(
+        "--method",
+        default="all",
+        help=f"all ({', '.join(ALL_METHODS)}), or a comma-separated list of: {', '.join(METHOD_NAMES)}",
+    )
     add("--dataset", default="digits", help=f"{', '.join(DATASETS)}, imagefolder:PATH, csv:PATH or json:PATH (text)")
     add("--data-dir", type=Path, default=Path("data"), help="where torchvision datasets live")
     add("--download", action="store_true", help="download a missing torchvision dataset")

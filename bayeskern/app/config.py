@@ -25,7 +25,9 @@ from .shift import parse_corruptions, parse_severities
 from .text import TextOptions, options_from_args
 
 METHOD_NAMES = tuple(METHODS)
-"""The methods a run can name (``--method``), in the order ``all`` runs them."""
+"""The methods a run can name (``--method``)."""
+ALL_METHODS = tuple(name for name, method in METHODS.items() if method.in_all)
+"""What ``--method all`` (the default) runs, in this order."""
 DEFAULT_MODEL = "timm:resnet18"
 TABULAR_MODEL = "mlp"
 """The model of a tabular (regression) dataset, and the only one it takes."""
@@ -137,7 +139,7 @@ class RunConfig:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """``--method``: the methods to run, in the order given (``all``: ``METHOD_NAMES``)."""
+        """``--method``: the methods to run, in the order given (``all``: ``ALL_METHODS``)."""
         return _methods(self.method)
 
     @property
@@ -179,7 +181,7 @@ def _json_value(value: Any) -> Any:
 
 
 def _methods(spec: str) -> tuple[str, ...]:
-    names = METHOD_NAMES if spec == "all" else tuple(m.strip() for m in spec.split(",") if m.strip())
+    names = ALL_METHODS if spec == "all" else tuple(m.strip() for m in spec.split(",") if m.strip())
     unknown = [m for m in names if m not in METHOD_NAMES]
     if unknown or not names:
         raise UsageError(f"unknown method {', '.join(unknown) or spec!r} (known: all, {', '.join(METHOD_NAMES)})")

@@ -12,7 +12,8 @@ registry the CLI reads (a new method: its own module here and one entry in ``MET
   a ``SampleBank`` (burn-in, thinning).
 * ``laplace``    -- ``bayeskern.DiagLaplace`` around the MAP, prior precision tuned on the
   validation split (``Laplace.precision_grid``).
-* ``kron_laplace`` -- ``bayeskern.KronLaplace`` (K-FAC) around the MAP, tuned as ``laplace`` is.
+* ``kron_laplace`` -- ``bayeskern.KronLaplace`` (K-FAC) around the MAP, tuned as ``laplace`` is; run
+  when named, not by ``--method all`` (``Method.in_all``).
 
 The MAP is the vanilla fit: reused when ``vanilla`` ran first in the same invocation, otherwise
 trained once (checkpointed under ``map/``) and shared by the methods that need it.  BayesDLL starts
@@ -46,6 +47,6 @@ from .vi import VariationalInference
 METHODS: dict[str, type[Method]] = {
     method.name: method for method in (Vanilla, VariationalInference, MCDropoutMethod, SGLD, Laplace, KronLaplaceMethod)
 }
-"""The registry ``--method`` reads (``all`` runs them in this order)."""
+"""The registry ``--method`` reads (``all`` runs those with ``in_all``, in this order)."""
 
 __all__ = ["METHODS", "Method"]

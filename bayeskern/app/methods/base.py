@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the config names the methods (config.METHOD_NAMES); it is o
 
 class Method:
     name = ""
+    in_all = True  # run by ``--method all`` (the default); a method too costly for the default job opts out
 
     def __init__(
         self,

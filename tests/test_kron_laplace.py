@@ -244,7 +244,7 @@ def test_glm_variances_equal_explicit_jacobians_on_a_cnn():
     jac = torch.func.jacrev(lambda w: torch.func.functional_call(net, w, (x,)))(mean)  # (N, C, *shape)
     rows = torch.cat([jac[n].reshape(5, 3, -1) for n in la.names], dim=-1).double()  # (N, C, P)
     variance = la.functional_variance({n: jac[n] for n in la.names})
-    # against a dense Sigma built from the decomposition: Sigma = T (F + lambda)^-1 blockwise
+    # against a dense Sigma formed independently: T (G kron A + lambda I)^-1 blockwise, inverted directly
     dense = _dense_covariance(la)
     expected = torch.einsum("ncp,pq,ncq->nc", rows, dense, rows)
     torch.testing.assert_close(variance, expected, rtol=1e-6, atol=1e-9)

@@ -24,7 +24,6 @@ A ``fully_shard``-ed model is not supported (``DiagLaplace`` is).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,23 +172,29 @@ class KronLaplace(Laplace):
         values = {n: e.values.flatten() for n, e in self._decomposed().items()}
         return {**values, **self._diagonal_fisher()}
 
+    def _variances(self, name: str) -> Tensor:
+        """``T / (e + lambda)``: the posterior variances of parameter ``name`` along its curvature's
+        eigenvectors (an (outputs, inputs) matrix for a Kronecker block, the parameter's shape for a
+        diagonal one)."""
+        eigen = self._decomposed().get(name)
+        values = self._diagonal_fisher()[name] if eigen is None else eigen.values
+        return self.temperature / (values + self.precision_of(name))
+
     def std(self) -> dict[str, Tensor]:
         """Marginal posterior standard deviations (module docstring)."""
-        temperature = self.temperature
         stds = {}
-        for name, e in self._decomposed().items():
-            lam = self.precision_of(name)
-            variance = temperature * (e.q_g.square() @ (e.values + lam).reciprocal() @ e.q_a.square().T)
-            stds[name] = variance.sqrt().reshape(self._map[name].shape).to(self._map[name].dtype)
-        for name, f in self._diagonal_fisher().items():
-            stds[name] = (f + self.precision_of(name)).rsqrt() * math.sqrt(temperature)
-        return {name: stds[name] for name in self.names}
+        for name in self.names:
+            eigen = self._decomposed().get(name)
+            variance = self._variances(name)
+            if eigen is not None:
+                variance = (eigen.q_g.square() @ variance @ eigen.q_a.square().T).reshape(self._map[name].shape)
+            stds[name] = variance.sqrt().to(self._map[name].dtype)
+        return stds
 
     def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
         """Per Kronecker block, ``sum_ij (Q_G^T J Q_A)_ij^2 T / (l_G,i l_A,j + lambda)`` with J the row
         shaped (outputs, inputs); the diagonal blocks as ``DiagLaplace``."""
-        temperature = self.temperature
-        diagonal = {n: temperature / (f.double() + self.precision_of(n)) for n, f in self._diagonal_fisher().items()}
+        diagonal = {n: self._variances(n) for n in self._diagonal_fisher()}
         total = diagonal_functional_variance(jacobians, diagonal) if diagonal else None
         for name, e in self._decomposed().items():
             shape = self._map[name].shape
@@ -197,7 +202,7 @@ class KronLaplace(Laplace):
             lead = rows.shape[: rows.dim() - len(shape)]
             rows = rows.reshape(*lead, e.l_g.numel(), -1)
             rotated = e.q_g.T @ rows @ e.q_a
-            term = (rotated.square() * (temperature / (e.values + self.precision_of(name)))).sum((-2, -1))
+            term = (rotated.square() * self._variances(name)).sum((-2, -1))
             total = term if total is None else total + term
         assert total is not None, "a Laplace has at least one Bayesian parameter"
         return total
@@ -206,15 +211,13 @@ class KronLaplace(Laplace):
         mean = self._map[name]
         eigen = self._decomposed().get(name)
         if eigen is None:
-            std = ((self._diagonal_fisher()[name] + self.precision_of(name)).rsqrt() * math.sqrt(self.temperature)).to(
-                mean.dtype
-            )
+            std = self._variances(name).sqrt().to(mean.dtype)
             return noise.gaussian(mean, std, self.seed, self.offsets[name], stream=index)
         rows = eigen.l_g.numel()
         eps = noise.normal(
             (rows, mean.numel() // rows), self.seed, self.offsets[name], stream=index, device=mean.device
         )
-        scale = (self.temperature / (eigen.values + self.precision_of(name))).sqrt().to(eps.dtype)
+        scale = self._variances(name).sqrt().to(eps.dtype)
         q_g, q_a = eigen.q_g.to(eps.dtype), eigen.q_a.to(eps.dtype)  # the rotation in the noise's float32
         delta = q_g @ (eps * scale) @ q_a.T
         return mean + delta.reshape(mean.shape).to(mean.dtype)

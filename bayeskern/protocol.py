@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from .batches import Inputs, OutputFn
+from .curvature.rows import JacobianRows
 
 
 @runtime_checkable
@@ -74,7 +75,9 @@ class GaussianPosterior(Posterior, Protocol):
     """A posterior ``N(mean(), Sigma)`` over the Bayesian tensors, which the linearised (``"glm"``)
     predictive needs: it reads ``Sigma`` only through ``functional_variance``."""
 
-    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+    def functional_variance(self, jacobians: JacobianRows) -> Tensor:
         """``j^T Sigma j`` for every vector ``j`` in ``jacobians``: per Bayesian name a tensor of shape
-        ``(*lead, *parameter shape)``; returns ``(*lead,)`` (float64)."""
+        ``(*lead, *parameter shape)`` or, for a weight of shape (outputs, inputs, ...), its rows as
+        ``curvature.rows.OuterRows`` over the weight flattened to (outputs, -1); returns ``(*lead,)``
+        (float64)."""
         ...

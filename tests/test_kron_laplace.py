@@ -301,3 +301,19 @@ def test_a_factor_the_symmetric_solver_cannot_decompose_takes_the_svd(monkeypatc
     fresh = bk.KronLaplace(net, seed=0).fit(loader, progress=False)
     torch.testing.assert_close(_flat(fresh.std()), expected_std, rtol=1e-5, atol=1e-7)
     assert fresh.log_marginal_likelihood() == pytest.approx(expected_evidence, rel=1e-7)
+
+
+def test_an_in_place_operation_after_a_layer_leaves_its_factors_alone():
+    """``ReLU(inplace=True)`` after a layer rewrites the tensor the layer returned: the factors are
+    those of the same network without in-place operations."""
+    factors = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Linear(5, 7), nn.ReLU(inplace=inplace), nn.Linear(7, 7), nn.ReLU(inplace), nn.Linear(7, 3)
+        )
+        _, loader = _case("mlp")
+        factors.append(bk.KronLaplace(net, seed=0).fit(loader, progress=False).factors)
+    for name, (g, a) in factors[0].items():
+        torch.testing.assert_close(factors[1][name][0], g, msg=name)
+        torch.testing.assert_close(factors[1][name][1], a, msg=name)

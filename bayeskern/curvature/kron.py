@@ -15,26 +15,25 @@ Padded positions are not masked: every position the layer computes counts.  peft
 ``B`` matrices are ``nn.Linear`` layers, so each adapter gets its own two blocks.
 
 Only these layers have a Kronecker form: ``kronecker_layers`` says which selected parameters do
-(grouped convolutions and those with string padding do not); the others get the diagonal of their Fisher from
-``squared_gradients``.  The loss is a sum of per-example terms (``reduction="sum"``) and the model
-runs in eval mode, so the output gradient of the batch loss at example n is example n's own.
+(``curvature.rows.has_outer_form``: no grouped convolution, nor one with string padding or a padding
+mode other than zeros); the others get the diagonal of their Fisher from ``squared_gradients``.
+The loss is a sum of per-example terms (``reduction="sum"``) and the model runs in eval mode, so the
+output gradient of the batch loss at example n is example n's own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from ..batches import OutputFn, as_call, batch_length, logits_of, split_batch
-
-KRON_MODULES = (nn.Linear, nn.Conv2d)
+from .rows import grads_by_position, has_outer_form, inputs_by_position
 
 
 @dataclass
@@ -57,30 +56,13 @@ def kronecker_layers(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[
     """The parameters among ``names`` with a Kronecker form: name -> (``"weight"`` or ``"bias"``, layer)."""
     owners: dict[str, tuple[str, nn.Module]] = {}
     for prefix, module in model.named_modules():
-        if not isinstance(module, KRON_MODULES) or (
-            isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str))
-        ):
+        if not has_outer_form(module):
             continue
         for attr in ("weight", "bias"):
             if getattr(module, attr, None) is not None:
                 owners[f"{prefix}.{attr}" if prefix else attr] = (attr, module)
     wanted = set(names)
     return {name: owner for name, owner in owners.items() if name in wanted}
-
-
-def _inputs_by_position(module: nn.Module, a: Tensor) -> Tensor:
-    """The layer's inputs as ``(examples, positions, features)``."""
-    if isinstance(module, nn.Conv2d):
-        patches = F.unfold(a, module.kernel_size, module.dilation, cast(Any, module.padding), module.stride)
-        return patches.transpose(1, 2)
-    return a.reshape(a.shape[0], -1, a.shape[-1])
-
-
-def _grads_by_position(module: nn.Module, g: Tensor) -> Tensor:
-    """The output gradients as ``(examples, positions, channels)``."""
-    if isinstance(module, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 @torch.no_grad()
@@ -115,14 +97,18 @@ def kronecker_factors(
     inputs: dict[int, Tensor] = {}
     outputs: dict[int, Tensor] = {}
 
-    def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
+    def capture(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """Keep the layer's input and output, and give the network a copy of both: an in-place
+        operation after the layer (``ReLU(inplace=True)``) then changes the copy, not what the
+        gradient is taken at."""
         if id(module) in outputs:
             raise ValueError(
                 f"kronecker_factors: a {type(module).__name__} runs twice in one forward (a shared layer); "
                 "leave its parameters out of the Kronecker blocks"
             )
-        inputs[id(module)] = args[0].detach()
+        inputs[id(module)] = args[0].detach().clone()
         outputs[id(module)] = output
+        return output.clone()
 
     a_sums_by_layer: dict[int, Tensor] = {}
     g_sums: dict[int, Tensor] = {}
@@ -155,8 +141,8 @@ def kronecker_factors(
                 grad = by_output.get(id(outputs[key]))
                 if grad is None:  # the loss does not depend on this layer's output
                     grad = torch.zeros_like(outputs[key])
-                acts = _inputs_by_position(module, inputs[key]).float()
-                grads = _grads_by_position(module, grad).float()
+                acts = inputs_by_position(module, inputs[key]).float()
+                grads = grads_by_position(module, grad).float()
                 positions = acts.shape[1]
                 acts, grads = acts.reshape(-1, acts.shape[-1]), grads.reshape(-1, grads.shape[-1])
                 _accumulate(a_sums_by_layer, key, acts.T @ acts / positions)

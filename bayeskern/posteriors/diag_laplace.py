@@ -27,6 +27,7 @@ from typing import Any
 from torch import Tensor
 
 from ..curvature import squared_gradients
+from ..curvature.rows import JacobianRows
 from ..distributed.ranks import is_rank_zero
 from ..distributed.sharding import common_mesh, element_offset, from_local_like, is_sharded, local_tensor
 from ..ops import noise
@@ -40,9 +41,11 @@ class DiagLaplace(Laplace):
 
     _fisher: dict[str, Tensor] | None = None
     _std: dict[str, Tensor] | None = None
+    _variance_cache: dict[str, Tensor] | None = None
 
     def _forget(self) -> None:
         self._std = None  # std(), computed once for all samples
+        self._variance_cache = None  # std()^2, once for all batches of the linearised predictive
 
     def _check_fit(self, mesh: Any, reduce: bool | None) -> None:
         if mesh is None:
@@ -104,11 +107,11 @@ class DiagLaplace(Laplace):
         scale = math.sqrt(self.temperature)
         return {name: (f + self.precision_of(name)).rsqrt() * scale for name, f in self._require_fisher().items()}
 
-    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+    def functional_variance(self, jacobians: JacobianRows) -> Tensor:
         """``sum_p j_p^2 T / (F_p + lambda)``."""
-        self._require_fisher()
-        variances = {name: std.square() for name, std in self.std().items()}
-        return diagonal_functional_variance(jacobians, variances)
+        if self._variance_cache is None:
+            self._variance_cache = {name: std.square() for name, std in self.std().items()}
+        return diagonal_functional_variance(jacobians, self._variance_cache)
 
     def _draw(self, name: str, index: int) -> Tensor:
         if self._std is None:

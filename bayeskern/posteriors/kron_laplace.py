@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..curvature import squared_gradients
 from ..curvature.kron import kronecker_factors, kronecker_layers
+from ..curvature.rows import JacobianRows, OuterRows, rotated_rows
 from ..distributed.ranks import is_rank_zero
 from ..ops import noise
 from .gaussian import diagonal_functional_variance
@@ -77,9 +78,10 @@ class KronLaplace(Laplace):
     _a_sums: dict[str, Tensor] | None = None  # N A per Kronecker parameter
     _diagonal: dict[str, Tensor] | None = None  # F per other parameter
     _eigen: dict[str, _Eigen] | None = None  # decompositions, from the factors (cached)
+    _variance_cache: dict[str, Tensor] | None = None  # _variances, for the current lambda and T
 
     def _forget(self) -> None:
-        pass  # the decompositions depend on neither lambda nor T
+        self._variance_cache = None  # the decompositions depend on neither lambda nor T
 
     def _check_fit(self, mesh: Any, reduce: bool | None) -> None:
         if mesh is not None:
@@ -176,9 +178,13 @@ class KronLaplace(Laplace):
         """``T / (e + lambda)``: the posterior variances of parameter ``name`` along its curvature's
         eigenvectors (an (outputs, inputs) matrix for a Kronecker block, the parameter's shape for a
         diagonal one)."""
-        eigen = self._decomposed().get(name)
-        values = self._diagonal_fisher()[name] if eigen is None else eigen.values
-        return self.temperature / (values + self.precision_of(name))
+        if self._variance_cache is None:
+            self._variance_cache = {}
+        if name not in self._variance_cache:
+            eigen = self._decomposed().get(name)
+            values = self._diagonal_fisher()[name] if eigen is None else eigen.values
+            self._variance_cache[name] = self.temperature / (values + self.precision_of(name))
+        return self._variance_cache[name]
 
     def std(self) -> dict[str, Tensor]:
         """Marginal posterior standard deviations (module docstring)."""
@@ -191,18 +197,22 @@ class KronLaplace(Laplace):
             stds[name] = variance.sqrt().to(self._map[name].dtype)
         return stds
 
-    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+    def functional_variance(self, jacobians: JacobianRows) -> Tensor:
         """Per Kronecker block, ``sum_ij (Q_G^T J Q_A)_ij^2 T / (l_G,i l_A,j + lambda)`` with J the row
-        shaped (outputs, inputs); the diagonal blocks as ``DiagLaplace``."""
+        shaped (outputs, inputs) (``OuterRows`` rotate their factors, in their own dtype); the diagonal
+        blocks as ``DiagLaplace``."""
         diagonal = {n: self._variances(n) for n in self._diagonal_fisher()}
         total = diagonal_functional_variance(jacobians, diagonal) if diagonal else None
         for name, e in self._decomposed().items():
-            shape = self._map[name].shape
-            rows = jacobians[name].double()
-            lead = rows.shape[: rows.dim() - len(shape)]
-            rows = rows.reshape(*lead, e.l_g.numel(), -1)
-            rotated = e.q_g.T @ rows @ e.q_a
-            term = (rotated.square() * self._variances(name)).sum((-2, -1))
+            rows = jacobians[name]
+            if isinstance(rows, OuterRows):
+                term = rows.rotated(e.q_g, e.q_a).weighted_square_sum(self._variances(name)).double()
+            else:
+                shape = self._map[name].shape
+                dense = rows.double()
+                lead = dense.shape[: dense.dim() - len(shape)]
+                rotated = rotated_rows(dense.reshape(*lead, e.l_g.numel(), -1), e.q_g, e.q_a)
+                term = (rotated.square() * self._variances(name)).sum((-2, -1))
             total = term if total is None else total + term
         assert total is not None, "a Laplace has at least one Bayesian parameter"
         return total

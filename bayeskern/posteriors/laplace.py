@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import OutputFn, check_classification_logits, split_batch
+from ..curvature.rows import JacobianRows
 from ..distributed.ranks import all_reduce_sum, is_distributed, rank_seed
 from ..distributed.sharding import common_mesh, forward_with, global_sum, is_sharded, local_tensor
 from ..likelihoods import LIKELIHOODS, gaussian_nll, negative_log_likelihood
@@ -195,7 +196,7 @@ class Laplace:
     def _load_curvature(self, state: Mapping[str, Any], params: Mapping[str, Tensor]) -> None:
         raise NotImplementedError
 
-    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+    def functional_variance(self, jacobians: JacobianRows) -> Tensor:
         """``j^T Sigma j`` per Jacobian row, Sigma = T (F + lambda I)^-1 (``protocol.GaussianPosterior``:
         the linearised predictive)."""
         raise NotImplementedError

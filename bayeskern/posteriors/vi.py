@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..curvature.rows import JacobianRows
 from ..distributed.sharding import global_sum, local_tensor
 from ..ops.draw import gaussian_sample_kl
 from ..ops.kl import gaussian_kl
@@ -108,6 +109,6 @@ class VI(WeightPosterior):
         """Posterior stds ``softplus(rho)`` of the Bayesian parameters."""
         return {name: F.softplus(rho.detach()) for name, _, rho in self._pairs()}
 
-    def functional_variance(self, jacobians: dict[str, Tensor]) -> Tensor:
+    def functional_variance(self, jacobians: JacobianRows) -> Tensor:
         """``sum_p j_p^2 softplus(rho_p)^2`` (``protocol.GaussianPosterior``; the linearised predictive)."""
         return diagonal_functional_variance(jacobians, {name: std.square() for name, std in self.std().items()})

@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_map
 from ..batches import OutputFn, as_call, batch_length, logits_of, move_to, split_inputs
 from ..protocol import GaussianPosterior, Posterior
 from .base import SAMPLE_CACHE_BYTES, Prediction, _batches, _entropy, _is_one_batch, _state, _warn
+from .layer_rows import LayerRows, RowsTooLarge, RowsUnavailable
 
 LINK_APPROXES = ("probit", "mc")
 JACOBIAN_BYTES = 256 << 20  # the probit path's per-example Jacobians of one chunk of examples at most this
@@ -132,6 +133,9 @@ class _Linearized:
         self.shape: tuple[int, ...] = ()  # the outputs' shape per example, as the model gives them
         self.tangents: dict[int, dict[str, Tensor]] = {}  # stacked theta_s - theta* by first sample, kept
         self.tangent_bytes = 0
+        self.by_layers = True  # the probit's rows from the layers until they fail once
+        self.layer_rows: LayerRows | None = None
+        self.rows_chunk: int | None = None  # examples per call of layer_rows, once a batch was too large
 
     def function(self, x: Any) -> Callable[[dict[str, Tensor]], Tensor]:
         """theta -> the outputs (logits or regression mean) on ``x``, shaped ``(N, outputs)``."""
@@ -146,6 +150,12 @@ class _Linearized:
         return outputs
 
     def probit(self, x: Any, noise_std: float) -> dict[str, Tensor]:
+        if self.by_layers and self._head() is None:
+            try:
+                return self._probit_fields(*self._layer_variance(x), noise_std)
+            except RowsUnavailable as error:
+                self.by_layers = False
+                _warn(f"pred_type='glm': no Jacobian rows from the layers ({error}); per-example jacrev")
         f_star, features = self._outputs_and_head_features(x)
         per_example = f_star.shape[1] * _nbytes(self.mean)  # one example's Jacobian
         if per_example > JACOBIAN_BYTES:
@@ -161,11 +171,33 @@ class _Linearized:
             chunks = split_inputs(x, examples) if batch_length(as_call(x)) > examples else [x]
             parts = [self._jacobians(part) for part in chunks]
         variance = torch.cat([self.posterior.functional_variance(j).to(f_star.dtype) for j in parts])
+        return self._probit_fields(f_star, variance, noise_std)
+
+    def _probit_fields(self, f_star: Tensor, variance: Tensor, noise_std: float) -> dict[str, Tensor]:
+        variance = variance.to(f_star.dtype)
         if not self.classification:
             shape = (-1, *self.shape)
             return {"mean": f_star.reshape(shape), "variance": (variance + noise_std**2).reshape(shape)}
         probs = torch.softmax(f_star / torch.sqrt(1 + math.pi / 8 * variance), dim=-1)
         return {"probs": probs, "entropy": _entropy(probs)}
+
+    def _layer_variance(self, x: Any) -> tuple[Tensor, Tensor]:
+        """The outputs at theta* and ``J Sigma J^T``'s diagonal from the layers' rows (``layer_rows.py``),
+        ``rows_chunk`` examples at a time once a batch's rows took more than ``JACOBIAN_BYTES``."""
+        if self.layer_rows is None:
+            self.layer_rows = LayerRows(self.posterior.model, self.base, self.mean)
+        count = batch_length(as_call(x))
+        chunks = split_inputs(x, self.rows_chunk) if self.rows_chunk and count > self.rows_chunk else [x]
+        outputs, variances = [], []
+        for part in chunks:
+            try:
+                f_star, rows = self.layer_rows(self.function(part), part, batch_length(as_call(part)), JACOBIAN_BYTES)
+            except RowsTooLarge as error:
+                self.rows_chunk = max(1, JACOBIAN_BYTES // error.per_example)
+                return self._layer_variance(x)
+            outputs.append(f_star)
+            variances.append(self.posterior.functional_variance(rows))
+        return torch.cat(outputs), torch.cat(variances)
 
     def _head(self) -> tuple[str, nn.Linear] | None:
         """The name prefix and the ``nn.Linear`` whose weight (and bias, if it has one) are exactly the

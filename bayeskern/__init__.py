@@ -10,9 +10,11 @@ from types import ModuleType as _ModuleType
 
 from . import distributed, metrics, ops
 from .posteriors import (
+    IVON,
     VI,
     BayesSGLD,
     DiagLaplace,
+    DiagonalGaussian,
     GaussianPrior,
     KronLaplace,
     Laplace,
@@ -26,9 +28,11 @@ from .predictive import Prediction, predict
 __version__ = "0.1.0"
 
 __all__ = [
+    "IVON",
     "VI",
     "BayesSGLD",
     "DiagLaplace",
+    "DiagonalGaussian",
     "GaussianPrior",
     "KronLaplace",
     "Laplace",

@@ -3,6 +3,8 @@ CLI treat them alike."""
 
 from ..protocol import Posterior
 from .diag_laplace import DiagLaplace
+from .diagonal_gaussian import DiagonalGaussian
+from .ivon import IVON
 from .kron_laplace import KronLaplace
 from .laplace import Laplace
 from .mc_dropout import MCDropout
@@ -13,9 +15,11 @@ from .sgld import BayesSGLD
 from .vi import VI
 
 __all__ = [
+    "IVON",
     "VI",
     "BayesSGLD",
     "DiagLaplace",
+    "DiagonalGaussian",
     "GaussianPrior",
     "KronLaplace",
     "Laplace",

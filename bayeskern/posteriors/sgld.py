@@ -46,15 +46,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..distributed.ranks import shared_seed
-from ..distributed.sharding import element_offset, is_sharded, local_tensor, shard_like
+from ..distributed.sharding import element_offset, is_sharded, local_tensor
 from ..ops import philox
 from ..ops.sgld import check_hyperparameters, first_nonfinite, sgld
 from ..validation import check_count
-from .prior import PRIOR_MEANS, matches, new_param_patterns
+from .group_prior import check_group_prior, group_prior_means
 
 _PRECONDITIONERS = (None, "rmsprop")
 _NONFINITE = ("raise", "skip")
-_MEAN_KINDS = (*PRIOR_MEANS, "given")  # what a group records of its prior mean once placed
 
 
 class BayesSGLD(Optimizer):
@@ -145,7 +144,7 @@ class BayesSGLD(Optimizer):
         _check_group(group)
         self._check_sharding(group)
         first = 0 if own_mean else self._num_params
-        means = _prior_means(group, first)
+        means = group_prior_means(group, first)
         group["prior_mean"] = group["prior_mean"] if isinstance(group["prior_mean"], str) else "given"
         group.setdefault("step", 0)
         group.setdefault("skipped_steps", 0)
@@ -280,63 +279,7 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**63))")
     if group["foreach"] and group["fused"]:
         raise ValueError("Invalid foreach/fused: foreach=True and fused=True cannot be used together")
-    mean = group["prior_mean"]
-    if isinstance(mean, str):
-        if mean not in _MEAN_KINDS:
-            raise ValueError(
-                f"Invalid prior_mean: {mean!r} (must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors)"
-            )
-    elif not isinstance(mean, (Mapping, list, tuple)):
-        raise ValueError(
-            f"Invalid prior_mean: {mean!r} (must be one of {PRIOR_MEANS}, a mapping or a sequence of tensors)"
-        )
-    group["new_params"] = new_param_patterns(group["new_params"])
-
-
-def _names(group: dict[str, Any], why: str) -> list[str]:
-    names: list[str] | None = group.get("param_names")
-    if names is None:
-        raise ValueError(f"{why} needs named parameters: pass model.named_parameters() (or param groups with them)")
-    return names
-
-
-def _prior_means(group: dict[str, Any], first: int) -> list[Tensor | None]:
-    """The prior mean of each parameter of a new group (None: zero, or already in the state);
-    ``first`` indexes a constructor-level sequence spec."""
-    spec, params = group["prior_mean"], group["params"]
-    fresh = [False] * len(params)
-    if group["new_params"]:
-        fresh = [matches(name, group["new_params"]) for name in _names(group, "new_params")]
-    if isinstance(spec, str):
-        if spec != "pretrained":  # "zero", or "given": a group restored from a state dict
-            return [None] * len(params)
-        means = [p.detach().clone(memory_format=torch.preserve_format) for p in params]  # DTensors: sharded alike
-    elif isinstance(spec, Mapping):
-        means = []
-        for name, p in zip(_names(group, "a mapping prior_mean"), params):
-            if name not in spec and not matches(name, group["new_params"]):
-                raise ValueError(
-                    f"prior_mean has no entry for parameter {name!r} (list it in new_params for mean zero)"
-                )
-            means.append(spec.get(name, p))
-        means = [_checked_mean(m, p, f" {n!r}") for m, p, n in zip(means, params, group["param_names"])]
-    else:
-        if first + len(params) > len(spec):
-            raise ValueError(
-                f"prior_mean has {len(spec)} tensors but there are at least {first + len(params)} parameters"
-            )
-        means = [_checked_mean(spec[i], p, f"[{i}]") for i, p in enumerate(params, start=first)]
-    # a zero mean among given ones is stored as zeros, so the group's means stay one per parameter
-    return [torch.zeros_like(m) if new else m for m, new in zip(means, fresh)]
-
-
-def _checked_mean(mean: Any, param: Tensor, where: str) -> Tensor:
-    if not isinstance(mean, Tensor) or mean.shape != param.shape:
-        shape = tuple(mean.shape) if isinstance(mean, Tensor) else type(mean).__name__
-        raise ValueError(f"prior_mean{where} has shape {shape} but its parameter has shape {tuple(param.shape)}")
-    if is_sharded(param) and not is_sharded(mean):  # a full mean: this rank keeps its shard
-        return shard_like(mean.detach().to(device=param.device, dtype=param.dtype), param).clone()
-    return mean.detach().to(device=param.device, dtype=param.dtype).clone(memory_format=torch.preserve_format)
+    check_group_prior(group)
 
 
 def _describe(group: dict[str, Any], index: int, group_index: int) -> str:

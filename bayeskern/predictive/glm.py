@@ -23,10 +23,13 @@ model runs in eval mode, so example n's outputs depend on example n alone).
   model returns that layer's output as it is, ``d f_c / d W[c', h] = [c = c'] phi_h`` with phi the
   layer's input: the Jacobians come from one forward pass, with no autodiff.
 
-Cost: the probit path forms the per-example Jacobians (``vmap`` over the examples of ``jacrev``: one
-backward pass per output), holding at most ``JACOBIAN_BYTES`` of them at once; one example's
-Jacobian larger than that raises.  For a model with many Bayesian weights and many outputs the MC
-link, one forward-mode product per sample, is the path.
+Cost: the probit path takes the rows of J from the layers that own the Bayesian tensors
+(``layer_rows.py``: one forward, one input-gradient pass per output, and per layer the products of
+``curvature.rows.OuterRows``), at most ``JACOBIAN_BYTES`` of them at once.  Where the layers cannot
+give them (a tied weight, a module run twice; a warning says why) it forms the per-example
+Jacobians (``vmap`` over the examples of ``jacrev``), at most ``JACOBIAN_BYTES`` at once; one
+example's Jacobian larger than that raises.  For many outputs the MC link, one forward-mode product
+per sample, is the path.
 A sharded posterior has no linearised predictive (``pred_type="nn"`` serves it).  Attention
 (``scaled_dot_product_attention``) runs its math kernel here: the fused CPU and GPU kernels have no
 forward-mode derivative and no batching rule for their backward.

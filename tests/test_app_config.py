@@ -75,6 +75,7 @@ BAD = [
     (["--method", ","], "unknown method ','"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--sgld-thin", "0"], "--sgld-thin must be at least 1"),
+    (["--ivon-epochs", "0"], "--ivon-epochs must be at least 1"),
     (["--dropout-p", "1.5"], "--dropout-p must be in [0, 1)"),
     (["--sgld-burnin", "1"], "--sgld-burnin must be in [0, 1)"),
     (["--study", "temperature"], "unknown --study 'temperature'"),

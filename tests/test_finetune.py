@@ -166,13 +166,13 @@ def test_laplace_searches_prior_precisions_upward_from_the_prior(tmp_path, monke
 
 
 def test_resume_after_interruption_gives_the_same_metrics(tmp_path):
-    args = ("--method", "vanilla,vi,mc_dropout,sgld")
+    args = ("--method", "vanilla,vi,mc_dropout,sgld,ivon")
     assert _run(tmp_path, *args, name="whole") == 0
     assert _run(tmp_path, *args, "--stop-after-epoch", "1", name="cut") == 3
     assert _run(tmp_path, *args, "--resume", name="cut") == 0
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["methods"]
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())["methods"]
-    for method in ("vanilla", "vi", "mc_dropout", "sgld"):
+    for method in ("vanilla", "vi", "mc_dropout", "sgld", "ivon"):
         assert whole[method]["test"] == pytest.approx(resumed[method]["test"], rel=1e-6, abs=1e-9), method
 
 

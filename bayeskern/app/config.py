@@ -93,6 +93,10 @@ class RunConfig:
     sgld_temperature: float
     sgld_burnin: float
     sgld_thin: int
+    ivon_epochs: int | None
+    ivon_lr: float
+    ivon_hess_init: float
+    ivon_temperature: float
     laplace_prior_precision: float
     laplace_fisher: str
     laplace_params: str | None
@@ -117,6 +121,8 @@ class RunConfig:
         for name in _AT_LEAST_ONE:
             if values[name] < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if values["ivon_epochs"] is not None and values["ivon_epochs"] < 1:
+            raise UsageError("--ivon-epochs must be at least 1")
         if not 0 <= values["dropout_p"] < 1:
             raise UsageError("--dropout-p must be in [0, 1)")
         if not 0 <= values["sgld_burnin"] < 1:

@@ -37,6 +37,7 @@ an unsharded copy that rank 0 evaluates as without ``--fsdp``.
 from __future__ import annotations
 
 from .base import Method
+from .ivon import IVONMethod
 from .kron_laplace import KronLaplaceMethod
 from .laplace import Laplace
 from .mc_dropout import MCDropoutMethod
@@ -45,7 +46,8 @@ from .vanilla import Vanilla
 from .vi import VariationalInference
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (Vanilla, VariationalInference, MCDropoutMethod, SGLD, Laplace, KronLaplaceMethod)
+    method.name: method
+    for method in (Vanilla, VariationalInference, MCDropoutMethod, SGLD, Laplace, KronLaplaceMethod, IVONMethod)
 }
 """The registry ``--method`` reads (``all`` runs those with ``in_all``, in this order)."""
 

@@ -213,12 +213,12 @@ def test_lora_trains_only_the_adapters_and_the_head_on_json(tmp_path, model_dir)
         "--lora-targets",
         "q_proj,v_proj",
         "--method",
-        "vanilla,vi,mc_dropout,sgld,laplace,kron_laplace",
+        "vanilla,vi,mc_dropout,sgld,laplace,kron_laplace,ivon",
         name="lora",
     )
     assert code == 0
     saved = load_file(str(model_dir / "model.safetensors"))
-    for method in ("vanilla", "sgld"):
+    for method in ("vanilla", "sgld", "ivon"):
         state = _checkpoint_state(tmp_path / "lora", method)["model"]
         base = {k: v for k, v in state.items() if "lora_" not in k and "score" not in k}
         assert base and all(torch.equal(v, saved[_base_name(k)]) for k, v in base.items()), method

@@ -153,13 +153,17 @@ class _Linearized:
         return outputs
 
     def probit(self, x: Any, noise_std: float) -> dict[str, Tensor]:
-        if self.by_layers and self._head() is None:
+        """The closed form, by the cheapest path that applies: the head's features (last layer), the
+        layers' rows, the per-example Jacobians."""
+        f_star, features = self._outputs_and_head_features(x) if self._head() is not None else (None, None)
+        if features is None and self.by_layers:
             try:
                 return self._probit_fields(*self._layer_variance(x), noise_std)
             except RowsUnavailable as error:
                 self.by_layers = False
                 _warn(f"pred_type='glm': no Jacobian rows from the layers ({error}); per-example jacrev")
-        f_star, features = self._outputs_and_head_features(x)
+        if f_star is None:
+            f_star = self.function(x)(self.mean)
         per_example = f_star.shape[1] * _nbytes(self.mean)  # one example's Jacobian
         if per_example > JACOBIAN_BYTES:
             raise ValueError(

@@ -136,6 +136,7 @@ class _Linearized:
         self.shape: tuple[int, ...] = ()  # the outputs' shape per example, as the model gives them
         self.tangents: dict[int, dict[str, Tensor]] = {}  # stacked theta_s - theta* by first sample, kept
         self.tangent_bytes = 0
+        self.head = self._head()  # the nn.Linear whose tensors are the Bayesian ones, if there is one
         self.by_layers = True  # the probit's rows from the layers until they fail once
         self.layer_rows: LayerRows | None = None
         self.rows_chunk: int | None = None  # examples per call of layer_rows, once a batch was too large
@@ -155,7 +156,7 @@ class _Linearized:
     def probit(self, x: Any, noise_std: float) -> dict[str, Tensor]:
         """The closed form, by the cheapest path that applies: the head's features (last layer), the
         layers' rows, the per-example Jacobians."""
-        f_star, features = self._outputs_and_head_features(x) if self._head() is not None else (None, None)
+        f_star, features = self._outputs_and_head_features(x) if self.head is not None else (None, None)
         if features is None and self.by_layers:
             try:
                 return self._probit_fields(*self._layer_variance(x), noise_std)
@@ -220,7 +221,7 @@ class _Linearized:
         """The outputs at theta* on ``x``, and the head's inputs (N, features) when the Bayesian tensors
         are one ``nn.Linear``'s that ran once on (N, features) and whose output is the model's, as it is
         (else None: the Jacobian then comes from ``_jacobians``)."""
-        head = self._head()
+        head = self.head
         if head is None:
             return self.function(x)(self.mean), None
         calls: list[tuple[Tensor, Tensor]] = []
@@ -239,7 +240,7 @@ class _Linearized:
     def _head_jacobians(self, features: Tensor, outputs: int) -> dict[str, Tensor]:
         """The per-example Jacobians of a last layer ``f = W phi + b``: ``d f_c / d W[c', h] = [c = c'] phi_h``
         and ``d f_c / d b[c'] = [c = c']``, ``(N, outputs, *shape)`` per name."""
-        head = self._head()
+        head = self.head
         assert head is not None, "the last-layer path found one"
         prefix = f"{head[0]}." if head[0] else ""
         eye = torch.eye(outputs, dtype=features.dtype, device=features.device)

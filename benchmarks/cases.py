@@ -145,10 +145,12 @@ def measure(
     impl: str,
     name: str,
     timed_setup: Callable[[], Step] | None = None,
+    baseline: str = "deterministic",
     **info,
 ) -> None:
     """Peak memory of the case built by ``setup`` (which also warms it up), then the time of its
-    step (or of the one ``timed_setup`` builds, where memory is tracked on a different step)."""
+    step (or of the one ``timed_setup`` builds, where memory is tracked on a different step); the
+    group's ratios are against the implementation named ``baseline``."""
     net = model(name, device.type)
     net.zero_grad(set_to_none=True)  # gradients left by an earlier case would lower the peak
     peak, step = peak_bytes(device, setup)
@@ -163,7 +165,7 @@ def measure(
         benchmark,
         group,
         impl,
-        baseline=impl == "deterministic",
+        baseline=impl == baseline,
         model=name,
         batch_size=batch_size(name),
         params=sum(p.numel() for p in net.parameters()),

@@ -3,8 +3,9 @@
 # CUDA extension where nvcc is found) and the op benchmarks at 16M and 256M elements, with each
 # kernel's bandwidth as a fraction of a device-to-device copy, plus the fused training draws over
 # ResNet-50's parameters; the diagonal-Fisher fit against the per-example loop and vmap (ResNet-50,
-# ViT-B/16, batch 64, at most BAYESKERN_BENCH_LAPLACE_TIMEOUT s); the JSON and the markdown tables
-# land in the results folder.  Then the overhead suite (test_bench_methods.py, and the peer libraries
+# ViT-B/16, batch 64, at most BAYESKERN_BENCH_LAPLACE_TIMEOUT s); the K-FAC fit and GLM predictive;
+# IVON's training step and optimizer against AdamW (test_bench_ivon.py, the overhead suite's models,
+# at most BAYESKERN_BENCH_IVON_TIMEOUT s); the JSON and the markdown tables land in the results folder.  Then the overhead suite (test_bench_methods.py, and the peer libraries
 # where installed) on ResNet-50 and ViT-B/16 at 224 px, batch 64, bf16 autocast, predict compiled;
 # two pytest runs per model (JSON + table each) under time limits (BAYESKERN_BENCH_RUN_TIMEOUT per run,
 # BAYESKERN_BENCH_METHODS_BUDGET for all), so a slow model cannot sink the rest.
@@ -49,7 +50,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   RUN_TIMEOUT=${BAYESKERN_BENCH_RUN_TIMEOUT:-130} METHODS_BUDGET=${BAYESKERN_BENCH_METHODS_BUDGET:-270}
   echo "== op tests on CUDA tensors"
   BAYESKERN_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
-    tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_draw.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py \
+    tests/test_philox.py tests/test_ops_sample.py tests/test_ops_dropout.py tests/test_ops_draw.py tests/test_ops_compile.py tests/test_sgld.py tests/test_fisher.py tests/test_ops_ivon.py tests/test_ivon.py \
     2>&1 | tee "$RESULTS/ops-tests-cuda-$STAMP.log"
 else
   DEVICE=cpu
@@ -80,6 +81,13 @@ BAYESKERN_BENCH_DEVICE=$DEVICE timeout "${BAYESKERN_BENCH_KRON_TIMEOUT:-120}" $P
   --benchmark-only --benchmark-json="$JSON" >"$RESULTS/kron-glm-bench-$DEVICE-$STAMP.log" 2>&1 \
   && $PY benchmarks/report.py "$JSON" | tee "$RESULTS/kron-glm-$DEVICE-$STAMP.md" \
   || { tail -30 "$RESULTS/kron-glm-bench-$DEVICE-$STAMP.log"; [ "$DEVICE" = cuda ] || exit 1; }
+
+JSON="$RESULTS/ivon-$DEVICE-$STAMP.json"
+echo "== IVON against AdamW on $DEVICE: training step and optimizer ($BAYESKERN_BENCH_MODELS)"
+BAYESKERN_BENCH_DEVICE=$DEVICE timeout "${BAYESKERN_BENCH_IVON_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_ivon.py \
+  --benchmark-only --benchmark-json="$JSON" >"$RESULTS/ivon-bench-$DEVICE-$STAMP.log" 2>&1 \
+  && $PY benchmarks/report.py "$JSON" | tee "$RESULTS/ivon-$DEVICE-$STAMP.md" \
+  || { tail -30 "$RESULTS/ivon-bench-$DEVICE-$STAMP.log"; [ "$DEVICE" = cuda ] || exit 1; }
 
 PEERS=()
 for module in bayesian_torch ivon laplace; do

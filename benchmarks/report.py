@@ -22,7 +22,8 @@ With JSON arguments it prints (or writes to ``--out``) their tables, as the devi
 Per group (``extra_info["group"]``) every implementation is compared with the group's baseline
 (``extra_info["baseline"]``, measured in the same run): ``time / baseline`` (below 1 is faster)
 and ``speed-up`` (baseline / time); where both record ``extra_info["peak_bytes"]``, also
-``peak memory / baseline``; an ``extra_info["interleaved_ratio"]`` goes in the notes.  Where
+``peak memory / baseline``; an ``extra_info["interleaved_ratio"]`` and an ``extra_info["state_ratio"]``
+(an optimizer's persistent state over the baseline's) go in the notes.  Where
 ``extra_info["bytes"]`` is given and the group has a ``clone`` entry, bandwidth is reported as a
 fraction of the clone's bytes/s.  The header names the
 machine, the accelerator and the torch version recorded in the JSON.
@@ -79,6 +80,8 @@ def _extras(entry: dict, bandwidth: float | None) -> str:
             notes.append(f"{key.replace('_', ' ')} {info[key] / 2**20:.1f} MiB")
     if "interleaved_ratio" in info:
         notes.append(f"{info['interleaved_ratio']:.2f}x timed interleaved with the baseline")
+    if "state_ratio" in info:
+        notes.append(f"optimizer state {info['state_ratio']:.2f}x the baseline's")
     return "; ".join(notes)
 
 

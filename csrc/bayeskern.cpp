@@ -14,6 +14,12 @@ TORCH_LIBRARY(bayeskern_cpp, m) {
   m.def("fill_uniform_(Tensor(a!) out, int seed, int offset, int stream) -> Tensor(a!)");
   m.def(
       "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] prior_means, Tensor(b!)[] square_avgs, float lr, float prior_precision, float noise_scale, float alpha, float eps, int seed, int step, int[] offsets) -> ()");
+  m.def(
+      "ivon_draw_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor[] hesses, float ess, float delta, int seed, int stream, int[] offsets) -> ()");
+  m.def(
+      "ivon_collect_(Tensor[] grads, Tensor(a!)[] grad_sums, Tensor(b!)[] grad_eps_sums, bool accumulate, int seed, int stream, int[] offsets) -> ()");
+  m.def(
+      "ivon_update_(Tensor(a!)[] params, Tensor(b!)[] momenta, Tensor(c!)[] hesses, Tensor[] grad_sums, Tensor[] grad_eps_sums, Tensor[] prior_means, float lr, float ess, float delta, float beta1, float beta2, float bias_correction, float clip_radius, float scale) -> ()");
   m.def("gaussian_kl(Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> Tensor");
   m.def(
       "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, Tensor? prior_mean, float prior_std) -> (Tensor, Tensor)");

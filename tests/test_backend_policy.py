@@ -22,8 +22,9 @@ NOISE_OPS = (
     "fill_uniform_",
 )
 DRAW_OPS = ("gaussian_sample_kl", "gaussian_sample_kl_backward", "weight_dropout_l2", "weight_dropout_l2_backward")
+IVON_OPS = ("ivon_draw_", "ivon_collect_", "ivon_update_")
 KL_OPS = ("gaussian_kl", "gaussian_kl_backward")
-OP_MODULES = ("draw", "dropout", "fisher", "kl", "noise", "sample", "sgld")
+OP_MODULES = ("draw", "dropout", "fisher", "ivon", "kl", "noise", "sample", "sgld")
 
 
 def _like(op: str, dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -55,7 +56,8 @@ def cpp_on_cpu():
 
 # -- the table --------------------------------------------------------------------------------------
 def test_table_covers_every_op_and_names_known_backends_and_devices():
-    assert set(POLICY) == {*NOISE_OPS, *DRAW_OPS, *KL_OPS, "sgld_step_", "first_nonfinite", "sq_grad_accumulate"}
+    others = {"sgld_step_", "first_nonfinite", "sq_grad_accumulate", *IVON_OPS}
+    assert set(POLICY) == {*NOISE_OPS, *DRAW_OPS, *KL_OPS, *others}
     for op, policy in POLICY.items():
         assert set(policy.kernels) <= {"triton", "cpp"}, op
         assert all(set(devices) <= {"cpu", "cuda"} for devices in policy.kernels.values()), op
@@ -104,19 +106,21 @@ def test_environment_variable_forces_like_use_backend(monkeypatch, serving):
         assert backend_for("gaussian_sample", _like("gaussian_sample")) == "cpp"
 
 
-@pytest.mark.parametrize("op", [*NOISE_OPS, *DRAW_OPS, *KL_OPS, "sgld_step_", "first_nonfinite"])
+@pytest.mark.parametrize("op", [*NOISE_OPS, *DRAW_OPS, *KL_OPS, *IVON_OPS, "sgld_step_", "first_nonfinite"])
 def test_cpu_float32_runs_cpp_when_the_extension_loads(op, cpp_on_cpu):
     assert backend_for(op, _like(op)) == "cpp"
 
 
-@pytest.mark.parametrize("op", [*NOISE_OPS, *DRAW_OPS, "sgld_step_", "first_nonfinite"])
+@pytest.mark.parametrize("op", [*NOISE_OPS, *DRAW_OPS, *IVON_OPS, "sgld_step_", "first_nonfinite"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_half_precision_runs_cpp_except_the_kl(op, dtype, cpp_on_cpu):
     assert backend_for(op, _like(op, dtype)) == "cpp"
     assert backend_for("gaussian_kl", _like("gaussian_kl", dtype)) == "reference"
 
 
-@pytest.mark.parametrize("op", [*NOISE_OPS, *DRAW_OPS, *KL_OPS, "sgld_step_", "first_nonfinite", "sq_grad_accumulate"])
+@pytest.mark.parametrize(
+    "op", [*NOISE_OPS, *DRAW_OPS, *KL_OPS, *IVON_OPS, "sgld_step_", "first_nonfinite", "sq_grad_accumulate"]
+)
 def test_cpu_without_the_extension_runs_the_reference(op, serving):
     serving("triton")  # the interpreter is never chosen automatically
     assert backend_for(op, _like(op)) == "reference"
@@ -124,12 +128,12 @@ def test_cpu_without_the_extension_runs_the_reference(op, serving):
 
 def test_cuda_prefers_triton_then_cpp(serving):
     serving("triton", "cpp")
-    for op in (*NOISE_OPS, *DRAW_OPS, "sgld_step_", "sq_grad_accumulate"):
+    for op in (*NOISE_OPS, *DRAW_OPS, *IVON_OPS, "sgld_step_", "sq_grad_accumulate"):
         assert backend_for(op, _fake_cuda(op)) == "triton", op
     for op in (*KL_OPS, "first_nonfinite"):  # C++ CPU kernels only
         assert backend_for(op, _fake_cuda(op)) == "reference", op
     serving("cpp")
-    for op in (*NOISE_OPS, "sgld_step_"):
+    for op in (*NOISE_OPS, *IVON_OPS, "sgld_step_"):
         assert backend_for(op, _fake_cuda(op)) == "cpp", op
     for op in (*DRAW_OPS, "sq_grad_accumulate"):  # no CUDA kernel in the C++ build: per-tensor ops / reference
         assert backend_for(op, _fake_cuda(op)) == "reference", op

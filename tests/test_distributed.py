@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bayeskern.posteriors.weight_posterior as weight_posterior
 from bayeskern import distributed
 from bayeskern.app.config import ALL_METHODS
-from bayeskern.posteriors import VI, BayesSGLD, DiagLaplace, KronLaplace, MCDropout, SampleBank
+from bayeskern.posteriors import IVON, VI, BayesSGLD, DiagLaplace, KronLaplace, MCDropout, SampleBank
 
 pytestmark = pytest.mark.slow  # spawns process groups
 
@@ -101,6 +101,46 @@ def test_sgld_replicas_identical_and_match_single_process(tmp_path: Path) -> Non
         opt.step()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(results[0]["params"][name], value, rtol=1e-5, atol=1e-6)
+
+
+# -- IVON --------------------------------------------------------------------------------------
+def _ivon_run(model: nn.Module, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], seed: int | None) -> IVON:
+    """IVON over ``model`` for STEPS steps of two samples each on ``batches(step)``."""
+    opt = IVON(model.parameters(), lr=0.05, num_data=64, train_samples=2, seed=seed)
+    for step in range(STEPS):
+        x, y = batches(step)
+        for _ in range(opt.train_samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+def _ivon_job(rank: int) -> dict:
+    x, y = _data()
+    model = _model()
+    ddp = DDP(model)
+    opt = _ivon_run(ddp, lambda step: (_shard(x, step, rank), _shard(y, step, rank)), seed=None)
+    return {"params": model.state_dict(), "std": opt.std(), "seed": opt.seed}
+
+
+def test_ivon_under_ddp_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """The ranks share the sample (one seed, broadcast when drawn), so DDP's averaged gradient times
+    eps is the global batch's Hessian estimate: the run is the single-process run on the global batch."""
+    results = _spawn(_ivon_job, tmp_path)
+    assert results[0]["seed"] == results[1]["seed"]
+    for name, value in results[0]["params"].items():
+        assert torch.equal(value, results[1]["params"][name]), f"replicas drifted apart in {name}"
+    x, y = _data()
+    model = _model()
+    opt = _ivon_run(
+        model, lambda s: (x[s * BATCH : (s + 1) * BATCH], y[s * BATCH : (s + 1) * BATCH]), results[0]["seed"]
+    )
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(results[0]["params"][name], value, rtol=1e-5, atol=1e-6)
+    for got, want in zip(results[0]["std"], opt.std()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 # -- Laplace -----------------------------------------------------------------------------------
@@ -251,54 +291,35 @@ def test_weight_posteriors_under_ddp(
 
 
 # -- bayeskern-finetune under torchrun ---------------------------------------------------------
-def test_finetune_under_torchrun(tmp_path: Path) -> None:
-    """Every method trains on 2 gloo ranks; rank 0 alone logs, prints and writes the outputs."""
+def _torchrun_finetune(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
+    """``bayeskern-finetune`` on 2 gloo ranks, tiny settings plus ``options``; outputs in tmp_path/run."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CLI as users run it on CPU
     env["OMP_NUM_THREADS"] = "1"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(WORLD),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        "-m",
-        "bayeskern.finetune",
-        "--epochs",
-        "2",
-        "--pretrain-epochs",
-        "1",
-        "--sgld-epochs",
-        "2",
-        "--dropout-epochs",
-        "2",
-        "--sgld-thin",
-        "1",
-        "--batch-size",
-        "32",
-        "--num-samples",
-        "2",
-        "--image-size",
-        "8",
-        "--quiet",
-        "--laplace-params",
-        "last_layer",
-        "--out",
-        str(tmp_path),
-        "--name",
-        "run",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1"]
+    tiny = ["--epochs", "2", "--pretrain-epochs", "1", "--batch-size", "32", "--num-samples", "2", "--image-size", "8"]
+    outputs = ["--quiet", "--out", str(tmp_path), "--name", "run"]
+    command = [sys.executable, *launcher, "--master_port", str(port), "-m", "bayeskern.finetune", *tiny, *options]
+    done = subprocess.run([*command, *outputs], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_finetune_under_torchrun(tmp_path: Path) -> None:
+    """Every method trains on 2 gloo ranks; rank 0 alone logs, prints and writes the outputs."""
+    options = ["--sgld-epochs", "2", "--dropout-epochs", "2", "--sgld-thin", "1", "--laplace-params", "last_layer"]
+    done = _torchrun_finetune(tmp_path, *options)
     methods = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
     assert set(methods) == set(ALL_METHODS)
     logged = [json.loads(line)["method"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     trained = [m for m in ALL_METHODS if m != "laplace"]  # Laplace trains no epochs
     assert sorted(logged) == sorted(trained * 2)  # 2 epochs each, logged once (not once per rank)
     assert done.stdout.count("| vanilla |") == 1
+
+
+def test_ivon_finetunes_under_torchrun(tmp_path: Path) -> None:
+    done = _torchrun_finetune(tmp_path, "--method", "ivon")
+    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]) == {"ivon"}
+    assert done.stdout.count("| ivon |") == 1

@@ -13,6 +13,7 @@ from .dropout import reference_weight_dropout, weight_dropout
 from .extension import release_cached_memory
 from .fisher import reference_sq_grad_accumulate, sq_grad_accumulate
 from .host_memory import retain_freed_memory
+from .ivon import ivon_collect_, ivon_draw_, ivon_update_
 from .kl import gaussian_kl, reference_gaussian_kl
 from .sample import gaussian_sample, reference_gaussian_sample
 from .sgld import first_nonfinite, reference_sgld_step_, sgld, sgld_step_
@@ -24,6 +25,9 @@ __all__ = [
     "gaussian_kl",
     "gaussian_sample",
     "gaussian_sample_kl",
+    "ivon_collect_",
+    "ivon_draw_",
+    "ivon_update_",
     "noise",
     "philox",
     "reference_gaussian_kl",

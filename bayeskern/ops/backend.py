@@ -155,6 +155,7 @@ class OpPolicy:
 _ANY = ("cpu", "cuda")
 _NOISE = OpPolicy({"triton": _ANY, "cpp": _ANY}, triton_module="noise")
 _FUSED_DRAW = OpPolicy({"triton": _ANY, "cpp": ("cpu",)}, accepts=_fused_draw_accepts, triton_module="draw")
+_IVON = OpPolicy({"triton": _ANY, "cpp": _ANY}, triton_module="ivon")
 _KL = OpPolicy({"cpp": ("cpu",)}, dtypes=(torch.float32,), accepts=_kl_accepts)
 
 POLICY: dict[str, OpPolicy] = {
@@ -168,6 +169,10 @@ POLICY: dict[str, OpPolicy] = {
     # the fused SGLD / pSGLD update (``sgld.py``) and its gradient check (C++ CPU scan, else aminmax)
     "sgld_step_": OpPolicy({"triton": _ANY, "cpp": _ANY}, triton_module="sgld"),
     "first_nonfinite": OpPolicy({"cpp": ("cpu",)}, accepts=_dense_kernel_tensors),
+    # IVON's fused draw, gradient collection and update (``ivon.py``)
+    "ivon_draw_": _IVON,
+    "ivon_collect_": _IVON,
+    "ivon_update_": _IVON,
     # the fused training draws (``draw.py``): Triton, or the C++ CPU kernels (the CUDA build has none)
     "gaussian_sample_kl": _FUSED_DRAW,
     "gaussian_sample_kl_backward": _FUSED_DRAW,

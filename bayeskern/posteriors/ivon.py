@@ -38,8 +38,9 @@ from torch.optim import Optimizer
 from ..batches import OutputFn
 from ..distributed.ranks import seed_or_shared
 from ..distributed.sharding import is_sharded
-from ..ops import noise, philox
-from ..ops.ivon import posterior_std, reference_ivon_update_
+from ..ops import philox
+from ..ops.ivon import ivon_collect_, ivon_draw_, ivon_update_, posterior_std, sum_dtype
+from ..ops.sgld import first_nonfinite
 from ..validation import check_count, check_positive
 from .diagonal_gaussian import DiagonalGaussian
 from .group_prior import check_group_prior, group_prior_means
@@ -65,6 +66,9 @@ class IVON(Optimizer):
         rescale_lr: scale lr by (h0 + delta).
         train_samples: K >= 1, the samples per step ``step(closure)`` draws (and a loop should).
         seed: Philox key of the samples (None: drawn on rank 0 and broadcast).
+        foreach: use the ``torch._foreach`` implementation of the ops (float32 maths, Philox noise tensors).
+        fused: use the fused kernels of ``bayeskern.ops.ivon`` (the default: the C++ SIMD kernels on CPU,
+            Triton or CUDA on GPU).  ``foreach=False, fused=False`` runs the single-tensor reference.
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class IVON(Optimizer):
         rescale_lr: bool = True,
         train_samples: int = 1,
         seed: int | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -97,6 +103,8 @@ class IVON(Optimizer):
             beta2=beta2,
             clip_radius=clip_radius,
             rescale_lr=rescale_lr,
+            foreach=foreach,
+            fused=fused,
         )
         _check_group(defaults)
         self.train_samples = check_count(train_samples, "train_samples", 1)
@@ -135,9 +143,6 @@ class IVON(Optimizer):
         """``ess = N / T`` and ``delta = 1 / (N sp^2)``."""
         return group["num_data"] / group["temperature"], 1.0 / (group["num_data"] * group["prior_std"] ** 2)
 
-    def _eps(self, p: Tensor, stream: int) -> Tensor:
-        return noise.normal(p.shape, self.seed, self.state[p]["offset"], stream=stream, device=p.device)
-
     @contextmanager
     def sampled_params(self, train: bool = False) -> Iterator[None]:
         """Put a posterior sample ``m + sigma eps`` in the parameters for the block, and m back after it.
@@ -148,51 +153,68 @@ class IVON(Optimizer):
         if self._sampling:
             raise RuntimeError("IVON.sampled_params: already inside a sampled_params block")
         self._sampling = True
-        kept: list[tuple[Tensor, Tensor, int]] = []  # parameter, m, stream
+        kept: list[tuple[dict[str, Any], list[Tensor], int]] = []  # group, its m, stream
         try:
-            with torch.no_grad():
-                for group in self.param_groups:
-                    ess, delta = self._scales(group)
-                    stream = group["draws"]
-                    group["draws"] += 1
-                    for p in group["params"]:
-                        kept.append((p, p.detach().clone(), stream))
-                        sigma = posterior_std(self.state[p]["hess"], ess, delta)
-                        p.add_((sigma * self._eps(p, stream)).to(p.dtype))
+            for group in self.param_groups:
+                ess, delta = self._scales(group)
+                params = group["params"]
+                means = [torch.empty_like(p) for p in params]
+                kept.append((group, means, group["draws"]))
+                ivon_draw_(
+                    [p.detach() for p in params],
+                    means,
+                    [self.state[p]["hess"] for p in params],
+                    ess=ess,
+                    delta=delta,
+                    seed=self.seed,
+                    stream=group["draws"],
+                    offsets=[self.state[p]["offset"] for p in params],
+                    implementation=_implementation(group),
+                )
+                group["draws"] += 1
             yield
         finally:
             with torch.no_grad():
-                for p, mean, _ in kept:
-                    p.copy_(mean)
+                for group, means, _ in kept:
+                    torch._foreach_copy_([p.detach() for p in group["params"]], means)
             self._sampling = False
         if train:
-            self._collect(kept)
+            self._collect([(group, stream) for group, _, stream in kept])
 
     @torch.no_grad()
-    def _collect(self, kept: list[tuple[Tensor, Tensor, int]]) -> None:
-        for index, (p, _, _) in enumerate(kept):
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                raise RuntimeError(f"IVON: non-finite gradient in {self._describe(index)}; nothing was collected")
-        for p, _, stream in kept:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            grad = p.grad.float() if p.dtype != torch.float64 else p.grad
-            eps_grad = self._eps(p, stream).to(grad.dtype) * grad
-            if "grad_sum" in state:
-                state["grad_sum"].add_(grad)
-                state["grad_eps_sum"].add_(eps_grad)
-            else:
-                state["grad_sum"], state["grad_eps_sum"] = grad.clone(), eps_grad
+    def _collect(self, draws: list[tuple[dict[str, Any], int]]) -> None:
+        """Add each parameter's gradient g and g eps (eps of its group's draw) to the step's sums."""
+        with_grad = [[p for p in group["params"] if p.grad is not None] for group, _ in draws]
+        bad = first_nonfinite([p.grad for ps in with_grad for p in ps])
+        if bad is not None:
+            param = [p for ps in with_grad for p in ps][bad]
+            raise RuntimeError(f"IVON: non-finite gradient in {self._describe(param)}; nothing was collected")
+        for (group, stream), params in zip(draws, with_grad):
+            fresh = [p for p in params if "grad_sum" not in self.state[p]]  # their first sample of the step
+            summed = [p for p in params if "grad_sum" in self.state[p]]
+            for p in fresh:
+                self.state[p]["grad_sum"] = torch.empty_like(p, dtype=sum_dtype(p))
+                self.state[p]["grad_eps_sum"] = torch.empty_like(p, dtype=sum_dtype(p))
+            for accumulate, chosen in ((False, fresh), (True, summed)):
+                ivon_collect_(
+                    [p.grad for p in chosen],
+                    [self.state[p]["grad_sum"] for p in chosen],
+                    [self.state[p]["grad_eps_sum"] for p in chosen],
+                    accumulate=accumulate,
+                    seed=self.seed,
+                    stream=stream,
+                    offsets=[self.state[p]["offset"] for p in chosen],
+                    implementation=_implementation(group),
+                )
         self._collected += 1
 
-    def _describe(self, index: int) -> str:
+    def _describe(self, param: Tensor) -> str:
         for group in self.param_groups:
-            if index < len(group["params"]):
-                names = group.get("param_names")
-                return f"parameter {names[index]!r}" if names else f"parameter {index} of its group"
-            index -= len(group["params"])
-        raise IndexError(index)
+            for index, p in enumerate(group["params"]):
+                if p is param:
+                    names = group.get("param_names")
+                    return f"parameter {names[index]!r}" if names else f"parameter {index} of its group"
+        raise ValueError("not a parameter of this optimizer")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -217,19 +239,20 @@ class IVON(Optimizer):
             ess, delta = self._scales(group)
             group["step"] += 1
             lr = float(group["lr"]) * ((group["hess_init"] + delta) if group["rescale_lr"] else 1.0)
-            for p in group["params"]:
-                state = self.state[p]
-                grad_sum = state.pop("grad_sum", None)
-                grad_eps_sum = state.pop("grad_eps_sum", None)
-                if grad_sum is None:  # no gradient in any sample: the prior's pull and the momentum still act
-                    grad_sum = grad_eps_sum = torch.zeros_like(p, dtype=torch.float32)
-                reference_ivon_update_(
-                    p,
-                    state["momentum"],
-                    state["hess"],
-                    grad_sum / self._collected,
-                    grad_eps_sum / self._collected,
-                    state.get("prior_mean"),
+            for p in group["params"]:  # no gradient in any sample: the prior and momentum still act
+                if "grad_sum" not in self.state[p]:
+                    self.state[p]["grad_sum"] = torch.zeros_like(p, dtype=sum_dtype(p))
+                    self.state[p]["grad_eps_sum"] = torch.zeros_like(p, dtype=sum_dtype(p))
+            for with_mean in (True, False):  # one call with the prior means, one for a zero prior mean
+                params = [p for p in group["params"] if ("prior_mean" in self.state[p]) == with_mean]
+                states = [self.state[p] for p in params]
+                ivon_update_(
+                    [p.detach() for p in params],
+                    [state["momentum"] for state in states],
+                    [state["hess"] for state in states],
+                    [state.pop("grad_sum") for state in states],
+                    [state.pop("grad_eps_sum") for state in states],
+                    [state["prior_mean"] for state in states] if with_mean else None,
                     lr=lr,
                     ess=ess,
                     delta=delta,
@@ -237,6 +260,8 @@ class IVON(Optimizer):
                     beta2=group["beta2"],
                     step=group["step"],
                     clip_radius=group["clip_radius"],
+                    scale=1.0 / self._collected,
+                    implementation=_implementation(group),
                 )
         self._collected = 0
         return loss
@@ -286,6 +311,13 @@ class IVON(Optimizer):
         super().load_state_dict(state)
 
 
+def _implementation(group: dict[str, Any]) -> str:
+    """The ops' implementation the group's ``foreach`` / ``fused`` flags ask for (fused by default)."""
+    if group["foreach"]:
+        return "foreach"
+    return "reference" if group["fused"] is False and group["foreach"] is False else "fused"
+
+
 def _check_group(group: dict[str, Any]) -> None:
     lr = group["lr"]
     check_positive(float(lr) if isinstance(lr, Tensor) else lr, "lr")
@@ -300,6 +332,8 @@ def _check_group(group: dict[str, Any]) -> None:
         value = group[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if group["foreach"] and group["fused"]:
+        raise ValueError("foreach=True and fused=True cannot be used together")
     check_group_prior(group)
 
 

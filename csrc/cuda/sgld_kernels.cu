@@ -4,6 +4,7 @@
 // array; a thread takes one Philox block (four consecutive elements of one tensor), grid-stride over
 // the flat index, and finds its tensor by binary search.  Same scalar maths as the CPU lanes (philox.h),
 // float32 compute for fp32/fp16/bf16.
+#include "cuda/records.cuh"
 #include "kernel_args.h"
 #include "philox.h"
 
@@ -32,16 +33,6 @@ struct Record {
 static_assert(sizeof(Record) == 8 * sizeof(int64_t), "Record is packed as 8 int64 values");
 
 using Hyper = SgldHyper;
-
-__device__ int find_record(const Record* records, int count, uint64_t block) {
-  int lo = 0, hi = count - 1;  // the last record whose first_block <= block
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (static_cast<uint64_t>(records[mid].first_block) <= block) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
 
 template <class scalar_t>
 __global__ void sgld_kernel(const Record* records, int count, uint64_t total_blocks, Hyper h) {

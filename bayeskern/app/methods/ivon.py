@@ -23,10 +23,12 @@ class IVONMethod(Method):
 
     def train(self) -> None:
         """One sample per step inside ``sampled_params``, then ``step()``; the learning rate follows
-        ``--lr-schedule`` over the run (cosine to zero by default)."""
+        ``--lr-schedule`` over the run (cosine to zero by default).  Under ``torchrun`` the model is
+        wrapped in DDP: the ranks draw the same sample (one seed, streams advancing together), so the
+        averaged gradient gives the global batch's Hessian estimate."""
         a = self.config
-        if self.parallel.world_size > 1 or a.fsdp:
-            raise UsageError("--method ivon runs in one process (no DDP or FSDP2 yet)")
+        if a.fsdp:
+            raise UsageError("--method ivon does not run under --fsdp yet (IVON takes no DTensor parameters)")
         self.fit_noise_std()
         model = self.backbone.model
         optimizer = bk.IVON(
@@ -46,11 +48,12 @@ class IVONMethod(Method):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps(self.loop.epochs))
             stateful["scheduler"] = scheduler
         model.train()
+        net = self.parallel.wrap(model)
 
         def step(inputs: Tensor, targets: Tensor) -> float:
             with optimizer.sampled_params(train=True):
                 with self.loop.autocast():
-                    loss = self.data_loss(self.logits(model, inputs), targets)
+                    loss = self.data_loss(self.logits(net, inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()

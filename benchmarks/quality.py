@@ -15,7 +15,7 @@ Tasks (``quality_tasks``):
 
 Rows: ``plain`` (Adam, cosine-decayed: AdamW without weight decay), ``plain_ts`` (the plain fit
 temperature-scaled on validation), ``ensemble`` (M plain fits from M seeds; member 0 is ``plain``),
-and the posteriors ``vi``, ``mc_dropout``, ``sgld``, ``laplace``, each trained by
+and the posteriors ``vi``, ``mc_dropout``, ``sgld``, ``laplace``, ``kron_laplace``, ``ivon``, each trained by
 ``bayeskern-finetune``'s method with the task's settings (``quality_tasks``).  Methods that refine
 the plain fit (MC-dropout, SGLD, Laplace) start from it, and their train seconds include it.
 
@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 BASELINES = ("plain", "plain_ts", "ensemble")
-POSTERIORS = ("vi", "mc_dropout", "sgld", "laplace", "kron_laplace")  # names in bayeskern-finetune's METHODS
+POSTERIORS = ("vi", "mc_dropout", "sgld", "laplace", "kron_laplace", "ivon")  # names in bayeskern-finetune's METHODS
 REFINES_PLAIN = ("mc_dropout", "sgld", "laplace", "kron_laplace")  # started from the plain fit (their cost includes it)
 ROWS = BASELINES + POSTERIORS
 NEEDS_PLAIN = ("plain", "plain_ts", "ensemble", *REFINES_PLAIN)

@@ -85,7 +85,7 @@ def _sha256(path: Path) -> str:
 
 def _settings(config, task: str) -> dict:
     keep = ("epochs", "batch_size", "lr", "lr_schedule", "prior_std", "prior_mean", "num_samples")
-    prefixes = ("vi_", "dropout_", "sgld_", "laplace_", "lora_", "max_length", "pretrain_", "train_per_class")
+    prefixes = ("vi_", "dropout_", "sgld_", "laplace_", "ivon_", "lora_", "max_length", "pretrain_", "train_per_class")
     chosen = {k: v for k, v in config.record().items() if k in keep or k.startswith(prefixes)}
     return {"cli": " ".join(SETTINGS[task]) or "(defaults)", **chosen}
 

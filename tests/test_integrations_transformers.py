@@ -160,6 +160,51 @@ def test_sgld_bank_counts_optimizer_steps_and_resumes_bitwise(tmp_path):
     assert all(torch.equal(p, want[n]) for n, p in model_again.named_parameters() if p.requires_grad)
 
 
+def ivon_trainer(directory, **options):
+    """LoRA adapters and head under IVON; returns the untrained ``(trainer, model, ivon)``."""
+    model = lora_model()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ivon = bk.IVON(named, lr=0.05, num_data=N_TRAIN, hess_init=100.0, seed=7)
+    return trainer(model, directory, optimizers=(ivon, constant(ivon)), **options), model, ivon
+
+
+@pytest.mark.slow
+def test_ivon_takes_one_sample_per_optimizer_step_over_the_accumulated_batch(tmp_path):
+    """Gradient accumulation 2 over halves of the train set: each optimizer step is, to float rounding,
+    the hand-written step on the whole set at one sample; ``evaluate`` predicts with IVON's posterior."""
+    run, model, ivon = ivon_trainer(
+        tmp_path, per_device_train_batch_size=N_TRAIN // 2, gradient_accumulation_steps=2, max_steps=2, max_grad_norm=0
+    )
+    run.train()
+    reference = lora_model()
+    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    by_hand = bk.IVON(named, lr=0.05, num_data=N_TRAIN, hess_init=100.0, seed=7)
+    batch = default_data_collator(TRAIN)
+    for _ in range(2):
+        with by_hand.sampled_params(train=True):
+            by_hand.zero_grad()
+            reference(**batch).loss.backward()
+        by_hand.step()
+    want = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[name].detach(), rtol=1e-5, atol=1e-6)
+    assert ivon.param_groups[0]["step"] == 2 and ivon.param_groups[0]["draws"] == 2
+    results = run.evaluate()
+    assert all(0 <= results[f"eval_{name}"] < float("inf") for name in METRICS)
+
+
+@pytest.mark.slow
+def test_ivon_resumes_from_a_trainer_checkpoint_bitwise(tmp_path):
+    options = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    run, model, _ = ivon_trainer(tmp_path / "a", **options)
+    run.train()
+    again, model_again, ivon_again = ivon_trainer(tmp_path / "b", **options)
+    again.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    want = dict(model.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in model_again.named_parameters() if p.requires_grad)
+    assert ivon_again.param_groups[0]["step"] == 4
+
+
 def test_evaluate_reports_predictive_metrics(tmp_path):
     """``evaluate`` returns accuracy, ECE, NLL and Brier of ``bayeskern.predict`` on the eval set, under the
     prefix; without a posterior, of the model's softmax."""

@@ -155,7 +155,7 @@ def test_summarise_means_and_sample_std_over_seeds() -> None:
     ("argv", "named"),
     [
         (["--tasks", "text,audio"], "unknown task audio"),
-        (["--methods", "plain,ivon"], "unknown row ivon"),
+        (["--methods", "plain,swag"], "unknown row swag"),
         (["--seeds", "0"], "--seeds must be at least 1"),
         (["--set", "epochs"], "expected NAME=VALUE"),
     ],

@@ -9,6 +9,12 @@
 * SGLD: ``Trainer(model, optimizers=(BayesSGLD(...), scheduler))`` with ``posterior=SampleBank(...)``;
   ``SampleBankCallback`` calls ``bank.update()`` after every optimizer step (so burn-in and thinning
   count optimizer steps, after gradient accumulation) and the bank is saved with every checkpoint.
+* IVON: ``Trainer(model, optimizers=(IVON(...), scheduler))``: the first micro-batch of an optimizer
+  step puts a posterior sample in the parameters (``sampled_params(train=True)``) and a step pre-hook
+  takes it out just before ``IVON.step()``, after the Trainer's gradient clipping: one sample per
+  optimizer step, whose gradient is that of the whole accumulated batch.  ``evaluate`` predicts with
+  ``IVON.posterior(model)`` unless a ``posterior`` is given; the optimizer's state (seed included)
+  is saved and restored with the Trainer's own ``optimizer.pt``.
 * Laplace: ``BayesTrainer.fit_laplace(DiagLaplace(model, ...))`` after ``train()``: the curvature over
   the Trainer's train set (its collator; each example once, also under DDP), the prior precision chosen
   on the eval set (``method="val_nll"``).
@@ -25,7 +31,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any, cast
 
 import torch
@@ -38,7 +46,7 @@ from transformers.utils import is_datasets_available
 from .. import metrics
 from ..batches import OutputFn, logits_of, move_to, split_batch
 from ..distributed import is_distributed, rank, world_size
-from ..posteriors import DiagLaplace, SampleBank
+from ..posteriors import IVON, DiagLaplace, SampleBank
 from ..posteriors.weight_posterior import WeightPosterior
 from ..predictive import predict
 from ..protocol import Posterior
@@ -69,7 +77,8 @@ class BayesTrainer(Trainer):
 
     ``model``: a ``VI`` / ``MCDropout`` posterior (trained by the Trainer's optimizer on
     ``posterior.loss``), or a plain model trained on its own loss (SGLD through
-    ``optimizers=(BayesSGLD(...), scheduler)``, the MAP before Laplace, a deterministic baseline).
+    ``optimizers=(BayesSGLD(...), scheduler)``, IVON through ``optimizers=(IVON(...), scheduler)``, the
+    MAP before Laplace, a deterministic baseline).
     ``posterior``: what ``evaluate`` predicts with; defaults to ``model`` when it is a posterior.  A
     ``SampleBank`` is fed by a ``SampleBankCallback`` added here.  ``num_samples``: Monte-Carlo samples
     of the predictive.  ``output_fn``: how the logits of a plain model's output are read
@@ -101,6 +110,8 @@ class BayesTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if isinstance(posterior, SampleBank):
             self.add_callback(SampleBankCallback(posterior))
+        self._sample: ExitStack | None = None  # IVON's sampled_params block, open between micro-batches
+        self._hooked: IVON | None = None  # the IVON whose step pre-hook closes the block
 
     # -- training --------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -111,6 +122,37 @@ class BayesTrainer(Trainer):
             names = list(inspect.signature(network.forward).parameters)
             self._signature_columns = cast(Any, [*names, "label", "label_ids", *self.label_names])
         super()._set_signature_columns_if_needed()
+
+    def _ivon(self) -> IVON | None:
+        """The Trainer's optimizer if it is an ``IVON`` (accelerate wraps it), else None."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        return optimizer if isinstance(optimizer, IVON) else None
+
+    def _close_sample(self, *exc_info: Any) -> None:
+        """Put the mean back; without an exception, collect the sample's gradient for ``IVON.step``."""
+        sample, self._sample = self._sample, None
+        if sample is not None:
+            sample.__exit__(*(exc_info or (None, None, None)))
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """The Trainer's step; with an ``IVON`` optimizer the micro-batch runs at the step's posterior
+        sample (drawn at the step's first micro-batch, collected by the pre-hook of ``IVON.step``)."""
+        ivon = self._ivon()
+        if ivon is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self._hooked is not ivon:
+            ivon.register_step_pre_hook(lambda *_: self._close_sample())
+            self._hooked = ivon
+        if self._sample is None:
+            self._sample = ExitStack()
+            self._sample.enter_context(ivon.sampled_params(train=True))
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            self._close_sample(*sys.exc_info())
+            raise
 
     def compute_loss(
         self,
@@ -209,17 +251,22 @@ class BayesTrainer(Trainer):
     @torch.no_grad()
     def predict_probs(self, dataset: Any = None) -> tuple[Tensor, Tensor]:
         """Predictive probabilities ``(N, C)`` and labels ``(N,)`` of ``dataset`` (default: the eval set),
-        gathered over the ranks: the posterior's Monte-Carlo predictive, or the model's softmax."""
+        gathered over the ranks: the posterior's Monte-Carlo predictive (an IVON optimizer's posterior
+        when none is given), or the model's softmax."""
         loader = self.get_eval_dataloader(dataset)
         network = self.accelerator.unwrap_model(self.model)
+        posterior = self.posterior
+        ivon = self._ivon()
+        if posterior is None and ivon is not None:
+            posterior = ivon.posterior(network, output_fn=self.output_fn)
         was_training = network.training
         network.eval()
         probs, targets = [], []
         try:
             for batch in loader:
                 inputs, labels = split_batch(batch)
-                if self.posterior is not None:
-                    p = predict(self.posterior, [inputs], num_samples=self.num_samples, compile=False).probs
+                if posterior is not None:
+                    p = predict(posterior, [inputs], num_samples=self.num_samples, compile=False).probs
                 else:
                     inputs = move_to(inputs, self.args.device)
                     p = logits_of(network(**inputs), inputs, self.output_fn).float().softmax(-1)

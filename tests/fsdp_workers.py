@@ -9,6 +9,9 @@ row: rank 1 holds none of it).
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from bayeskern.distributed.sharding import local_tensor
 
 WORLD = 2
 STEPS = 4
@@ -319,6 +324,45 @@ def laplace_job(rank: int) -> dict[str, Any]:
     return out
 
 
+# -- IVON ---------------------------------------------------------------------------------------
+def ivon_options(backend: str) -> dict[str, Any]:
+    return dict(lr=0.05, num_data=NUM_DATA, train_samples=2, hess_init=10.0, seed=1234, **BACKENDS[backend])
+
+
+def ivon_run(net: nn.Module, opt: Any, rank: int | None, world: int = WORLD) -> None:
+    """STEPS IVON steps of two samples each on rank ``rank``'s part of each global batch (None: all)."""
+    x, y = data()
+    for step in range(STEPS):
+        xs, ys = (global_batch(x, step), global_batch(y, step)) if rank is None else (
+            local_batch(x, step, rank, world), local_batch(y, step, rank, world)
+        )  # fmt: skip
+        for _ in range(opt.train_samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                F.cross_entropy(net(xs), ys).backward()
+        opt.step()
+
+
+def ivon_job(rank: int) -> dict[str, Any]:
+    """Per backend: the parameters and posterior stds after STEPS steps on the sharded model, and the
+    bytes of this rank's momentum and h."""
+    from bayeskern.posteriors import IVON
+
+    out: dict[str, Any] = {}
+    for backend in BACKENDS:
+        net = shard(model())
+        opt = IVON(net.named_parameters(), **ivon_options(backend))
+        ivon_run(net, opt, rank)
+        out[f"params/{backend}"] = params(net)
+        names = [n for n, _ in net.named_parameters()]
+        out[f"std/{backend}"] = full(dict(zip(names, opt.std())))
+        states = [opt.state[p] for p in net.parameters()]
+        out[f"state_bytes/{backend}"] = sum(
+            local_tensor(s[k]).numel() * local_tensor(s[k]).element_size() for s in states for k in ("momentum", "hess")
+        )
+    return out
+
+
 # -- the harness --------------------------------------------------------------------------------
 def _worker(rank: int, job: Callable[..., Any], init: str, out: str, args: tuple) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -335,3 +379,16 @@ def spawn(job: Callable[..., Any], tmp_path: Path, *args: Any) -> list[Any]:
     """Run ``job(rank, *args)`` in WORLD gloo processes; its return values, by rank."""
     mp.spawn(_worker, args=(job, f"file://{tmp_path}/rendezvous", str(tmp_path), args), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def torchrun_finetune(argv: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``bayeskern.finetune argv`` on WORLD gloo ranks under torchrun, the CLI as users run it on CPU
+    (no Triton interpreter, one thread per rank)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "bayeskern.finetune", *argv]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

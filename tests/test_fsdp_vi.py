@@ -166,22 +166,10 @@ def test_cli_fsdp_trains_every_method_under_torchrun(tmp_path):
     evaluates it and logs each epoch once; every reported number is finite."""
     import json
     import math
-    import os
-    import socket
-    import subprocess
-    import sys
 
     from bayeskern.app.config import ALL_METHODS
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(W.WORLD)]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "bayeskern.finetune"]
-    command += [*CLI, "--fsdp", "--out", str(tmp_path), "--name", "run"]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = W.torchrun_finetune([*CLI, "--fsdp", "--out", str(tmp_path), "--name", "run"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     methods = json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
     assert set(methods) == set(ALL_METHODS)

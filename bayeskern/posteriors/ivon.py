@@ -19,6 +19,11 @@ parameter's element offsets, stream = the group's draw count); on leaving it the
 are added to the step's sums.  Unlike ``ivon-opt``, the decay pulls towards the prior mean theta0 (the
 pretrained weights by default; ``new_params`` at zero), not towards zero.
 
+Sharded (FSDP2): build the optimizer after ``fully_shard``; each rank updates its local shards, whose
+element j reads the Philox counter of its global index (``offset + sharding.element_offset(p) + j``),
+so a sharded run draws the noise of one process.  Data parallel: the ranks share the seed and the
+draw counts, hence each sample; the averaged gradient times eps is the global batch's estimate.
+
 Memory: the persistent state per parameter is the momentum and h (AdamW's two moments), plus the prior
 mean when it is not zero (one more copy: ``prior_mean="zero"`` leaves it out).  A step holds
 transiently one copy of the parameters (m, while a sample is in place) and two gradient sums.
@@ -32,12 +37,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..batches import OutputFn
 from ..distributed.ranks import seed_or_shared
-from ..distributed.sharding import is_sharded
+from ..distributed.sharding import common_mesh, element_offset, local_tensor
 from ..ops import philox
 from ..ops.ivon import ivon_collect_, ivon_draw_, ivon_update_, posterior_std, sum_dtype
 from ..ops.sgld import first_nonfinite
@@ -113,6 +119,8 @@ class IVON(Optimizer):
         self._next_offset = 0
         self._collected = 0  # samples whose gradients the sums hold, since the last step
         self._sampling = False
+        self._mesh: Any = None  # the device mesh of DTensor (fully_shard-ed) parameters, None if plain
+        self._shard_offsets: dict[Tensor, int] = {}  # DTensor parameter -> its local shard's first element
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -122,8 +130,16 @@ class IVON(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
-        if any(is_sharded(p) for p in group["params"]):
-            raise ValueError("params: IVON does not support fully_shard-ed (DTensor) parameters yet")
+        known = [q for g in self.param_groups for q in g["params"]]
+        self._mesh = common_mesh(known)
+        if self._mesh is not None and any(common_mesh([q]) is None for q in known):
+            raise ValueError(
+                "params mix DTensor (fully_shard-ed) and plain parameters: shard the whole model "
+                "(fully_shard on the root module too) before building IVON"
+            )
+        for q in group["params"]:
+            if self._mesh is not None:
+                self._shard_offsets[q] = element_offset(q)  # raises unless the local shard is contiguous
         means = group_prior_means(group, 0 if own_mean else self._num_params)
         group["prior_mean"] = group["prior_mean"] if isinstance(group["prior_mean"], str) else "given"
         group.setdefault("step", 0)
@@ -158,17 +174,18 @@ class IVON(Optimizer):
             for group in self.param_groups:
                 ess, delta = self._scales(group)
                 params = group["params"]
-                means = [torch.empty_like(p) for p in params]
+                locals_ = [local_tensor(p.detach()) for p in params]
+                means = [torch.empty_like(t) for t in locals_]
                 kept.append((group, means, group["draws"]))
                 ivon_draw_(
-                    [p.detach() for p in params],
+                    locals_,
                     means,
-                    [self.state[p]["hess"] for p in params],
+                    [local_tensor(self.state[p]["hess"]) for p in params],
                     ess=ess,
                     delta=delta,
                     seed=self.seed,
                     stream=group["draws"],
-                    offsets=[self.state[p]["offset"] for p in params],
+                    offsets=self._offsets(params),
                     implementation=_implementation(group),
                 )
                 group["draws"] += 1
@@ -176,7 +193,7 @@ class IVON(Optimizer):
         finally:
             with torch.no_grad():
                 for group, means, _ in kept:
-                    torch._foreach_copy_([p.detach() for p in group["params"]], means)
+                    torch._foreach_copy_([local_tensor(p.detach()) for p in group["params"]], means)
             self._sampling = False
         if train:
             self._collect([(group, stream) for group, _, stream in kept])
@@ -185,7 +202,8 @@ class IVON(Optimizer):
     def _collect(self, draws: list[tuple[dict[str, Any], int]]) -> None:
         """Add each parameter's gradient g and g eps (eps of its group's draw) to the step's sums."""
         with_grad = [[p for p in group["params"] if p.grad is not None] for group, _ in draws]
-        bad = first_nonfinite([p.grad for ps in with_grad for p in ps])
+        grads = [local_tensor(p.grad) for ps in with_grad for p in ps]
+        bad = self._agreed(first_nonfinite(grads), len(grads))
         if bad is not None:
             param = [p for ps in with_grad for p in ps][bad]
             raise RuntimeError(f"IVON: non-finite gradient in {self._describe(param)}; nothing was collected")
@@ -193,20 +211,38 @@ class IVON(Optimizer):
             fresh = [p for p in params if "grad_sum" not in self.state[p]]  # their first sample of the step
             summed = [p for p in params if "grad_sum" in self.state[p]]
             for p in fresh:
-                self.state[p]["grad_sum"] = torch.empty_like(p, dtype=sum_dtype(p))
-                self.state[p]["grad_eps_sum"] = torch.empty_like(p, dtype=sum_dtype(p))
+                self._new_sums(p, torch.empty_like)
             for accumulate, chosen in ((False, fresh), (True, summed)):
                 ivon_collect_(
-                    [p.grad for p in chosen],
+                    [local_tensor(p.grad) for p in chosen],
                     [self.state[p]["grad_sum"] for p in chosen],
                     [self.state[p]["grad_eps_sum"] for p in chosen],
                     accumulate=accumulate,
                     seed=self.seed,
                     stream=stream,
-                    offsets=[self.state[p]["offset"] for p in chosen],
+                    offsets=self._offsets(chosen),
                     implementation=_implementation(group),
                 )
         self._collected += 1
+
+    def _offsets(self, params: list[Tensor]) -> list[int]:
+        """Each parameter's Philox offset of its (local shard's) first element."""
+        return [self.state[p]["offset"] + self._shard_offsets.get(p, 0) for p in params]
+
+    def _new_sums(self, p: Tensor, make: Callable[..., Tensor]) -> None:
+        """The step's gradient sums of ``p`` (its local shard's shape, ``sum_dtype``), by ``make``."""
+        local = local_tensor(p.detach())
+        self.state[p]["grad_sum"] = make(local, dtype=sum_dtype(local))
+        self.state[p]["grad_eps_sum"] = make(local, dtype=sum_dtype(local))
+
+    def _agreed(self, bad: int | None, count: int) -> int | None:
+        """The first non-finite gradient over every rank's shards (the minimum index; one all-reduce
+        over the mesh when sharded), so that all ranks raise together."""
+        if self._mesh is None:
+            return bad
+        index = torch.tensor(count if bad is None else bad, device=self._mesh.device_type)
+        dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self._mesh.get_group())
+        return None if int(index) == count else int(index)
 
     def _describe(self, param: Tensor) -> str:
         for group in self.param_groups:
@@ -241,18 +277,17 @@ class IVON(Optimizer):
             lr = float(group["lr"]) * ((group["hess_init"] + delta) if group["rescale_lr"] else 1.0)
             for p in group["params"]:  # no gradient in any sample: the prior and momentum still act
                 if "grad_sum" not in self.state[p]:
-                    self.state[p]["grad_sum"] = torch.zeros_like(p, dtype=sum_dtype(p))
-                    self.state[p]["grad_eps_sum"] = torch.zeros_like(p, dtype=sum_dtype(p))
+                    self._new_sums(p, torch.zeros_like)
             for with_mean in (True, False):  # one call with the prior means, one for a zero prior mean
                 params = [p for p in group["params"] if ("prior_mean" in self.state[p]) == with_mean]
                 states = [self.state[p] for p in params]
                 ivon_update_(
-                    [p.detach() for p in params],
-                    [state["momentum"] for state in states],
-                    [state["hess"] for state in states],
+                    [local_tensor(p.detach()) for p in params],
+                    [local_tensor(state["momentum"]) for state in states],
+                    [local_tensor(state["hess"]) for state in states],
                     [state.pop("grad_sum") for state in states],
                     [state.pop("grad_eps_sum") for state in states],
-                    [state["prior_mean"] for state in states] if with_mean else None,
+                    [local_tensor(state["prior_mean"]) for state in states] if with_mean else None,
                     lr=lr,
                     ess=ess,
                     delta=delta,

@@ -4,12 +4,12 @@ the plain fit; its posterior ``N(m, sigma^2)`` predicts by sampling (``--num-sam
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import bayeskern as bk
 
-from ..errors import UsageError
+from ..parallel import gathered
 from .base import Method
 
 
@@ -23,25 +23,38 @@ class IVONMethod(Method):
 
     def train(self) -> None:
         """One sample per step inside ``sampled_params``, then ``step()``; the learning rate follows
-        ``--lr-schedule`` over the run (cosine to zero by default).  Under ``torchrun`` the model is
-        wrapped in DDP: the ranks draw the same sample (one seed, streams advancing together), so the
-        averaged gradient gives the global batch's Hessian estimate."""
+        ``--lr-schedule`` over the run (cosine to zero by default).  Under ``torchrun`` the ranks draw
+        the same sample (one seed, streams advancing together), so DDP's or FSDP2's averaged gradient
+        gives the global batch's Hessian estimate; under ``--fsdp`` the backbone trains sharded and the
+        posterior's stds are gathered with it."""
         a = self.config
-        if a.fsdp:
-            raise UsageError("--method ivon does not run under --fsdp yet (IVON takes no DTensor parameters)")
         self.fit_noise_std()
-        model = self.backbone.model
-        optimizer = bk.IVON(
-            self.param_groups(self.trained(model), a.ivon_lr),
-            lr=a.ivon_lr,
-            num_data=self.num_data,
-            prior_std=a.prior_std,
-            prior_mean=self.prior_mean,
-            new_params=self.backbone.new_params,
-            temperature=a.ivon_temperature,
-            hess_init=a.ivon_hess_init,
-            seed=a.seed,
+        with self.parallel.sharded_backbone(self.backbone):
+            model = self.backbone.model
+            optimizer = bk.IVON(
+                self.param_groups(self.trained(model), a.ivon_lr),
+                lr=a.ivon_lr,
+                num_data=self.num_data,
+                prior_std=a.prior_std,
+                prior_mean=self.prior_mean,
+                new_params=self.backbone.new_params,
+                temperature=a.ivon_temperature,
+                hess_init=a.ivon_hess_init,
+                seed=a.seed,
+            )
+            self.fit(model, optimizer)
+            names = {p: n for n, p in model.named_parameters()}
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            std = gathered({names[p]: s for p, s in zip(params, optimizer.std())})
+        model = self.backbone.model  # the unsharded trained model under --fsdp
+        mean = {n: p.detach() for n, p in model.named_parameters() if n in std}
+        self.posterior = bk.DiagonalGaussian(
+            model, mean, std, seed=optimizer.seed, likelihood=self.likelihood, noise_std=self.noise_std
         )
+
+    def fit(self, model: nn.Module, optimizer: bk.IVON) -> None:
+        """The epochs of ``optimizer`` on ``model`` (DDP-wrapped under ``torchrun``)."""
+        a = self.config
         stateful: dict = {"model": model, "optimizer": optimizer}
         scheduler = None
         if a.lr_schedule == "cosine":
@@ -62,7 +75,6 @@ class IVONMethod(Method):
             return float(loss.detach())
 
         self.loop.run(self.splits.train, self.parallel.checkpointed(stateful), step)
-        self.posterior = optimizer.posterior(model, likelihood=self.likelihood, noise_std=self.noise_std)
 
     def predict(self, dataset: Dataset) -> Tensor:
         return self.predictive(dataset)[0]

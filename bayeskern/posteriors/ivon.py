@@ -176,7 +176,6 @@ class IVON(Optimizer):
                 params = group["params"]
                 locals_ = [local_tensor(p.detach()) for p in params]
                 means = [torch.empty_like(t) for t in locals_]
-                kept.append((group, means, group["draws"]))
                 ivon_draw_(
                     locals_,
                     means,
@@ -188,6 +187,7 @@ class IVON(Optimizer):
                     offsets=self._offsets(params),
                     implementation=_implementation(group),
                 )
+                kept.append((group, means, group["draws"]))  # only a completed draw has m kept aside
                 group["draws"] += 1
             yield
         finally:

@@ -76,6 +76,7 @@ BAD = [
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--sgld-thin", "0"], "--sgld-thin must be at least 1"),
     (["--ivon-epochs", "0"], "--ivon-epochs must be at least 1"),
+    (["--ivon-beta2", "1"], "--ivon-beta2 must be in [0, 1)"),
     (["--dropout-p", "1.5"], "--dropout-p must be in [0, 1)"),
     (["--sgld-burnin", "1"], "--sgld-burnin must be in [0, 1)"),
     (["--study", "temperature"], "unknown --study 'temperature'"),

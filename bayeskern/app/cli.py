@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ivon-lr", type=float, default=0.1, help="IVON's learning rate (scaled by hess_init + delta, as ivon-opt)")
     add("--ivon-hess-init", type=float, default=1.0, help="IVON's initial Hessian estimate h0")
     add("--ivon-temperature", type=float, default=1.0, help="1: ess = N; below 1 a cold posterior")
+    add("--ivon-beta2", type=float, default=0.99999, help="IVON's Hessian averaging factor, in [0, 1)")
     add("--laplace-prior-precision", type=float, default=1.0)
     add("--laplace-fisher", choices=("empirical", "mc"), default="empirical")
     add("--laplace-params", default=None, help='"last_layer" or a comma-separated list of names/globs (default all)')

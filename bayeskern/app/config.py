@@ -97,6 +97,7 @@ class RunConfig:
     ivon_lr: float
     ivon_hess_init: float
     ivon_temperature: float
+    ivon_beta2: float
     laplace_prior_precision: float
     laplace_fisher: str
     laplace_params: str | None
@@ -123,6 +124,8 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if values["ivon_epochs"] is not None and values["ivon_epochs"] < 1:
             raise UsageError("--ivon-epochs must be at least 1")
+        if not 0.0 <= values["ivon_beta2"] < 1.0:
+            raise UsageError("--ivon-beta2 must be in [0, 1)")
         if not 0 <= values["dropout_p"] < 1:
             raise UsageError("--dropout-p must be in [0, 1)")
         if not 0 <= values["sgld_burnin"] < 1:

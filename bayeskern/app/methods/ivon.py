@@ -40,6 +40,7 @@ class IVONMethod(Method):
                 new_params=self.backbone.new_params,
                 temperature=a.ivon_temperature,
                 hess_init=a.ivon_hess_init,
+                beta2=a.ivon_beta2,
                 seed=a.seed,
             )
             self.fit(model, optimizer)

@@ -69,20 +69,23 @@ class Laplace(Method):
         prior precision ``1 / sp^2`` up to ``1e8 / sp^2`` (17: half-decade steps).  The range reaches
         high precisions because a few-shot MAP fits its training set, so the Fisher F is small.  Each
         value is scored by the GLM probit over the validation split: the linearised predictive the
-        method predicts with (``predictive_options``), its link in closed form, so the search has no
+        method predicts with (``predictive``), its link in closed form, so the search has no
         Monte-Carlo noise and costs C + 1 passes per batch instead of ``--num-samples`` products."""
         return (torch.logspace(0, 8, self.config.laplace_grid_points) / self.config.prior_std**2).tolist()
 
     def predict(self, dataset: Dataset) -> Tensor:
         return self.predictive(dataset)[0]
 
-    def predictive_options(self) -> dict[str, str]:
-        """The linearised (GLM) predictive with its MC link: every field, the mutual information (the
-        OOD score) included, at the cost of ``--num-samples`` forward-mode products per batch, whatever
-        the number of Bayesian weights; a sharded fit's posterior, gathered before it predicts, takes
-        it too."""
-        return {"pred_type": "glm", "link_approx": "mc"}
-
     def predictive(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
+        """The linearised (GLM) predictive.  Classification: the probabilities from its probit link,
+        the closed form the ``val_nll`` search scored (``precision_grid``), which an MC estimate at
+        ``--num-samples`` draws would bias (E log of a mean of S draws < log of the mean: the NLL
+        rises as S falls); the mutual information (the OOD score) from its MC link, the only one with
+        samples.  Regression: the closed-form mean and variance.  A sharded fit's posterior, gathered
+        before it predicts, takes it too."""
         self.laplace.model.eval()
-        return self.mc_predictive(self.laplace, dataset, **self.predictive_options())
+        if self.likelihood == "regression":
+            return self.mc_predictive(self.laplace, dataset, pred_type="glm", link_approx="probit")
+        _, mutual_information = self.mc_predictive(self.laplace, dataset, pred_type="glm", link_approx="mc")
+        probit = bk.predict(self.laplace, self.predict_loader(dataset), pred_type="glm", link_approx="probit")
+        return probit.probs.float().cpu(), mutual_information

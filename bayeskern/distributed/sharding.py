@@ -106,6 +106,17 @@ def common_mesh(tensors: Iterable[Tensor], what: str = "parameters") -> Any:
     return meshes[0] if meshes else None
 
 
+def first_on_every_rank(index: int | None, count: int, mesh: Any) -> int | None:
+    """The smallest of the ranks' ``index`` values (None counts as ``count``: nothing found), so that
+    every rank of ``mesh`` acts on the same answer (one all-reduce); ``index`` itself when ``mesh`` is
+    None.  For instance the first tensor holding a non-finite gradient over every rank's shards."""
+    if mesh is None:
+        return index
+    value = torch.tensor(count if index is None else index, device=mesh.device_type)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=mesh.get_group())
+    return None if int(value) == count else int(value)
+
+
 class _GlobalSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, local: Tensor, group: Any) -> Tensor:

@@ -37,13 +37,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..batches import OutputFn
 from ..distributed.ranks import seed_or_shared
-from ..distributed.sharding import common_mesh, element_offset, local_tensor
+from ..distributed.sharding import common_mesh, element_offset, first_on_every_rank, local_tensor
 from ..ops import philox
 from ..ops.ivon import ivon_collect_, ivon_draw_, ivon_update_, posterior_std, sum_dtype
 from ..ops.sgld import first_nonfinite
@@ -203,7 +202,7 @@ class IVON(Optimizer):
         """Add each parameter's gradient g and g eps (eps of its group's draw) to the step's sums."""
         with_grad = [[p for p in group["params"] if p.grad is not None] for group, _ in draws]
         grads = [local_tensor(p.grad) for ps in with_grad for p in ps]
-        bad = self._agreed(first_nonfinite(grads), len(grads))
+        bad = first_on_every_rank(first_nonfinite(grads), len(grads), self._mesh)
         if bad is not None:
             param = [p for ps in with_grad for p in ps][bad]
             raise RuntimeError(f"IVON: non-finite gradient in {self._describe(param)}; nothing was collected")
@@ -234,15 +233,6 @@ class IVON(Optimizer):
         local = local_tensor(p.detach())
         self.state[p]["grad_sum"] = make(local, dtype=sum_dtype(local))
         self.state[p]["grad_eps_sum"] = make(local, dtype=sum_dtype(local))
-
-    def _agreed(self, bad: int | None, count: int) -> int | None:
-        """The first non-finite gradient over every rank's shards (the minimum index; one all-reduce
-        over the mesh when sharded), so that all ranks raise together."""
-        if self._mesh is None:
-            return bad
-        index = torch.tensor(count if bad is None else bad, device=self._mesh.device_type)
-        dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self._mesh.get_group())
-        return None if int(index) == count else int(index)
 
     def _describe(self, param: Tensor) -> str:
         for group in self.param_groups:

@@ -41,12 +41,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ..distributed.ranks import shared_seed
-from ..distributed.sharding import element_offset, is_sharded, local_tensor
+from ..distributed.sharding import element_offset, first_on_every_rank, is_sharded, local_tensor
 from ..ops import philox
 from ..ops.sgld import check_hyperparameters, first_nonfinite, sgld
 from ..validation import check_count
@@ -219,7 +218,7 @@ class BayesSGLD(Optimizer):
             tensors = self._init_group(group)
             if not tensors[0]:
                 continue
-            bad = self._agreed(first_nonfinite(tensors[1]), len(tensors[1]))
+            bad = first_on_every_rank(first_nonfinite(tensors[1]), len(tensors[1]), self._mesh)
             if bad is not None:
                 if group["nonfinite"] == "raise":
                     raise RuntimeError(f"BayesSGLD: non-finite gradient in {_describe(group, bad, index)}")
@@ -246,15 +245,6 @@ class BayesSGLD(Optimizer):
             )
             group["step"] += 1
         return loss
-
-    def _agreed(self, bad: int | None, count: int) -> int | None:
-        """The first non-finite gradient over every rank's shards (the minimum index; one all-reduce
-        over the mesh when sharded), so that all ranks skip or raise together."""
-        if self._mesh is None:
-            return bad
-        index = torch.tensor(count if bad is None else bad, device=self._mesh.device_type)
-        dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self._mesh.get_group())
-        return None if int(index) == count else int(index)
 
 
 def _name_of(group: dict[str, Any], index: int) -> str:

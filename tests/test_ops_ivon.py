@@ -172,5 +172,12 @@ def test_ops_check_their_arguments():
         ivon.ivon_collect_(half, half, p, accumulate=False, seed=0, stream=0, offsets=[0, 4])
     with pytest.raises(ValueError, match="step must be"):
         ivon.ivon_update_(p, p, p, p, p, lr=1.0, ess=1.0, delta=1.0, beta1=0.9, beta2=0.9, step=0)
+    for name, value in (("ess", 0.0), ("delta", -1.0)):
+        with pytest.raises(ValueError, match=name):
+            ivon.ivon_draw_(p, p, p, **{"ess": 1.0, "delta": 1.0, name: value}, seed=0, stream=0, offsets=[0, 4])
+    update = dict(lr=1.0, ess=1.0, delta=1.0, beta1=0.9, beta2=0.9, step=1)
+    for name, value in (("lr", -1.0), ("ess", float("nan")), ("scale", 0.0), ("beta2", 1.0), ("clip_radius", 0.0)):
+        with pytest.raises(ValueError, match=name):
+            ivon.ivon_update_(p, p, p, p, p, **{**update, name: value})
     with pytest.raises(ValueError, match="implementation must be"):
         ivon.ivon_update_(p, p, p, p, p, lr=1.0, ess=1.0, delta=1.0, beta1=0.9, beta2=0.9, step=1, implementation="x")

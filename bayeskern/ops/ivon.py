@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..validation import check_nonnegative, check_positive
 from . import noise, philox
 from .backend import backend_for, kernels
 from .checks import check_index, check_same_layout
@@ -408,6 +409,8 @@ def ivon_draw_(
     _check_implementation(implementation)
     ps, ms, hs, offs = list(params), list(means), list(hesses), [int(o) for o in offsets]
     _check_lists({"params": ps, "means": ms, "hesses": hs}, {}, offs)
+    check_positive(ess, "ess")
+    check_nonnegative(delta, "delta")
     check_index(stream, "stream")
     key = philox.seed_tensor(seed)
     for idx in _buckets(ps):
@@ -473,6 +476,15 @@ def ivon_update_(
     _check_lists(lists, {"grad_sums": ss, "grad_eps_sums": es}, [0] * len(ps))
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an integer >= 1, got {step!r}")
+    check_nonnegative(lr, "lr")
+    check_positive(ess, "ess")
+    check_nonnegative(delta, "delta")
+    check_positive(scale, "scale")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
+    if isinstance(clip_radius, bool) or not isinstance(clip_radius, (int, float)) or not clip_radius > 0:
+        raise ValueError(f"clip_radius must be > 0 (inf: no clipping), got {clip_radius!r}")
     impl: dict[str, Callable[..., None]] = {
         "fused": _ivon_update_,
         "foreach": _foreach_ivon_update_,

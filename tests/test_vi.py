@@ -53,26 +53,82 @@ def test_mean_field_vi_recovers_bayesian_linear_regression_posterior():
     assert ((var / mean_field_var - 1).abs() < 0.1).all(), (var, mean_field_var)
 
 
+def adam_to_optimum(rho_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-field VI on Bayesian linear regression from init_std 1e-3, trained as README shows (plain
+    Adam at lr 1e-3, 1000 steps): the posterior std and the mean-field optimum 1 / sqrt(diag(Lambda))."""
+    torch.manual_seed(0)
+    n, d, sigma = 200, 3, 0.5
+    X = torch.randn(n, d)
+    y = X @ torch.randn(d) + sigma * torch.randn(n)
+    optimum = (1 / torch.diag(X.T @ X / sigma**2 + torch.eye(d))).sqrt()
+    post = VI(
+        nn.Linear(d, 1, bias=False),
+        prior_mean="zero",
+        init_std=1e-3,
+        rho_scale=rho_scale,
+        num_data=n,
+        train_samples=4,
+        likelihood="regression",
+        noise_std=sigma,
+        seed=0,
+    )
+    opt = torch.optim.Adam(post.parameters(), lr=1e-3)
+    for _ in range(1000):
+        loss = post.loss(X, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return post.std()["weight"].squeeze(0), optimum
+
+
+def test_std_reaches_the_mean_field_optimum_under_plain_adam():
+    """The optimum (about 0.035) is 3.5 e-folds above the initial std: at the default rho_scale the std
+    gets there (within the jitter of a single-sample gradient at a constant lr); at rho_scale = 1
+    Adam's steps, at most about lr in rho each, move it by one e-fold at most."""
+    std, optimum = adam_to_optimum(30.0)
+    assert ((std / optimum - 1).abs() < 0.25).all(), (std, optimum)
+    std, optimum = adam_to_optimum(1.0)
+    assert (std < 0.1 * optimum).all(), (std, optimum)
+
+
+def test_rho_scale_travels_with_the_checkpoint():
+    """A posterior built with another rho_scale adopts the checkpoint's, so its stds are the saved ones;
+    a checkpoint from before rho_scale existed (no such key) was trained at rho_scale = 1."""
+    post = VI(mlp(), init_std=0.05, rho_scale=10.0, num_data=10, seed=3)
+    other = VI(mlp(), init_std=0.05, num_data=10, seed=3)
+    other.load_state_dict(post.state_dict())
+    assert float(other.rho_scale) == 10.0
+    for name, std in post.std().items():
+        torch.testing.assert_close(other.std()[name], std)
+    old = {k: v for k, v in post.state_dict().items() if k != "rho_scale"}
+    other.load_state_dict(old)
+    assert float(other.rho_scale) == 1.0
+    rho = post.rho.get_parameter("0/weight").detach()
+    torch.testing.assert_close(other.std()["0.weight"], F.softplus(rho))
+
+
 def hand_loss(post: VI, x, y, seed: int, temperature: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The VI loss written independently: w = mu + softplus(rho) * eps, eps from the Philox spec;
-    the regulariser is KL - (T - 1) H, H = sum log softplus(rho) + (D / 2)(1 + log 2 pi)."""
+    """The VI loss written independently: w = mu + s * eps, s = softplus(rho_scale * rho), eps from the
+    Philox spec; the regulariser is KL - (T - 1) H, H = sum log s + (D / 2)(1 + log 2 pi)."""
     leaves = [post.mu.get_parameter(n.replace(".", "/")).detach().clone().requires_grad_() for n in post.names]
     leaves += [post.rho.get_parameter(n.replace(".", "/")).detach().clone().requires_grad_() for n in post.names]
+    kappa = float(post.rho_scale)
     mus, rhos = dict(zip(post.names, leaves[: len(post.names)])), dict(zip(post.names, leaves[len(post.names) :]))
     nll = 0.0
     for s in range(post.train_samples):
         w = {}
         for name in post.names:
             eps = philox.normal(seed, post.offsets[name], mus[name].numel(), s).view(mus[name].shape)
-            w[name] = mus[name] + F.softplus(rhos[name]) * eps.to(mus[name].dtype)
+            w[name] = mus[name] + F.softplus(kappa * rhos[name]) * eps.to(mus[name].dtype)
         h = torch.tanh(F.linear(x, w["0.weight"], w["0.bias"]))
         nll = nll + F.cross_entropy(F.linear(h, w["2.weight"], w["2.bias"]), y)
     kl = sum(
-        kl_divergence(Normal(mus[n], F.softplus(rhos[n])), Normal(post.prior.mean(n), post.prior.std(n))).sum()
+        kl_divergence(Normal(mus[n], F.softplus(kappa * rhos[n])), Normal(post.prior.mean(n), post.prior.std(n))).sum()
         for n in post.names
     )
     numel = sum(rhos[n].numel() for n in post.names)
-    entropy = sum(torch.log(F.softplus(rhos[n])).sum() for n in post.names) + 0.5 * numel * (1 + math.log(2 * math.pi))
+    log_stds = sum(torch.log(F.softplus(kappa * rhos[n])).sum() for n in post.names)
+    entropy = log_stds + 0.5 * numel * (1 + math.log(2 * math.pi))
     regulariser = kl - (temperature - 1) * entropy
     return nll / post.train_samples + regulariser / post.num_data, leaves
 
@@ -171,7 +227,8 @@ def test_sample_is_the_reparameterised_draw_and_follows_updates_of_rho():
 
     def expected():
         seed = int(post.rng_state[0])
-        return ops.reference_gaussian_sample(mu.detach(), rho.detach(), seed, post.offsets["0.weight"], stream=2)
+        scaled = post.rho_scale * rho.detach()  # s = softplus(rho_scale * rho)
+        return ops.reference_gaussian_sample(mu.detach(), scaled, seed, post.offsets["0.weight"], stream=2)
 
     torch.testing.assert_close(post.sample(2)["0.weight"], expected())
     with torch.no_grad():
@@ -245,6 +302,8 @@ def test_state_dict_round_trip_resumes_training_identically():
         ({"num_data": 0}, "num_data"),
         ({"train_samples": 0}, "train_samples"),
         ({"temperature": -1.0}, "temperature"),
+        ({"rho_scale": 0.0}, "rho_scale"),
+        ({"rho_scale": float("nan")}, "rho_scale"),
         ({"likelihood": "poisson"}, "likelihood"),
     ],
 )

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prior standard deviation sp (VI, MC-dropout, SGLD); Laplace searches precisions from 1/sp^2 up",
     )
     add("--vi-init-std", type=float, default=1e-2, help="initial posterior std of VI")
-    add("--vi-temperature", type=float, default=1.0, help="1 is the ELBO; below 1 a cold posterior")
+    add("--vi-rho-scale", type=float, default=30.0, help="VI's std is softplus(scale * rho): how fast Adam moves it")
+    add("--vi-temperature", type=float, default=1e-4, help="1 is the ELBO; below 1 a cold posterior")
     add("--vi-train-samples", type=int, default=1, help="weight samples per VI training step")
     add("--dropout-p", type=float, default=0.01, help="MC-dropout's drop probability of each weight")
     add("--dropout-mode", choices=("scale", "prior"), default="scale")

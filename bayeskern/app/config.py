@@ -81,6 +81,7 @@ class RunConfig:
     eval_batch_size: int
     prior_std: float
     vi_init_std: float
+    vi_rho_scale: float
     vi_temperature: float
     vi_train_samples: int
     dropout_p: float

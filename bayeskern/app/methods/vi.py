@@ -17,6 +17,7 @@ class VariationalInference(WeightPosteriorMethod):
         return bk.VI(
             self.backbone.model,
             init_std=a.vi_init_std,
+            rho_scale=a.vi_rho_scale,
             temperature=a.vi_temperature,
             train_samples=a.vi_train_samples,
             **self.posterior_options(),

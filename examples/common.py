@@ -39,8 +39,10 @@ def train_method(
     common = dict(params=params, prior_mean=prior_mean, seed=seed)
     if method == "vanilla":  # the deterministic fit: AdamW on the model's loss
         run = trainer(method, network())
-    elif method == "vi":  # mean-field Gaussian: the Trainer's AdamW trains mu, rho and the point estimates
-        run = trainer(method, bk.VI(network(), num_data=num_data, init_std=1e-3, **common))
+    elif method == "vi":  # mean-field Gaussian: the Trainer's AdamW trains mu, rho and the point estimates;
+        # a cold posterior whose std for weights the data leaves free is prior_std * sqrt(T) = 0.01
+        vi = bk.VI(network(), num_data=num_data, temperature=1e-4, init_std=1e-2, **common)
+        run = trainer(method, vi)
     elif method == "mc_dropout":  # parameter-level dropout, p = 0.1
         run = trainer(method, bk.MCDropout(network(), num_data=num_data, p=0.1, **common))
     elif method == "sgld":  # Langevin dynamics on every trainable weight; the bank keeps the second half

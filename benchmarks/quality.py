@@ -356,9 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             seed_path = args.out / f"{name}-seed{seed}.json"  # each seed kept as it completes
             kept = json.loads(seed_path.read_text()) if args.resume and seed_path.exists() else {"rows": {}}
             missing = [row for row in args.methods if row not in kept["rows"]]
-            result = run_seed(task, seed, missing, scale, device, args.set) if missing else kept
-            if missing and kept["rows"]:
-                result = {**kept, **result, "rows": {**kept["rows"], **result["rows"]}}
+            fresh = run_seed(task, seed, missing, scale, device, args.set) if missing else {"rows": {}}
+            result = {**kept, **fresh, "rows": {**kept["rows"], **fresh["rows"]}}
             reused = [row for row in args.methods if row not in missing]
             if reused:
                 report.setdefault("reused", {}).setdefault(name, {})[str(seed)] = reused
